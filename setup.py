@@ -1,0 +1,108 @@
+"""Build script for storyattn.
+
+The Python package (Triton kernels, torch backends, processors, pipelines) needs
+no compiler.  The optional CUDA extension ``storyattn._C`` (sources in
+``csrc/``) is built only when a CUDA toolchain *and* a CUDA build of torch are
+present in the build environment:
+
+    STORYATTN_FORCE_CUDA_BUILD=1 pip install -e . --no-build-isolation
+
+Environment:
+  STORYATTN_SKIP_CUDA_BUILD=1   never build the extension
+  STORYATTN_FORCE_CUDA_BUILD=1  build it (fail loudly if it cannot be built)
+  TORCH_CUDA_ARCH_LIST          target architectures (default "8.0;9.0")
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_extensions():
+    """Return (ext_modules, cmdclass) for storyattn._C, or ([], {}) with a reason printed."""
+    if _flag("STORYATTN_SKIP_CUDA_BUILD"):
+        print("storyattn: STORYATTN_SKIP_CUDA_BUILD=1, not building storyattn._C", file=sys.stderr)
+        return [], {}
+    force = _flag("STORYATTN_FORCE_CUDA_BUILD")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+
+    def skip(why):
+        if force:
+            raise RuntimeError(f"STORYATTN_FORCE_CUDA_BUILD=1 but storyattn._C cannot be built: {why}")
+        print(f"storyattn: not building storyattn._C ({why}); the Triton and torch backends "
+              "work without it", file=sys.stderr)
+        return [], {}
+
+    if not sources:
+        return skip("no sources in csrc/")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:  # isolated build env: torch is not visible
+        return skip(f"torch is not importable in the build environment ({e}); "
+                    "use pip install --no-build-isolation")
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is a CPU build")
+    if CUDA_HOME is None:
+        return skip("no CUDA toolchain (CUDA_HOME/nvcc not found)")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-lineinfo"]
+    if "9.0" in archs:
+        # Hopper-only instructions (wgmma, TMA) need the arch-specific target.
+        nvcc_flags += ["-gencode", "arch=compute_90a,code=sm_90a"]
+    ext = CUDAExtension(
+        name="storyattn._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="storyattn",
+    version="0.1.0",
+    description="Fused segment-attention kernels and diffusers attention processors "
+                "for consistent story visualization (Group-Shared Attention, Story-Iter)",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(
+        os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ is installed as storyattn.kernels, never as a top-level "kernels"
+    # package: that name belongs to the Hugging Face `kernels` distribution.
+    packages=["storyattn", "storyattn.backends", "storyattn.processors",
+              "storyattn.kernels", "pipelines"],
+    package_dir={"storyattn.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system=='Linux'",
+        "diffusers>=0.35",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "tqdm",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "matplotlib"],
+        "bench": ["matplotlib"],
+        "flash": ["flash-attn>=2.6"],
+        "xformers": ["xformers>=0.0.28"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

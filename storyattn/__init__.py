@@ -1,0 +1,14 @@
+"""storyattn: fused segment attention and diffusers processors for consistent stories.
+
+Importing this package never touches a GPU and never needs triton, flash-attn
+or xformers; backends are looked up on first use.
+"""
+from .ops import available_backends, merge_attention_states, segment_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "segment_attention",
+    "merge_attention_states",
+    "available_backends",
+]

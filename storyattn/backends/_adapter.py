@@ -1,0 +1,34 @@
+"""Shared glue for the inference-only adapters (flash-attn, xformers).
+
+Such a library gives single-segment attention with its lse; the segments are
+merged here with :func:`storyattn.ops.merge_states`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import SegmentInputs
+from ..ops import merge_states
+from .torch_backend import pool_forward
+
+
+def split_merge_forward(inputs: SegmentInputs, fwd):
+    out, lse = fwd(inputs.q, inputs.k, inputs.v, inputs.scale)
+    if inputs.ref_k is not None:
+        po, pl = pool_forward(inputs.q, inputs.ref_k, inputs.ref_v, inputs.ref_index,
+                              inputs.scale, fwd=fwd)
+        out, lse = merge_states(out, lse, po, pl)
+    return out.to(inputs.q.dtype), lse.to(torch.float32)
+
+
+def common_check(inputs: SegmentInputs, name: str, max_head_dim: int):
+    if inputs.device.type != "cuda":
+        return f"{name} needs CUDA tensors, got device {inputs.device}"
+    if inputs.dtype not in (torch.float16, torch.bfloat16):
+        return f"{name} supports float16/bfloat16, got {inputs.dtype}"
+    if inputs.head_dim > max_head_dim:
+        return f"{name} supports head_dim <= {max_head_dim}, got {inputs.head_dim}"
+    if inputs.needs_grad:
+        return (f"the {name} adapter is inference-only (no backward through merged lse); "
+                "use backend='triton' or 'torch' for training")
+    return None

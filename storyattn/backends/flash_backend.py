@@ -1,0 +1,45 @@
+"""``flash`` backend: flash-attn's lse-returning forward per segment, merged.
+
+flash-attn returns ``softmax_lse`` ``[B, H, Lq]`` in natural log (FlashInfer
+and the Triton tutorial use base 2; flash-attn does not), so no conversion is
+needed here -- tests/test_segment_attention.py checks the convention on GPU.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from . import Backend, SegmentInputs, register
+from ._adapter import common_check, split_merge_forward
+
+
+@lru_cache(maxsize=None)
+def _import():
+    try:
+        from flash_attn import flash_attn_func
+        return flash_attn_func, None
+    except Exception as e:  # keep the real reason (missing package, CUDA mismatch...)
+        return None, f"flash-attn does not import ({type(e).__name__}: {e}); " \
+                     "install with: pip install 'storyattn[flash]' (needs CUDA)"
+
+
+def _availability():
+    return _import()[1]
+
+
+def _fwd(q, k, v, scale):
+    flash_attn_func = _import()[0]
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
+    return out, lse[..., : q.shape[1]].float()
+
+
+def forward(inputs: SegmentInputs):
+    return split_merge_forward(inputs, _fwd)
+
+
+register(Backend(
+    name="flash",
+    forward=forward,
+    availability=_availability,
+    check=lambda i: common_check(i, "flash-attn", 256),
+    priority={"cuda": 40},
+))
