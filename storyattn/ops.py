@@ -54,7 +54,7 @@ def validate(q, k, v, ref_k=None, ref_v=None, ref_index=None, scale=None) -> Seg
         if t.dtype != q.dtype:
             raise TypeError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{name} is on device {t.device} but q is on device {q.device}")
 
     if (ref_k is None) != (ref_v is None):
         raise ValueError(f"ref_k and ref_v must be given together, got ref_k {_shape(ref_k)} "
@@ -72,7 +72,7 @@ def validate(q, k, v, ref_k=None, ref_v=None, ref_index=None, scale=None) -> Seg
             if t.dtype != q.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
             if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+                raise ValueError(f"{name} is on device {t.device} but q is on device {q.device}")
         if ref_k.shape[0] > 0 and ref_k.shape[1] == 0:
             raise ValueError(f"ref_k/ref_v have P={ref_k.shape[0]} entries of zero tokens: "
                              f"{_shape(ref_k)}")
@@ -89,7 +89,7 @@ def validate(q, k, v, ref_k=None, ref_v=None, ref_index=None, scale=None) -> Seg
         if ref_index.dim() != 2 or ref_index.shape[0] != B:
             raise ValueError(f"ref_index must be [B={B}, R], got {_shape(ref_index)}")
         if ref_index.device != q.device:
-            raise ValueError(f"ref_index is on {ref_index.device} but q is on {q.device}")
+            raise ValueError(f"ref_index is on device {ref_index.device} but q is on device {q.device}")
         if ref_index.numel() > 0:
             lo, hi = int(ref_index.min()), int(ref_index.max())
             if lo < -1 or hi >= P:
