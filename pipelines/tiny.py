@@ -566,14 +566,19 @@ def _cached(builder, dirname: str, cache_dir, seed: int) -> str:
     if (final / _COMPLETE_MARKER).is_file():
         return str(final)
     root.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        # a folder without the completion marker is not ours or not finished: move it aside
+    if final.exists() and not (final / _COMPLETE_MARKER).is_file():
+        # a folder without the completion marker was left by an interrupted writer that
+        # did not use this function: move it aside (complete builds appear atomically,
+        # marker included, so a concurrent finished build is never taken for this)
         stale = Path(tempfile.mkdtemp(prefix=f".{name}.stale-", dir=root))
         try:
-            os.replace(final, stale / name)
+            if not (final / _COMPLETE_MARKER).is_file():
+                os.replace(final, stale / name)
         except OSError:
             pass
         shutil.rmtree(stale, ignore_errors=True)
+        if (final / _COMPLETE_MARKER).is_file():
+            return str(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         builder(tmp / "build", seed=seed)
