@@ -4,6 +4,7 @@ Importing this package never touches a GPU and never needs triton, flash-attn
 or xformers; backends are looked up on first use.
 """
 from .ops import available_backends, merge_attention_states, segment_attention
+from .processors.grca import GlobalReferenceAttnProcessor, install_global_reference_attention
 
 __version__ = "0.1.0"
 
@@ -11,4 +12,6 @@ __all__ = [
     "segment_attention",
     "merge_attention_states",
     "available_backends",
+    "GlobalReferenceAttnProcessor",
+    "install_global_reference_attention",
 ]

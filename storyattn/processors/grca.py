@@ -1,0 +1,436 @@
+"""Global Reference Cross-Attention (GRCA) for UNet cross-attention layers with an IP-Adapter.
+
+Story-Iter round r draws every frame while each cross-attention layer adds attention over
+the image-prompt tokens of *all* frames of round r-1::
+
+    out = attn(q, text_k, text_v) + scale_r * attn(q, ref_k, ref_v)
+
+with two separate softmaxes (the IP-Adapter "decoupled" cross-attention).  The reference
+tokens (4 per frame for a plain IP-Adapter) are fixed for a whole round, so their per-layer
+keys/values ``to_k_ip(tokens)`` / ``to_v_ip(tokens)`` are computed once per round and kept
+as a pool ``[N, T, H, D]`` per layer that every frame, every denoising step and both
+classifier-free-guidance branches read.  The reference attention folds the batch into the
+query length (``q.reshape(1, B * Lq, H, D)``) and calls :func:`storyattn.segment_attention`
+once against the pool, so the pool is never repeated per frame.
+
+Equivalence with diffusers' ``IPAdapterAttnProcessor2_0``:
+
+* N images given to one adapter as multi-image input (``ip_adapter_image=[[img_1..img_N]]``)
+  arrive there as ``[B, N, T, C]``; ``to_k_ip`` followed by ``view(B, -1, heads, head_dim)``
+  concatenates the N x T tokens into one key sequence, i.e. one softmax over all 4N tokens.
+  The conditional rows here read the N pool entries as that same single sequence.
+* The unconditional (negative) branch of classifier-free guidance uses the projection of a
+  zero image embedding for every image.  N identical copies of the same T tokens give the same
+  softmax as one copy, so the unconditional rows read one "null" entry of T tokens.
+
+Usage::
+
+    handle = install_global_reference_attention(pipe.unet)
+    with handle.references(image_embeds, scale=0.4, guidance=True):
+        images = pipe(prompt=prompts, ...).images     # no ip_adapter_image here
+    handle.remove()                                   # stock IP-Adapter processors back
+
+Outside a ``references`` block the processor computes exactly what the stock
+``IPAdapterAttnProcessor2_0`` computes.  The processors keep no global state: the round's
+values live in a :class:`GRCAState` owned by the handle.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import segment_attention
+
+__all__ = [
+    "GlobalReferenceAttnProcessor",
+    "GRCAState",
+    "GRCAHandle",
+    "install_global_reference_attention",
+]
+
+
+@dataclass
+class GRCALayerKV:
+    """Keys/values of one layer for the round: ``[N, T, H, D]`` pool + ``[1, T, H, D]`` null."""
+
+    ref_k: torch.Tensor
+    ref_v: torch.Tensor
+    null_k: Optional[torch.Tensor]
+    null_v: Optional[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.ref_k, self.ref_v, self.null_k, self.null_v]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class GRCAState:
+    """Per-round values the processors read (owned by a :class:`GRCAHandle`).
+
+    ``active``: a round is open; ``scale``: weight of the reference attention;
+    ``guidance``: the batch is ``[unconditional rows ; conditional rows]`` (diffusers' CFG
+    layout) and the first half reads the null tokens; ``ref_index``: None (every conditional
+    row reads all N entries) or a long tensor ``[B_cond, K]`` of entries per conditional row
+    (-1 = none); ``kv``: layer name -> :class:`GRCALayerKV`.
+    """
+
+    active: bool = False
+    scale: float = 0.0
+    guidance: bool = True
+    ref_index: Optional[torch.Tensor] = None
+    kv: Dict[str, GRCALayerKV] = field(default_factory=dict)
+    num_refs: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.kv.values())
+
+
+def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[..., T, H*D]`` -> ``[..., T, H, D]`` (a view)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+
+
+class GlobalReferenceAttnProcessor(torch.nn.Module):
+    """Drop-in replacement for diffusers' ``IPAdapterAttnProcessor2_0`` (see module docs).
+
+    It reuses the stock processor's ``to_k_ip`` / ``to_v_ip`` ModuleLists (same attribute
+    names, so the UNet's state dict keys do not change) and keeps the stock processor to
+    restore it and to run it while no round is open.
+
+    Args:
+        original: the ``IPAdapterAttnProcessor2_0`` installed by ``pipe.load_ip_adapter``.
+        state: the :class:`GRCAState` shared by the layers of one handle.
+        name: the layer's key in ``unet.attn_processors`` (indexes ``state.kv``).
+        adapter_index: which loaded adapter's ``to_k_ip``/``to_v_ip`` GRCA uses.
+    """
+
+    def __init__(self, original, state: GRCAState, name: str, adapter_index: int = 0):
+        super().__init__()
+        if not (hasattr(original, "to_k_ip") and hasattr(original, "to_v_ip")):
+            raise TypeError(f"{name}: processor {type(original).__name__} carries no IP-Adapter "
+                            "weights (to_k_ip/to_v_ip); load one with pipe.load_ip_adapter(...)")
+        if not 0 <= adapter_index < len(original.to_k_ip):
+            raise ValueError(f"{name}: adapter_index {adapter_index} out of range; "
+                             f"{len(original.to_k_ip)} IP-Adapter(s) loaded")
+        self.to_k_ip = original.to_k_ip
+        self.to_v_ip = original.to_v_ip
+        self.hidden_size = getattr(original, "hidden_size", None)
+        self.cross_attention_dim = getattr(original, "cross_attention_dim", None)
+        self.num_tokens = getattr(original, "num_tokens", None)
+        self.layer_name = name
+        self.adapter_index = adapter_index
+        # plain attributes (not submodules): the stock processor's weights are already
+        # registered above, and the state is shared by every layer of the handle.
+        object.__setattr__(self, "original", original)
+        object.__setattr__(self, "state", state)
+
+    # -- per-round K/V --------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_kv(self, attn, tokens: torch.Tensor, null_tokens: Optional[torch.Tensor]
+                   ) -> GRCALayerKV:
+        """K/V of the reference tokens ``[N, T, C]`` (and null tokens ``[1, T, C]``)."""
+        to_k = self.to_k_ip[self.adapter_index]
+        to_v = self.to_v_ip[self.adapter_index]
+        w = to_k.weight
+        tokens = tokens.to(device=w.device, dtype=w.dtype)
+        ref_k = _heads_view(to_k(tokens), attn.heads).contiguous()
+        ref_v = _heads_view(to_v(tokens), attn.heads).contiguous()
+        null_k = null_v = None
+        if null_tokens is not None:
+            null_tokens = null_tokens.to(device=w.device, dtype=w.dtype)
+            null_k = _heads_view(to_k(null_tokens), attn.heads).contiguous()
+            null_v = _heads_view(to_v(null_tokens), attn.heads).contiguous()
+        return GRCALayerKV(ref_k, ref_v, null_k, null_v)
+
+    # -- forward ---------------------------------------------------------------------------
+    def __call__(self, attn, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 temb: Optional[torch.Tensor] = None, scale: float = 1.0,
+                 ip_adapter_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        state = self.state
+        if not state.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, scale=scale, ip_adapter_masks=ip_adapter_masks)
+        if isinstance(encoder_hidden_states, tuple):
+            raise ValueError(
+                f"{self.layer_name}: a GRCA round is open, so the reference tokens come from "
+                "handle.references(...); do not also pass ip_adapter_image / "
+                "ip_adapter_image_embeds to the pipeline")
+        if ip_adapter_masks is not None:
+            raise ValueError(f"{self.layer_name}: ip_adapter_masks are not supported while a "
+                             "GRCA round is open")
+        kv = state.kv.get(self.layer_name)
+        if kv is None:
+            raise RuntimeError(f"{self.layer_name}: no reference K/V for this layer in the open "
+                               "round (was the handle installed on this UNet?)")
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        # text attention: the same call the stock processor makes
+        q4 = query.view(batch_size, -1, attn.heads, head_dim)
+        k4 = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        v4 = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        text = F.scaled_dot_product_attention(q4.transpose(1, 2), k4, v4, attn_mask=attention_mask,
+                                              dropout_p=0.0, is_causal=False)
+        hidden_states = text.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if state.scale != 0 and state.num_refs > 0:
+            ref = self._reference_attention(q4, kv, state)
+            hidden_states = hidden_states + state.scale * ref.reshape(hidden_states.shape)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _reference_attention(self, q: torch.Tensor, kv: GRCALayerKV, state: GRCAState
+                             ) -> torch.Tensor:
+        """Attention of every row's queries over its reference tokens, ``[B, Lq, H, D]``."""
+        B, Lq, H, D = q.shape
+        dtype = q.dtype
+        if state.guidance:
+            if B % 2:
+                raise ValueError(f"{self.layer_name}: guidance=True needs an even batch "
+                                 f"[uncond ; cond], got {B} rows")
+            n_uncond = B // 2
+        else:
+            n_uncond = 0
+        parts: List[torch.Tensor] = []
+        if n_uncond:
+            if kv.null_k is None:
+                raise RuntimeError(f"{self.layer_name}: guidance=True but the round has no null "
+                                   "tokens")
+            parts.append(self._fold_attend(q[:n_uncond], kv.null_k, kv.null_v, state))
+        q_cond = q[n_uncond:]
+        if state.ref_index is None:
+            N, T = kv.ref_k.shape[:2]
+            # [N, T, H, D] -> [1, N*T, H, D] is a view: all 4N tokens in one softmax
+            parts.append(self._fold_attend(q_cond, kv.ref_k.reshape(1, N * T, H, D),
+                                           kv.ref_v.reshape(1, N * T, H, D), state))
+        else:
+            parts.append(self._attend_selected(q_cond, kv, state.ref_index, state))
+        return torch.cat(parts, dim=0).to(dtype) if len(parts) > 1 else parts[0].to(dtype)
+
+    @staticmethod
+    def _fold_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: GRCAState
+                     ) -> torch.Tensor:
+        """Rows of ``q`` [b, Lq, H, D] all read the same keys ``[1, Lr, H, D]``: fold the rows
+        into the query length so the keys are read once, not repeated b times."""
+        b, Lq, H, D = q.shape
+        if b == 0:
+            return q.new_empty(q.shape)
+        k = k.reshape(1, -1, H, D).to(q.dtype)
+        v = v.reshape(1, -1, H, D).to(q.dtype)
+        out = segment_attention(q.reshape(1, b * Lq, H, D), k, v, backend=state.backend)
+        return out.reshape(b, Lq, H, D)
+
+    def _attend_selected(self, q: torch.Tensor, kv: GRCALayerKV, ref_index: torch.Tensor,
+                         state: GRCAState) -> torch.Tensor:
+        """Per-row subsets of the pool: rows with the same subset are folded together."""
+        b = q.shape[0]
+        if ref_index.shape[0] != b:
+            raise ValueError(f"{self.layer_name}: ref_index has {ref_index.shape[0]} rows but the "
+                             f"batch has {b} conditional rows")
+        out = q.new_zeros(q.shape)
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for row, sel in enumerate(ref_index.tolist()):
+            groups.setdefault(tuple(j for j in sel if j >= 0), []).append(row)
+        for sel, rows in groups.items():
+            if not sel:
+                continue  # no references: the reference term is zero for these rows
+            idx = torch.tensor(sel, device=kv.ref_k.device)
+            k = kv.ref_k.index_select(0, idx)
+            v = kv.ref_v.index_select(0, idx)
+            r = torch.tensor(rows, device=q.device)
+            out[r] = self._fold_attend(q.index_select(0, r), k, v, state)
+        return out
+
+
+def _is_ip_adapter_processor(proc) -> bool:
+    return hasattr(proc, "to_k_ip") and hasattr(proc, "to_v_ip") and not isinstance(
+        proc, GlobalReferenceAttnProcessor)
+
+
+class GRCAHandle:
+    """Installed GRCA processors of one UNet; see :func:`install_global_reference_attention`.
+
+    Attributes:
+        state: the :class:`GRCAState` the processors read.
+        processors: layer name -> :class:`GlobalReferenceAttnProcessor`.
+        kv_fills: how many times the per-layer reference K/V were computed (one per layer per
+            :meth:`references` block).
+    """
+
+    def __init__(self, unet, processors: Dict[str, GlobalReferenceAttnProcessor],
+                 originals: Dict[str, object], state: GRCAState, adapter_index: int):
+        self.unet = unet
+        self.processors = processors
+        self._originals = originals
+        self.state = state
+        self.adapter_index = adapter_index
+        self.kv_fills = 0
+        self._removed = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the open round's per-layer reference K/V."""
+        return self.state.nbytes
+
+    def _projection(self):
+        proj = getattr(self.unet, "encoder_hid_proj", None)
+        layers = getattr(proj, "image_projection_layers", None)
+        if layers is None:
+            raise RuntimeError("the UNet has no IP-Adapter image projection "
+                               "(unet.encoder_hid_proj); load one with pipe.load_ip_adapter(...)")
+        return layers[self.adapter_index]
+
+    @torch.no_grad()
+    def project(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``[N, E]`` (or ``[N, S, E]`` for Plus adapters) -> tokens
+        ``[N, T, C]`` through the adapter's projection, as diffusers does per image."""
+        proj = self._projection()
+        p = next(proj.parameters())
+        return proj(image_embeds.to(device=p.device, dtype=p.dtype))
+
+    @contextlib.contextmanager
+    def references(self, image_embeds: Optional[torch.Tensor] = None, *, scale: float,
+                   guidance: bool = True, negative_image_embeds: Optional[torch.Tensor] = None,
+                   tokens: Optional[torch.Tensor] = None, null_tokens: Optional[torch.Tensor] = None,
+                   backend: Optional[str] = None) -> Iterator[GRCAState]:
+        """Open a round: the references' per-layer K/V are computed here, once.
+
+        Give either ``image_embeds`` ``[N, E]`` (the image encoder's ``image_embeds``; the
+        negative defaults to zeros, as diffusers' pipelines use for a plain IP-Adapter) or
+        the projected ``tokens`` ``[N, T, C]`` (and ``null_tokens`` ``[1, T, C]`` when
+        ``guidance``).  ``guidance=True``: every forward's batch is diffusers' CFG layout
+        ``[unconditional ; conditional]``.  While open, the UNet's image projection is
+        detached so the pipeline is called with prompts only.
+        """
+        if self._removed:
+            raise RuntimeError("this GRCA handle was removed")
+        if self.state.active:
+            raise RuntimeError("a GRCA round is already open on this handle")
+        if tokens is None:
+            if image_embeds is None:
+                raise ValueError("give image_embeds or tokens")
+            tokens = self.project(image_embeds)
+            if guidance and null_tokens is None:
+                neg = (negative_image_embeds if negative_image_embeds is not None
+                       else torch.zeros_like(image_embeds[:1]))
+                null_tokens = self.project(neg[:1])
+        elif guidance and null_tokens is None:
+            raise ValueError("guidance=True with tokens= needs null_tokens (the projection of the "
+                             "negative image embedding)")
+        if tokens.dim() != 3:
+            raise ValueError(f"reference tokens must be [N, T, C], got {tuple(tokens.shape)}")
+        if null_tokens is not None and null_tokens.dim() == 2:
+            null_tokens = null_tokens.unsqueeze(0)
+        modules = dict(self.unet.named_modules())
+        kv: Dict[str, GRCALayerKV] = {}
+        for name, proc in self.processors.items():
+            attn = modules[name[: -len(".processor")]]
+            kv[name] = proc.compute_kv(attn, tokens, null_tokens if guidance else None)
+            self.kv_fills += 1
+        saved_proj = self.unet.encoder_hid_proj
+        st = self.state
+        st.kv, st.scale, st.guidance = kv, float(scale), bool(guidance)
+        st.num_refs, st.ref_index, st.backend = int(tokens.shape[0]), None, backend
+        st.active = True
+        self.unet.encoder_hid_proj = None
+        try:
+            yield st
+        finally:
+            self.unet.encoder_hid_proj = saved_proj
+            st.active = False
+            st.kv = {}
+            st.ref_index = None
+            st.num_refs = 0
+
+    @contextlib.contextmanager
+    def select(self, ref_index: Optional[Sequence[Sequence[int]]]) -> Iterator[None]:
+        """Inside a round: conditional row i reads only pool entries ``ref_index[i]``
+        (-1 = padding).  None = every row reads all entries."""
+        if not self.state.active:
+            raise RuntimeError("select() needs an open round (handle.references(...))")
+        prev = self.state.ref_index
+        if ref_index is not None and not isinstance(ref_index, torch.Tensor):
+            width = max((len(r) for r in ref_index), default=0)
+            ref_index = torch.tensor([list(r) + [-1] * (width - len(r)) for r in ref_index],
+                                     dtype=torch.long).reshape(len(ref_index), width)
+        if ref_index is not None and ref_index.numel() and int(ref_index.max()) >= self.state.num_refs:
+            raise ValueError(f"ref_index names entry {int(ref_index.max())} but the round has "
+                             f"{self.state.num_refs} references")
+        self.state.ref_index = ref_index
+        try:
+            yield
+        finally:
+            self.state.ref_index = prev
+
+    def remove(self) -> None:
+        """Put the stock IP-Adapter processors back (idempotent)."""
+        if self._removed:
+            return
+        if self.state.active:
+            raise RuntimeError("close the open round before remove()")
+        modules = dict(self.unet.named_modules())
+        for name, original in self._originals.items():
+            modules[name[: -len(".processor")]].set_processor(original)
+        self._removed = True
+
+
+def install_global_reference_attention(unet, adapter_index: int = 0) -> GRCAHandle:
+    """Replace every IP-Adapter cross-attention processor of ``unet`` by a
+    :class:`GlobalReferenceAttnProcessor`; return the handle (``references``, ``select``,
+    ``remove``).  The IP-Adapter must already be loaded (``pipe.load_ip_adapter``)."""
+    state = GRCAState()
+    modules = dict(unet.named_modules())
+    processors: Dict[str, GlobalReferenceAttnProcessor] = {}
+    originals: Dict[str, object] = {}
+    for name, proc in unet.attn_processors.items():
+        if isinstance(proc, GlobalReferenceAttnProcessor):
+            raise RuntimeError(f"{name} already has a GlobalReferenceAttnProcessor; remove() the "
+                               "existing handle first")
+        if not _is_ip_adapter_processor(proc):
+            continue
+        new = GlobalReferenceAttnProcessor(proc, state, name, adapter_index)
+        modules[name[: -len(".processor")]].set_processor(new)
+        processors[name] = new
+        originals[name] = proc
+    if not processors:
+        raise ValueError("no IP-Adapter cross-attention processors found in this UNet; load an "
+                         "adapter first with pipe.load_ip_adapter(local_path, ...)")
+    return GRCAHandle(unet, processors, originals, state, adapter_index)

@@ -1,0 +1,252 @@
+"""GlobalReferenceAttnProcessor (GRCA) against diffusers' own IP-Adapter processor.
+
+Ground truth is diffusers itself: ``IPAdapterAttnProcessor2_0`` fed the same images as
+multi-image input to one adapter (``ip_adapter_image=[[img_1, ..., img_N]]``), same scale.
+Everything runs on the tiny offline SDXL preset (random weights, real loaders), fp32.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from storyattn.processors.grca import (  # noqa: E402
+    GlobalReferenceAttnProcessor,
+    install_global_reference_attention,
+)
+
+ATOL = 2e-5
+RTOL = 1e-4
+
+
+def assert_close(ours, ref, atol=ATOL, rtol=RTOL, what="output"):
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values in ours"
+    diff = (ours.double() - ref.double()).abs()
+    tol = atol + rtol * ref.double().abs()
+    bad = diff > tol
+    if bad.any():
+        i = int(torch.argmax(diff - tol))
+        idx = np.unravel_index(i, diff.shape)
+        raise AssertionError(f"{what}: {int(bad.sum())} / {diff.numel()} elements differ; worst at "
+                             f"{tuple(int(x) for x in idx)}: ours {ours.flatten()[i].item():.6g} vs "
+                             f"ref {ref.flatten()[i].item():.6g} (max abs diff "
+                             f"{diff.max().item():.3g})")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipelines.tiny import get_tiny_sdxl, sdxl_ip_adapter_kwargs
+
+    path = get_tiny_sdxl()
+    p = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    p.load_ip_adapter(**sdxl_ip_adapter_kwargs(path))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _images(n, seed=0, size=64):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def _embeds(pipe, images):
+    emb, _ = pipe.encode_image(images, "cpu", 1, False)
+    return emb  # [N, E]
+
+
+def _unet_inputs(pipe, batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.unet.config
+    sample = torch.randn(batch, cfg.in_channels, 8, 8, generator=g)
+    text = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    added = {
+        "text_embeds": torch.randn(batch, 32, generator=g),
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1),
+    }
+    return sample, text, added
+
+
+@pytest.mark.parametrize("n_refs", [1, 3, 7])
+@pytest.mark.parametrize("guidance", [False, True])
+def test_unet_equals_diffusers_multi_image(pipe, n_refs, guidance):
+    """One UNet forward: GRCA with N references == diffusers with N images for one adapter."""
+    unet = pipe.unet
+    scale = 0.37
+    emb = _embeds(pipe, _images(n_refs, seed=n_refs))
+    B = 4 if guidance else 3
+    sample, text, added = _unet_inputs(pipe, B)
+    t = torch.tensor(500)
+
+    pipe.set_ip_adapter_scale(scale)
+    if guidance:
+        # diffusers' layout: [negative ; positive], negative image embeds are zeros
+        cond = emb[None].expand(B // 2, -1, -1)
+        ip = torch.cat([torch.zeros_like(cond), cond])
+    else:
+        ip = emb[None].expand(B, -1, -1)
+    with torch.no_grad():
+        ref = unet(sample, t, encoder_hidden_states=text,
+                   added_cond_kwargs={**added, "image_embeds": [ip]}).sample
+
+    handle = install_global_reference_attention(unet)
+    try:
+        sample_nan = sample.clone()
+        with torch.no_grad(), handle.references(emb, scale=scale, guidance=guidance):
+            assert unet.encoder_hid_proj is None
+            ours = unet(sample_nan, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        assert unet.encoder_hid_proj is not None
+    finally:
+        handle.remove()
+    assert_close(ours, ref, what=f"unet N={n_refs} guidance={guidance}")
+
+
+def test_pipeline_equals_diffusers(pipe):
+    """Whole SDXL pipeline with CFG, 2 steps, 2 frames: same latents as diffusers'
+    multi-image IP-Adapter call with the same images, scale and generators."""
+    imgs = _images(3, seed=11)
+    scale = 0.45
+    prompts = ["a snowman in the snow", "a red fox in the forest"]
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="latent")
+
+    pipe.set_ip_adapter_scale(scale)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    ref = pipe(prompt=prompts, ip_adapter_image=[imgs], generator=gens, **kw).images
+
+    emb = _embeds(pipe, imgs)
+    handle = install_global_reference_attention(pipe.unet)
+    try:
+        gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+        with handle.references(emb, scale=scale, guidance=True):
+            ours = pipe(prompt=prompts, generator=gens, **kw).images
+    finally:
+        handle.remove()
+    assert_close(ours, ref, what="pipeline latents")
+
+
+def test_select_subset_equals_diffusers_subset(pipe):
+    """Per-row subsets (ref_index) equal diffusers fed just that subset of images."""
+    unet = pipe.unet
+    imgs = _images(4, seed=3)
+    emb = _embeds(pipe, imgs)
+    sample, text, added = _unet_inputs(pipe, 2, seed=4)
+    t = torch.tensor(300)
+    subsets = [[2, 0], [3]]
+    pipe.set_ip_adapter_scale(0.5)
+    refs = []
+    with torch.no_grad():
+        for row, sel in enumerate(subsets):
+            ip = emb[sel][None]
+            r = unet(sample[row:row + 1], t, encoder_hidden_states=text[row:row + 1],
+                     added_cond_kwargs={"text_embeds": added["text_embeds"][row:row + 1],
+                                        "time_ids": added["time_ids"][row:row + 1],
+                                        "image_embeds": [ip]}).sample
+            refs.append(r)
+    ref = torch.cat(refs)
+    handle = install_global_reference_attention(unet)
+    try:
+        with torch.no_grad(), handle.references(emb, scale=0.5, guidance=False), \
+                handle.select(subsets):
+            ours = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+    finally:
+        handle.remove()
+    # subsets are ordered differently from diffusers' ([2, 0] vs emb[[2, 0]]) on purpose:
+    # the pool entry order inside a softmax does not matter
+    assert_close(ours, ref, what="select")
+
+
+def test_kv_computed_once_per_round(pipe):
+    """The to_k_ip/to_v_ip projections run once per layer per round, not per step/frame."""
+    unet = pipe.unet
+    emb = _embeds(pipe, _images(5, seed=2))
+    handle = install_global_reference_attention(unet)
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+
+    hooks = [p.to_k_ip[0].register_forward_hook(hook) for p in handle.processors.values()]
+    try:
+        gens = [torch.Generator().manual_seed(i) for i in range(3)]
+        with handle.references(emb, scale=0.3, guidance=True):
+            n_after_fill = calls["n"]
+            pipe(prompt=["a", "b", "c"], generator=gens, num_inference_steps=3, guidance_scale=4.0,
+                 height=64, width=64, output_type="latent")
+            assert handle.nbytes > 0
+        n_layers = len(handle.processors)
+        # reference tokens + null tokens, once each per layer
+        assert n_after_fill == 2 * n_layers
+        assert calls["n"] == n_after_fill, "reference K/V recomputed during denoising"
+        assert handle.kv_fills == n_layers
+        assert handle.nbytes == 0  # released when the round closes
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.remove()
+
+
+def test_remove_restores_stock_processors_and_state_dict(pipe):
+    unet = pipe.unet
+    pipe.set_ip_adapter_scale(0.6)  # set_ip_adapter_scale only reaches stock processors
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    keys_before = set(unet.state_dict().keys())
+    handle = install_global_reference_attention(unet)
+    kinds = {type(v) for k, v in unet.attn_processors.items() if "attn2" in k}
+    assert kinds == {GlobalReferenceAttnProcessor}
+    assert set(unet.state_dict().keys()) == keys_before  # same parameter names while installed
+
+    # no round open: identical to the stock processor (image embeds through the UNet)
+    emb = _embeds(pipe, _images(2, seed=9))
+    sample, text, added = _unet_inputs(pipe, 2, seed=8)
+    ip = emb[None].expand(2, -1, -1)
+    with torch.no_grad():
+        ours = unet(sample, 10, encoder_hidden_states=text,
+                    added_cond_kwargs={**added, "image_embeds": [ip]}).sample
+    handle.remove()
+    handle.remove()  # idempotent
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    pipe.set_ip_adapter_scale(0.6)
+    with torch.no_grad():
+        ref = unet(sample, 10, encoder_hidden_states=text,
+                   added_cond_kwargs={**added, "image_embeds": [ip]}).sample
+    assert torch.equal(ours, ref)
+
+
+def test_errors_are_clear(pipe):
+    unet = pipe.unet
+    emb = _embeds(pipe, _images(2))
+    handle = install_global_reference_attention(unet)
+    try:
+        with pytest.raises(RuntimeError, match="already has"):
+            install_global_reference_attention(unet)
+        with pytest.raises(ValueError, match="give image_embeds or tokens"):
+            with handle.references(scale=0.3):
+                pass
+        with handle.references(emb, scale=0.3, guidance=False):
+            with pytest.raises(RuntimeError, match="already open"):
+                with handle.references(emb, scale=0.3):
+                    pass
+            with pytest.raises(ValueError, match="names entry 5"):
+                with handle.select([[5]]):
+                    pass
+        with pytest.raises(RuntimeError, match="select"):
+            with handle.select([[0]]):
+                pass
+    finally:
+        handle.remove()
+    plain = copy.deepcopy(unet)
+    plain.set_default_attn_processor()
+    with pytest.raises(ValueError, match="load_ip_adapter"):
+        install_global_reference_attention(plain)
+
+
+def test_exported_from_package():
+    import storyattn
+
+    assert storyattn.GlobalReferenceAttnProcessor is GlobalReferenceAttnProcessor
+    assert storyattn.install_global_reference_attention is install_global_reference_attention
