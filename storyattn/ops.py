@@ -205,6 +205,22 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     return out.to(out_a.dtype), lse
 
 
+def merge_states_(out_a, lse_a, out_b, lse_b):
+    """Memory-lean merge for fresh partial results: reuses ``out_a``/``out_b``'s
+    storage when they are already in the accumulation dtype (they are consumed).
+    Returns ``(out, lse)`` with ``out`` in the accumulation dtype."""
+    acc = torch.promote_types(torch.float32, lse_a.dtype)
+    la, lb = lse_a.to(acc), lse_b.to(acc)
+    lse = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    wa = torch.exp(la - safe).transpose(1, 2).unsqueeze(-1)
+    wb = torch.exp(lb - safe).transpose(1, 2).unsqueeze(-1)
+    out_acc = torch.promote_types(acc, out_a.dtype)
+    oa = out_a.to(out_acc).mul_(wa)
+    oa.add_(out_b.to(out_acc).mul_(wb))
+    return oa, lse
+
+
 def available_backends() -> List[str]:
     """Backends whose packages import here and that can run on some local device.
 

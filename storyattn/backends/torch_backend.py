@@ -20,7 +20,7 @@ import torch
 
 from . import Backend, SegmentInputs, register
 from ._primitives import attn_bwd, attn_fwd, lse_dtype
-from ..ops import merge_states
+from ..ops import merge_states, merge_states_
 
 
 def _fold(x):
@@ -89,7 +89,7 @@ class _SegmentAttnTorch(torch.autograd.Function):
         out, lse = attn_fwd(q, k, v, scale)
         if ref_k is not None:
             po, pl = pool_forward(q, ref_k, ref_v, ref_index, scale)
-            out, lse = merge_states(out, lse, po, pl)
+            out, lse = merge_states_(out, lse, po, pl)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, ref_k, ref_v, ref_index, out, lse)
         ctx.scale = scale
