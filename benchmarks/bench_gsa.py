@@ -72,6 +72,12 @@ def make_methods(device: str, dtype: torch.dtype, txt: int, with_flex: bool
     if with_flex:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            import torch._dynamo
+            # One compiled graph per benchmark shape; the default limit (8) would
+            # silently drop later shapes to the slow eager path.
+            for knob in ("cache_size_limit", "recompile_limit"):
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, 256)
             flex_c = torch.compile(flex_attention, dynamic=False)
 
             def flex(q, k, v, pk, pv):
@@ -91,7 +97,7 @@ def make_methods(device: str, dtype: torch.dtype, txt: int, with_flex: bool
         except Exception as e:
             m["flex"] = f"FlexAttention unavailable ({type(e).__name__}: {e})"
     else:
-        m["flex"] = "skipped (pass --flex; compiling it per shape on CPU takes minutes)"
+        m["flex"] = "skipped (--no-flex)"
 
     if device == "cuda":
         def precat(q, k, v, pk, pv):
@@ -150,7 +156,7 @@ def run(args) -> None:
     if device == "cpu" and not args.quick and not args.full:
         print("No GPU: running the --quick sizes (heads 24 x 128 kept, text 64, image 128/256 "
               "tokens). Pass --full for FLUX token counts (very slow on CPU).")
-    methods = make_methods(device, dtype, txt, args.flex or device == "cuda")
+    methods = make_methods(device, dtype, txt, not args.no_flex)
     skipped = {n: b for n, b in methods.items() if isinstance(b, str)}
     rows: List[Dict] = []
     torch.manual_seed(0)
@@ -235,7 +241,7 @@ def report(rows, skipped, device, quick, args):
               if m in ("sdpa-precat", "flash-cat", "xformers-cat")) for d in by.values()]
         notes.append(f"- triton forward TFLOP/s / best SDPA-class on the concatenated problem: "
                      f"min {min(fr):.2f}, median {sorted(fr)[len(fr) // 2]:.2f}")
-    cmd = "python benchmarks/bench_gsa.py" + (" --quick" if quick else "") + (" --flex" if args.flex else "")
+    cmd = "python benchmarks/bench_gsa.py" + (" --quick" if quick else "") + (" --no-flex" if args.no_flex else "")
     notes.append(f"- reproduce: `{cmd}`")
     notes_s = "\n".join(notes)
     print("\n" + notes_s)
@@ -268,7 +274,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--quick", action="store_true", help="small sizes (default on CPU)")
     p.add_argument("--full", action="store_true", help="FLUX token counts even on CPU")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
-    p.add_argument("--flex", action="store_true", help="include FlexAttention on CPU")
+    p.add_argument("--no-flex", action="store_true",
+                   help="skip FlexAttention (it compiles once per shape: ~20 s each on CPU)")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
     t0 = time.time()
