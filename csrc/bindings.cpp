@@ -130,7 +130,8 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
                   const optional<Tensor>& v, const optional<Tensor>& pool_k,
                   const optional<Tensor>& pool_v, const optional<Tensor>& entry_ids,
                   int64_t img_start, const optional<Tensor>& extra_cos,
-                  const optional<Tensor>& extra_sin) {
+                  const optional<Tensor>& extra_sin, bool round_norm,
+                  bool q_round_before_weight, bool k_round_before_weight) {
   TORCH_CHECK(q.has_value() || k.has_value(), "qk_norm_rope: give q, k or both");
   const Tensor& ref = q.has_value() ? *q : *k;
   check_cuda(ref, q.has_value() ? "q" : "k", ref);
@@ -159,6 +160,10 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
   p.dtype = to_dtype(ref, q.has_value() ? "q" : "k");
   p.B = B; p.L = L; p.H = H; p.D = D;
   p.eps = static_cast<float>(eps);
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  p.round_norm = round_norm ? 1 : 0;
+  p.q_round_before_weight = q_round_before_weight ? 1 : 0;
+  p.k_round_before_weight = k_round_before_weight ? 1 : 0;
   if (q.has_value()) {
     const Tensor& qo = q_out.has_value() ? *q_out : *q;
     check_act(*q, "q");
@@ -347,13 +352,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask") = py::none());
   m.def("qk_norm_rope", &storyattn::qk_norm_rope,
         "Fused RMSNorm + FLUX RoPE of q and/or k [B, L, H, D] (outputs default to in place), "
-        "optionally writing k/v rows [img_start, img_start + Lr) into a reference pool.",
+        "optionally writing k/v rows [img_start, img_start + Lr) into a reference pool. "
+        "round_norm rounds the norm output to the io dtype before RoPE (diffusers' chain); "
+        "*_round_before_weight reproduces diffusers' RMSNorm with a half-precision weight.",
         py::arg("q"), py::arg("k"), py::arg("q_weight"), py::arg("k_weight"), py::arg("cos"),
         py::arg("sin"), py::arg("eps"), py::arg("q_out") = py::none(),
         py::arg("k_out") = py::none(), py::arg("v") = py::none(), py::arg("pool_k") = py::none(),
         py::arg("pool_v") = py::none(), py::arg("entry_ids") = py::none(),
         py::arg("img_start") = 0, py::arg("extra_cos") = py::none(),
-        py::arg("extra_sin") = py::none());
+        py::arg("extra_sin") = py::none(), py::arg("round_norm") = true,
+        py::arg("q_round_before_weight") = false, py::arg("k_round_before_weight") = false);
   m.def("segment_attn_fwd", &storyattn::segment_attn_fwd,
         "Segment attention forward (fp16/bf16, head_dim 64/128, sm_80+): returns (out "
         "[B, Lq, H, D], lse [B, H, Lq] float32 natural log).",

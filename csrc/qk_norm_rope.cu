@@ -7,12 +7,19 @@
 // and does all of it with the row in registers: read x once, write q/k once,
 // write the pool rows once.
 //
-// Math (fp32): y = x * rsqrt(mean(x^2) + eps) * w, then the FLUX pairing
+// Math (fp32; exact statement and rounding points in storyattn_kernels.h):
+// y = x / sqrt(mean(x^2) + eps) * w, rounded to the io dtype like diffusers'
+// norm output, then the FLUX pairing
 //   out[2i]   = y[2i]   cos[l, 2i]   - y[2i+1] sin[l, 2i]
 //   out[2i+1] = y[2i+1] cos[l, 2i+1] + y[2i]   sin[l, 2i+1]
 // (apply_rotary_emb with use_real_unbind_dim=-1: cos/sin are the
 // repeat-interleaved tables, so both entries of a pair normally agree; the
 // formula uses each entry as given, exactly like diffusers).
+// The products and sums use explicit _rn intrinsics: with FMA contraction (on
+// by default in nvcc) a result can differ from torch's separately rounded
+// x*cos + rot(x)*sin by an fp32 ulp, which flips a bf16 rounding now and then;
+// sqrt and the division are IEEE for the same reason (--use_fast_math would
+// otherwise make them approximate).
 //
 // Lane j of the warp holds pairs i = j, j + 32, ... (NP pairs each), so a warp
 // reads 32 consecutive pairs per step: 128 B for 16-bit types, coalesced.
@@ -27,6 +34,20 @@ using detail::load2;
 using detail::store2;
 
 constexpr int kWarpsPerBlock = 8;
+
+template <typename T>
+__device__ __forceinline__ float round_io(float x) {
+  return detail::to_float(detail::from_float<T>(x));
+}
+
+// (a * c - b * s) with each product and the difference rounded separately.
+__device__ __forceinline__ float rot_lo(float a, float b, float c, float s) {
+  return __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+}
+// (b * c + a * s), same rounding.
+__device__ __forceinline__ float rot_hi(float a, float b, float c, float s) {
+  return __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
 
 __device__ __forceinline__ float2 load_weight2(const void* w, DType dt, int64_t i) {
   if (w == nullptr) return make_float2(1.f, 1.f);
@@ -53,16 +74,19 @@ qk_norm_rope_kernel(QKNormRopeParams p) {
   T* out;
   const void* w;
   DType wdt;
+  bool round_before_w;
   if (is_k) {
     x += b * p.k_sb + l * p.k_sl + h * p.k_sh;
     out = static_cast<T*>(p.k_out) + b * p.ko_sb + l * p.ko_sl + h * p.ko_sh;
     w = p.k_weight;
     wdt = p.k_weight_dtype;
+    round_before_w = p.k_round_before_weight != 0;
   } else {
     x += b * p.q_sb + l * p.q_sl + h * p.q_sh;
     out = static_cast<T*>(p.q_out) + b * p.qo_sb + l * p.qo_sl + h * p.qo_sh;
     w = p.q_weight;
     wdt = p.q_weight_dtype;
+    round_before_w = p.q_round_before_weight != 0;
   }
   const int64_t npairs = p.D / 2;
 
@@ -75,7 +99,9 @@ qk_norm_rope_kernel(QKNormRopeParams p) {
     ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y;
   }
   ss = detail::warp_sum(ss);
-  const float inv = rsqrtf(ss / static_cast<float>(p.D) + p.eps);
+  const float inv =
+      __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, static_cast<float>(p.D)), p.eps)));
+  const bool round_norm = p.round_norm != 0;
 
   // Pool destination for this row, if it is a reference image token to record.
   T* pk = nullptr;
@@ -103,19 +129,33 @@ qk_norm_rope_kernel(QKNormRopeParams p) {
   for (int j = 0; j < NP; ++j) {
     const int64_t i = lane + 32 * j;
     if (i >= npairs) break;
-    const float2 wv = load_weight2(w, wdt, 2 * i);
-    const float y0 = xv[j].x * inv * wv.x;
-    const float y1 = xv[j].y * inv * wv.y;
+    float y0 = __fmul_rn(xv[j].x, inv);
+    float y1 = __fmul_rn(xv[j].y, inv);
+    if (w != nullptr) {
+      if (round_before_w) {
+        y0 = round_io<T>(y0);
+        y1 = round_io<T>(y1);
+      }
+      const float2 wv = load_weight2(w, wdt, 2 * i);
+      y0 = __fmul_rn(y0, wv.x);
+      y1 = __fmul_rn(y1, wv.y);
+    }
+    if (round_norm) {
+      y0 = round_io<T>(y0);
+      y1 = round_io<T>(y1);
+    }
     const float2 c = load2(crow + 2 * i);
     const float2 s = load2(srow + 2 * i);
-    const float o0 = y0 * c.x - y1 * s.x;
-    const float o1 = y1 * c.y + y0 * s.y;
+    const float o0 = rot_lo(y0, y1, c.x, s.x);
+    const float o1 = rot_hi(y0, y1, c.y, s.y);
     store2(out + 2 * i, o0, o1);
     if (pk != nullptr) {
       if (ecos != nullptr) {
+        // from the stored (rounded) key, like a second pass over k would
+        const float r0 = round_io<T>(o0), r1 = round_io<T>(o1);
         const float2 ec = load2(ecos + 2 * i);
         const float2 es = load2(esin + 2 * i);
-        store2(pk + 2 * i, o0 * ec.x - o1 * es.x, o1 * ec.y + o0 * es.y);
+        store2(pk + 2 * i, rot_lo(r0, r1, ec.x, es.x), rot_hi(r0, r1, ec.y, es.y));
       } else {
         store2(pk + 2 * i, o0, o1);
       }

@@ -57,24 +57,34 @@ const char* launch_merge_states(const MergeParams& p, cudaStream_t stream);
 // fused q/k RMSNorm + RoPE (+ reference pool write) (csrc/qk_norm_rope.cu)
 // ---------------------------------------------------------------------------
 // For every row x = t[b, l, h, :] of q and of k (either may be absent):
-//   y   = x * rsqrt(mean(x^2) + eps) * weight          (fp32 math)
-//   out[2i]   = y[2i]   * cos[l, 2i]   - y[2i+1] * sin[l, 2i]
+//   y   = x / sqrt(mean(x^2) + eps)                    (fp32, IEEE sqrt/div)
+//   y   = round(y) if round_before_weight               (diffusers' RMSNorm with a
+//                                                        half weight casts first)
+//   y   = y * weight;  y = round(y) if round_norm       (the norm's output tensor)
+//   out[2i]   = y[2i]   * cos[l, 2i]   - y[2i+1] * sin[l, 2i]      (fp32, no FMA)
 //   out[2i+1] = y[2i+1] * cos[l, 2i+1] + y[2i]   * sin[l, 2i+1]
-// which is diffusers' RMSNorm followed by apply_rotary_emb(use_real=True,
-// use_real_unbind_dim=-1), the FLUX pairing of (x[2i], x[2i+1]).  out may alias
-// the input (in place).  The only difference to the diffusers chain is that
-// the normalised value is not rounded to the activation dtype before RoPE.
+// round() = to the activation dtype, nearest-even.  With round_norm this is
+// torch.nn.RMSNorm / diffusers RMSNorm followed by apply_rotary_emb(
+// use_real=True, use_real_unbind_dim=-1) -- the FLUX pairing of (x[2i],
+// x[2i+1]) -- with diffusers' roundings (the Triton kernel makes the same
+// choices); round_norm = 0 keeps the normalised row in fp32 (more accurate,
+// not bit-comparable).  out may alias the input (in place).
 //
 // Pool write (optional, pool_k != nullptr): for batch row b with
 // entry_ids[b] >= 0, the k rows l in [img_start, img_start + Lr) are written
 // to pool_k[entry_ids[b], l - img_start, h, :], optionally rotated once more by
 // (extra_cos[b, :], extra_sin[b, :]) with the same pairing (the position shift
 // that places a reference at its own index-axis position), and the matching
-// rows of v are copied to pool_v.  The k output itself is not extra-rotated.
+// rows of v are copied to pool_v.  The extra rotation starts from the rounded
+// k output, as a second pass over the stored keys would.  The k output itself
+// is not extra-rotated.
 struct QKNormRopeParams {
   DType dtype;          // of q, k, q_out, k_out, v, pool_k, pool_v
   int64_t B, L, H, D;   // D even, D <= 256
   float eps;
+  int round_norm;                // round the norm output to dtype before RoPE
+  int q_round_before_weight;     // round before the weight multiply (q / k)
+  int k_round_before_weight;
   // q (nullable as a pair) and its output
   const void* q;
   void* q_out;
