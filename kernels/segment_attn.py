@@ -40,12 +40,17 @@ _LN2 = 0.6931471805599453
 # Kernels
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _mma(a, b, IEEE: tl.constexpr):
-    """``a @ b`` accumulated in fp32.  ``IEEE`` (fp32 inputs) asks for full fp32
-    products: by default Triton would use TF32 on tensor cores, which is ~1e-3
-    relative error and far worse than what torch gives in fp32."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
+def _mma(a, b, F32_DOT: tl.constexpr):
+    """``a @ b`` accumulated in fp32.
+
+    ``F32_DOT`` multiplies in full fp32 precision.  It is set for fp32 inputs,
+    where Triton would otherwise use TF32 on tensor cores (~1e-3 relative error,
+    far worse than torch in fp32), and for every dtype under the CPU
+    interpreter, whose bf16 ``tl.dot`` returns garbage in Triton 3.x.  Upcasting
+    16-bit operands is exact, so it gives what a tensor core computes (exact
+    products, fp32 accumulation)."""
+    if F32_DOT:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         c = tl.dot(a, b)
     return c
@@ -54,7 +59,7 @@ def _mma(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, n_keys, qk_scale,
                  offs_n, offs_d, d_mask,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
     """Online-softmax update of one query block with the ``n_keys`` keys at
     ``k_base``/``v_base`` (token stride ``stride_kn``, head dim contiguous).
 
@@ -69,13 +74,13 @@ def _fwd_segment(acc, m_i, l_i, q, k_base, v_base, stride_kn, n_keys, qk_scale,
         kv_mask = col_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), IEEE) * qk_scale
+        s = _mma(q, tl.trans(k), F32_DOT) * qk_scale
         s = tl.where(col_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, F32_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -88,7 +93,7 @@ def _segment_attn_fwd_kernel(
     stride_rp, stride_rn, stride_rh,
     H, LQ, LK, LR, R, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """Forward of segment attention for one (query block, target b, head h).
 
@@ -122,14 +127,14 @@ def _segment_attn_fwd_kernel(
 
     kv_off = tl.cast(b, tl.int64) * stride_kb + h * stride_kh
     acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K + kv_off, V + kv_off, stride_kn, LK,
-                                 qk_scale, offs_n, offs_d, d_mask, BLOCK_N, IEEE)
+                                 qk_scale, offs_n, offs_d, d_mask, BLOCK_N, F32_DOT)
     for r in range(0, R):
         j = tl.load(IDX + b * R + r)
         n_keys = tl.where(j >= 0, LR, 0)
         # j = -1 gives an out-of-range base, but n_keys = 0 so nothing is loaded.
         r_off = tl.cast(j, tl.int64) * stride_rp + h * stride_rh
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, RK + r_off, RV + r_off, stride_rn,
-                                     n_keys, qk_scale, offs_n, offs_d, d_mask, BLOCK_N, IEEE)
+                                     n_keys, qk_scale, offs_n, offs_d, d_mask, BLOCK_N, F32_DOT)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -168,7 +173,7 @@ def _segment_attn_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dq_segment(dq, q, do, lse2, delta, m_mask, k_base, v_base, stride_kn, n_keys,
                     qk_scale, offs_n, offs_d, d_mask,
-                    BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
     """Adds ``dS @ K`` of one key segment to the fp32 ``dq`` of a query block,
     recomputing ``P = exp2(s - lse2)`` from the saved (base-2) lse."""
     for start in range(0, n_keys, BLOCK_N):
@@ -178,12 +183,12 @@ def _bwd_dq_segment(dq, q, do, lse2, delta, m_mask, k_base, v_base, stride_kn, n
         kv_mask = col_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), IEEE) * qk_scale
+        s = _mma(q, tl.trans(k), F32_DOT) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(m_mask[:, None] & col_mask[None, :], p, 0.0)
-        dp = _mma(do, tl.trans(v), IEEE)
+        dp = _mma(do, tl.trans(v), F32_DOT)
         ds = p * (dp - delta[:, None])
-        dq += _mma(ds.to(k.dtype), k, IEEE)
+        dq += _mma(ds.to(k.dtype), k, F32_DOT)
     return dq
 
 
@@ -195,7 +200,7 @@ def _segment_attn_bwd_dq_kernel(
     stride_rp, stride_rn, stride_rh,
     H, LQ, LK, LR, R, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """``dQ`` of segment attention for one (query block, target b, head h).
 
@@ -228,20 +233,20 @@ def _segment_attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_off = tl.cast(b, tl.int64) * stride_kb + h * stride_kh
     dq = _bwd_dq_segment(dq, q, do, lse2, delta, m_mask, K + kv_off, V + kv_off, stride_kn, LK,
-                         qk_scale, offs_n, offs_d, d_mask, BLOCK_N, IEEE)
+                         qk_scale, offs_n, offs_d, d_mask, BLOCK_N, F32_DOT)
     for r in range(0, R):
         j = tl.load(IDX + b * R + r)
         n_keys = tl.where(j >= 0, LR, 0)
         r_off = tl.cast(j, tl.int64) * stride_rp + h * stride_rh
         dq = _bwd_dq_segment(dq, q, do, lse2, delta, m_mask, RK + r_off, RV + r_off, stride_rn,
-                             n_keys, qk_scale, offs_n, offs_d, d_mask, BLOCK_N, IEEE)
+                             n_keys, qk_scale, offs_n, offs_d, d_mask, BLOCK_N, F32_DOT)
     tl.store(DQ + blk, (dq * sm_scale).to(DQ.dtype.element_ty), mask=blk_mask)
 
 
 @triton.jit
 def _bwd_kv_reader(dk, dv, k, v, n_mask, q_base, do_base, lse_base, delta_base, stride_qm,
                    n_q, weight, qk_scale, offs_m, offs_d, d_mask,
-                   BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr):
     """Adds the contribution of one reader (the ``n_q`` queries of one target and
     head) to the fp32 ``dk``/``dv`` of a key block, in transposed form::
 
@@ -261,13 +266,13 @@ def _bwd_kv_reader(dk, dv, k, v, n_mask, q_base, do_base, lse_base, delta_base, 
         do = tl.load(do_base + blk, mask=blk_mask, other=0.0)
         lse2 = tl.load(lse_base + rows, mask=r_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=r_mask, other=0.0)
-        s_t = _mma(k, tl.trans(q), IEEE) * qk_scale
+        s_t = _mma(k, tl.trans(q), F32_DOT) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
         p_t = tl.where(n_mask[:, None] & r_mask[None, :], p_t, 0.0) * weight
-        dv += _mma(p_t.to(do.dtype), do, IEEE)
-        dp_t = _mma(v, tl.trans(do), IEEE)
+        dv += _mma(p_t.to(do.dtype), do, F32_DOT)
+        dp_t = _mma(v, tl.trans(do), F32_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mma(ds_t.to(q.dtype), q, IEEE)
+        dk += _mma(ds_t.to(q.dtype), q, F32_DOT)
     return dk, dv
 
 
@@ -279,7 +284,7 @@ def _segment_attn_bwd_dkdv_kernel(
     H, B, LQ, LKV, R, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IS_POOL: tl.constexpr,
-    IEEE: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
     """``dK``, ``dV`` of one key segment, key-major (one program owns one key
     block, so no atomics and the result is deterministic).
@@ -324,13 +329,13 @@ def _segment_attn_bwd_dkdv_kernel(
             row_off = tl.cast(b * H + h, tl.int64) * LQ
             dk, dv = _bwd_kv_reader(dk, dv, k, v, n_mask, Q + q_off, DO + q_off, LSE + row_off,
                                     DELTA + row_off, stride_qm, n_q, weight, qk_scale, offs_m,
-                                    offs_d, d_mask, BLOCK_M, IEEE)
+                                    offs_d, d_mask, BLOCK_M, F32_DOT)
     else:
         q_off = tl.cast(s, tl.int64) * stride_qb + h * stride_qh
         row_off = tl.cast(pid_sh, tl.int64) * LQ
         dk, dv = _bwd_kv_reader(dk, dv, k, v, n_mask, Q + q_off, DO + q_off, LSE + row_off,
                                 DELTA + row_off, stride_qm, LQ, 1.0, qk_scale, offs_m,
-                                offs_d, d_mask, BLOCK_M, IEEE)
+                                offs_d, d_mask, BLOCK_M, F32_DOT)
     tl.store(DK + kv_blk, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_blk, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -346,6 +351,10 @@ def interpreted() -> bool:
     (``TRITON_INTERPRET=1`` was set before this module was imported)."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(_segment_attn_fwd_kernel, InterpretedFunction)
+
+
+def _f32_dot(q: torch.Tensor) -> bool:
+    return q.dtype == torch.float32 or q.device.type != "cuda"
 
 
 def _block_d(head_dim: int) -> int:
@@ -442,7 +451,7 @@ def segment_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, rk, rv, table, out, lse,
         *_strides(q), *_strides(k), *_strides(rk),
         H, Lq, Lk, Lr, R, float(scale) * _LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32, **cfg)
+        HEAD_DIM=D, BLOCK_D=_block_d(D), F32_DOT=_f32_dot(q), **cfg)
     return out, lse
 
 
@@ -484,7 +493,7 @@ def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         return dq, dk, dv, dref_k, dref_v
 
     bd = _block_d(D)
-    ieee = q.dtype == torch.float32
+    ieee = _f32_dot(q)
     qk_scale = float(scale) * _LOG2E
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     pre_m = 16 if q.device.type != "cuda" else 64
@@ -496,7 +505,7 @@ def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         q, k, v, rk, rv, table, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(rk),
         H, Lq, Lk, Lr, R, qk_scale, float(scale),
-        HEAD_DIM=D, BLOCK_D=bd, IEEE=ieee, **cfg)
+        HEAD_DIM=D, BLOCK_D=bd, F32_DOT=ieee, **cfg)
 
     cfg = _config("dkdv", q)
     if Lk > 0:
@@ -504,7 +513,7 @@ def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             q, do, lse, delta, k, v, table, dk, dv,
             *_strides(q), *_strides(k),
             H, B, Lq, Lk, R, qk_scale, float(scale),
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=16, IS_POOL=False, IEEE=ieee, **cfg)
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=16, IS_POOL=False, F32_DOT=ieee, **cfg)
     if has_pool:
         Lr = ref_k.shape[1]
         if R == 0 or Lr == 0:
@@ -517,7 +526,7 @@ def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                 *_strides(q), *_strides(ref_k),
                 H, B, Lq, Lr, R, qk_scale, float(scale),
                 HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=max(16, triton.next_power_of_2(R)),
-                IS_POOL=True, IEEE=ieee, **cfg)
+                IS_POOL=True, F32_DOT=ieee, **cfg)
     return dq, dk, dv, dref_k, dref_v
 
 
