@@ -90,7 +90,9 @@ def validate(q, k, v, ref_k=None, ref_v=None, ref_index=None, scale=None) -> Seg
             raise ValueError(f"ref_index must be [B={B}, R], got {_shape(ref_index)}")
         if ref_index.device != q.device:
             raise ValueError(f"ref_index is on device {ref_index.device} but q is on device {q.device}")
-        if ref_index.numel() > 0:
+        # The range check reads the values (a host sync); under torch.compile it
+        # would break the graph, so it runs in eager mode only.
+        if ref_index.numel() > 0 and not torch.compiler.is_compiling():
             lo, hi = int(ref_index.min()), int(ref_index.max())
             if lo < -1 or hi >= P:
                 raise ValueError(f"ref_index entries must be in [-1, P={P}) (-1 = none), "
@@ -154,7 +156,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     inputs = validate(q, k, v, ref_k, ref_v, ref_index, scale)
     be = _backends.select(inputs, backend)
-    out, lse = be.forward(inputs)
+    from ._op import run
+    out, lse = run(be, inputs)
     return (out, lse) if return_lse else out
 
 

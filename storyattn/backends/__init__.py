@@ -56,12 +56,24 @@ class SegmentInputs:
         return self.q.shape[-1]
 
 
-# forward(inputs) -> (out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] float32, natural log)
+# forward(inputs) -> (out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] natural log; float32,
+# or float64 for float64 inputs so float64 backwards stay exact)
 ForwardFn = Callable[[SegmentInputs], "tuple[torch.Tensor, torch.Tensor]"]
+# backward(inputs, dout, out, lse) -> (dq, dk, dv, dref_k, dref_v); dref_* None without a pool
+BackwardFn = Callable[..., tuple]
 
 
 @dataclass
 class Backend:
+    """One implementation of segment attention.
+
+    ``forward`` is a plain (non-autograd) function; ``backward``, when given,
+    computes all five gradients from the saved ``out``/``lse``.  The public op
+    wraps the pair in one ``torch.library`` custom op with its autograd formula,
+    so every backend looks the same to autograd and to ``torch.compile``.  A
+    backend without ``backward`` is inference-only and its ``check`` must refuse
+    calls that need gradients.
+    """
     name: str
     forward: ForwardFn
     # () -> None when usable on this machine, else a reason including how to install.
@@ -70,6 +82,7 @@ class Backend:
     check: Callable[[SegmentInputs], Optional[str]]
     # higher runs first when backend=None; per device type ("cpu", "cuda").
     priority: Dict[str, int] = field(default_factory=dict)
+    backward: Optional[BackwardFn] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

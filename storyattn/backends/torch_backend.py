@@ -83,62 +83,48 @@ def pool_forward(q, ref_k, ref_v, ref_index, scale, fwd=attn_fwd):
     return out, lse
 
 
-class _SegmentAttnTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ref_k, ref_v, ref_index, scale):
-        out, lse = attn_fwd(q, k, v, scale)
-        if ref_k is not None:
-            po, pl = pool_forward(q, ref_k, ref_v, ref_index, scale)
-            out, lse = merge_states_(out, lse, po, pl)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, ref_k, ref_v, ref_index, out, lse)
-        ctx.scale = scale
-        lse_public = lse.to(torch.float32)
-        ctx.mark_non_differentiable(lse_public)
-        return out, lse_public
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, ref_k, ref_v, ref_index, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        dout = dout.contiguous()
-        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, scale)
-        dref_k = dref_v = None
-        if ref_k is not None:
-            B, Lq, H, D = q.shape
-            if ref_index is None:
-                dqp, dkp, dvp = attn_bwd(_fold(dout), _fold(q), _fold(ref_k), _fold(ref_v),
-                                         _fold(out), _fold_lse(lse), scale)
-                dq = dq + dqp.reshape(B, Lq, H, D)
-                dref_k, dref_v = dkp.reshape(ref_k.shape), dvp.reshape(ref_v.shape)
-            else:
-                acc = lse_dtype(q.dtype)
-                dq = dq.to(acc)
-                dref_k = torch.zeros(ref_k.shape, dtype=acc, device=q.device)
-                dref_v = torch.zeros(ref_v.shape, dtype=acc, device=q.device)
-                for j, idx, mult in _entry_readers(ref_index, ref_k.shape[0]):
-                    idx_d = idx.to(q.device)
-                    n = idx.numel()
-                    do_sel = dout.index_select(0, idx_d)
-                    if bool((mult > 1).any()):
-                        # m copies of the same keys: every gradient term scales with m,
-                        # and scaling dO scales them all (delta = rowsum(dO * O) too).
-                        do_sel = do_sel * mult.to(device=q.device, dtype=do_sel.dtype).view(n, 1, 1, 1)
-                    dqj, dkj, dvj = attn_bwd(
-                        _fold(do_sel), _fold(q.index_select(0, idx_d)), ref_k[j:j + 1],
-                        ref_v[j:j + 1], _fold(out.index_select(0, idx_d)),
-                        _fold_lse(lse.index_select(0, idx_d)), scale)
-                    dq.index_add_(0, idx_d, dqj.reshape(n, Lq, H, D).to(acc))
-                    dref_k[j] += dkj[0].to(acc)
-                    dref_v[j] += dvj[0].to(acc)
-                dq = dq.to(q.dtype)
-                dref_k, dref_v = dref_k.to(ref_k.dtype), dref_v.to(ref_v.dtype)
-        return dq, dk, dv, dref_k, dref_v, None, None
-
-
 def forward(inputs: SegmentInputs):
-    i = inputs
-    return _SegmentAttnTorch.apply(i.q, i.k, i.v, i.ref_k, i.ref_v, i.ref_index, i.scale)
+    q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
+    out, lse = attn_fwd(q, k, v, scale)
+    if inputs.ref_k is not None:
+        po, pl = pool_forward(q, inputs.ref_k, inputs.ref_v, inputs.ref_index, scale)
+        out, lse = merge_states_(out, lse, po, pl)
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+
+
+def backward(inputs: SegmentInputs, dout, out, lse):
+    q, k, v, ref_k, ref_v = inputs.q, inputs.k, inputs.v, inputs.ref_k, inputs.ref_v
+    ref_index, scale = inputs.ref_index, inputs.scale
+    dout = dout.contiguous()
+    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, scale)
+    dref_k = dref_v = None
+    if ref_k is None:
+        return dq, dk, dv, dref_k, dref_v
+    B, Lq, H, D = q.shape
+    if ref_index is None:
+        dqp, dkp, dvp = attn_bwd(_fold(dout), _fold(q), _fold(ref_k), _fold(ref_v),
+                                 _fold(out), _fold_lse(lse), scale)
+        return (dq + dqp.reshape(B, Lq, H, D), dk, dv,
+                dkp.reshape(ref_k.shape), dvp.reshape(ref_v.shape))
+    acc = lse_dtype(q.dtype)
+    dq = dq.to(acc)
+    dref_k = torch.zeros(ref_k.shape, dtype=acc, device=q.device)
+    dref_v = torch.zeros(ref_v.shape, dtype=acc, device=q.device)
+    for j, idx, mult in _entry_readers(ref_index, ref_k.shape[0]):
+        idx_d = idx.to(q.device)
+        n = idx.numel()
+        do_sel = dout.index_select(0, idx_d)
+        if bool((mult > 1).any()):
+            # m copies of the same keys: every gradient term scales with m, and
+            # scaling dO scales them all (delta = rowsum(dO * O) included).
+            do_sel = do_sel * mult.to(device=q.device, dtype=do_sel.dtype).view(n, 1, 1, 1)
+        dqj, dkj, dvj = attn_bwd(
+            _fold(do_sel), _fold(q.index_select(0, idx_d)), ref_k[j:j + 1], ref_v[j:j + 1],
+            _fold(out.index_select(0, idx_d)), _fold_lse(lse.index_select(0, idx_d)), scale)
+        dq.index_add_(0, idx_d, dqj.reshape(n, Lq, H, D).to(acc))
+        dref_k[j] += dkj[0].to(acc)
+        dref_v[j] += dvj[0].to(acc)
+    return dq.to(q.dtype), dk, dv, dref_k.to(ref_k.dtype), dref_v.to(ref_v.dtype)
 
 
 def _check(inputs: SegmentInputs):
@@ -148,6 +134,7 @@ def _check(inputs: SegmentInputs):
 register(Backend(
     name="torch",
     forward=forward,
+    backward=backward,
     availability=lambda: None,
     check=_check,
     priority={"cpu": 100, "cuda": 10},

@@ -1,0 +1,93 @@
+"""``torch.library`` custom ops behind :func:`storyattn.segment_attention`.
+
+Every backend with a backward runs through these two ops, so autograd sees one
+formula (saved ``out`` + ``lse``, flash-style backward) and ``torch.compile``
+sees one opaque op with exact fake shapes instead of tracing into launchers or
+data-dependent host code (page-table loops).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends
+from .backends import SegmentInputs
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("storyattn::segment_attn_fwd", mutates_args=())
+def segment_attn_fwd(q: Tensor, k: Tensor, v: Tensor, ref_k: Optional[Tensor],
+                     ref_v: Optional[Tensor], ref_index: Optional[Tensor], scale: float,
+                     backend: str) -> Tuple[Tensor, Tensor]:
+    be = _backends.get(backend)
+    out, lse = be.forward(SegmentInputs(q, k, v, ref_k, ref_v, ref_index, scale))
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+
+@segment_attn_fwd.register_fake
+def _(q, k, v, ref_k, ref_v, ref_index, scale, backend):
+    B, Lq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((B, H, Lq), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("storyattn::segment_attn_bwd", mutates_args=())
+def segment_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ref_k: Optional[Tensor],
+                     ref_v: Optional[Tensor], ref_index: Optional[Tensor], out: Tensor,
+                     lse: Tensor, scale: float, backend: str
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    be = _backends.get(backend)
+    if be.backward is None:
+        raise RuntimeError(f"segment_attention backend {backend!r} is inference-only; "
+                           "use backend='torch' or 'triton' for gradients")
+    inputs = SegmentInputs(q, k, v, ref_k, ref_v, ref_index, scale)
+    dq, dk, dv, drk, drv = be.backward(inputs, dout, out, lse)
+    if ref_k is None:  # custom ops cannot return None: an empty stand-in
+        drk = drv = q.new_empty(0)
+    return tuple(t.contiguous() for t in (dq, dk, dv, drk, drv))
+
+
+@segment_attn_bwd.register_fake
+def _(dout, q, k, v, ref_k, ref_v, ref_index, out, lse, scale, backend):
+    e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    if ref_k is None:
+        return e(q), e(k), e(v), q.new_empty(0), q.new_empty(0)
+    return e(q), e(k), e(v), e(ref_k), e(ref_v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ref_k, ref_v, ref_index, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, ref_k, ref_v, ref_index, out, lse)
+    ctx.scale, ctx.backend, ctx.has_pool = scale, backend, ref_k is not None
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, ref_k, ref_v, ref_index, out, lse = ctx.saved_tensors
+    dq, dk, dv, drk, drv = segment_attn_bwd(dout, q, k, v, ref_k, ref_v, ref_index, out, lse,
+                                            ctx.scale, ctx.backend)
+    if not ctx.has_pool:
+        drk = drv = None
+    return dq, dk, dv, drk, drv, None, None, None
+
+
+segment_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(be, inputs: SegmentInputs) -> Tuple[Tensor, Tensor]:
+    """(out, lse float32) of ``inputs`` on backend ``be``."""
+    if be.backward is None:
+        # Inference-only backends (their check refuses calls that need grad) and
+        # backends that bring their own autograd run directly.
+        out, lse = be.forward(inputs)
+    else:
+        i = inputs
+        out, lse = segment_attn_fwd(i.q, i.k, i.v, i.ref_k, i.ref_v, i.ref_index, i.scale,
+                                    be.name)
+    return out, lse.to(torch.float32)
