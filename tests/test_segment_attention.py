@@ -307,3 +307,19 @@ def test_opcheck_custom_op():
     q, k, v, rk, rv = _case(2, 5, 4, 1, 32, 2, 3, torch.float32, grad=True)
     torch.library.opcheck(segment_attn_fwd, (q, k, v, rk, rv, None, 0.2, "torch"))
     torch.library.opcheck(segment_attn_fwd, (q, k, v, rk, rv, torch.tensor([[1], [-1]]), 0.2, "torch"))
+
+
+def test_head_dim_too_large_for_triton_is_value_error():
+    if "triton" not in storyattn.available_backends():
+        pytest.skip("triton not available")
+    q = torch.randn(1, 4, 1, 320)
+    with pytest.raises(ValueError, match="head_dim 320"):
+        storyattn.segment_attention(q, q, q, backend="triton")
+
+
+def test_inference_only_backend_refuses_grad_with_reason():
+    from storyattn.backends import SegmentInputs
+    from storyattn.backends._adapter import common_check
+    q = torch.randn(1, 4, 1, 64, requires_grad=True)
+    i = SegmentInputs(q, q, q, None, None, None, 0.1)
+    assert "CUDA" in common_check(i, "flash-attn", 256)

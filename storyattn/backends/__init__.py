@@ -156,9 +156,13 @@ def select(inputs: SegmentInputs, name: Optional[str]) -> Backend:
     else the highest-priority backend for the device that can run them."""
     if name is not None:
         b = get(name)
-        why = b.availability() or b.check(inputs)
-        if why is not None:
+        why = b.availability()
+        if why is not None:  # not installed / no device: an environment problem
             raise RuntimeError(f"segment_attention backend {name!r} cannot run this call: {why}")
+        why = b.check(inputs)
+        if why is not None:  # installed, but these inputs are outside what it supports
+            raise ValueError(f"segment_attention backend {name!r} cannot run these inputs "
+                             f"(q {tuple(inputs.q.shape)} {inputs.dtype} on {inputs.device}): {why}")
         return b
     dev = inputs.device.type
     cands = sorted((b for b in all_backends() if dev in b.priority),
