@@ -250,3 +250,21 @@ def test_exported_from_package():
 
     assert storyattn.GlobalReferenceAttnProcessor is GlobalReferenceAttnProcessor
     assert storyattn.install_global_reference_attention is install_global_reference_attention
+
+
+def test_text_only_equals_scale_zero(pipe):
+    """Round 0 (no references) equals diffusers' IP-Adapter at scale 0."""
+    unet = pipe.unet
+    emb = _embeds(pipe, _images(2, seed=5))
+    sample, text, added = _unet_inputs(pipe, 2, seed=6)
+    pipe.set_ip_adapter_scale(0.0)
+    with torch.no_grad():
+        ref = unet(sample, 20, encoder_hidden_states=text,
+                   added_cond_kwargs={**added, "image_embeds": [emb[None].expand(2, -1, -1)]}).sample
+    handle = install_global_reference_attention(unet)
+    try:
+        with torch.no_grad(), handle.text_only():
+            ours = unet(sample, 20, encoder_hidden_states=text, added_cond_kwargs=added).sample
+    finally:
+        handle.remove()
+    assert_close(ours, ref, what="text only")

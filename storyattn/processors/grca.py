@@ -89,7 +89,7 @@ class GRCAState:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.kv.values())
+        return sum(e.nbytes for e in self.kv.values() if e is not None)
 
 
 def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -167,8 +167,7 @@ class GlobalReferenceAttnProcessor(torch.nn.Module):
         if ip_adapter_masks is not None:
             raise ValueError(f"{self.layer_name}: ip_adapter_masks are not supported while a "
                              "GRCA round is open")
-        kv = state.kv.get(self.layer_name)
-        if kv is None:
+        if self.layer_name not in state.kv:
             raise RuntimeError(f"{self.layer_name}: no reference K/V for this layer in the open "
                                "round (was the handle installed on this UNet?)")
 
@@ -206,7 +205,7 @@ class GlobalReferenceAttnProcessor(torch.nn.Module):
         hidden_states = hidden_states.to(query.dtype)
 
         if state.scale != 0 and state.num_refs > 0:
-            ref = self._reference_attention(q4, kv, state)
+            ref = self._reference_attention(q4, state.kv[self.layer_name], state)
             hidden_states = hidden_states + state.scale * ref.reshape(hidden_states.shape)
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -379,6 +378,28 @@ class GRCAHandle:
             st.kv = {}
             st.ref_index = None
             st.num_refs = 0
+
+    @contextlib.contextmanager
+    def text_only(self) -> Iterator[GRCAState]:
+        """Open a round without references (Story-Iter round 0): the pipeline is called with
+        prompts only and the layers compute text attention alone, which is what diffusers'
+        IP-Adapter processor computes at scale 0."""
+        if self._removed:
+            raise RuntimeError("this GRCA handle was removed")
+        if self.state.active:
+            raise RuntimeError("a GRCA round is already open on this handle")
+        saved_proj = self.unet.encoder_hid_proj
+        st = self.state
+        st.kv = {name: None for name in self.processors}
+        st.scale, st.num_refs, st.ref_index, st.guidance = 0.0, 0, None, False
+        st.active = True
+        self.unet.encoder_hid_proj = None
+        try:
+            yield st
+        finally:
+            self.unet.encoder_hid_proj = saved_proj
+            st.active = False
+            st.kv = {}
 
     @contextlib.contextmanager
     def select(self, ref_index: Optional[Sequence[Sequence[int]]]) -> Iterator[None]:
