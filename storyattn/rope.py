@@ -338,6 +338,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
         dtype for ``torch.nn.RMSNorm``). The triton result equals the stock path
         up to the last-bit order of the fp32 sum of squares.
 
+    Double-stream blocks norm text tokens with ``norm_added_q/k`` and image tokens
+    with ``norm_q/k`` before one rotation over the concatenation: call this once per
+    stream with the matching rows of ``cos``/``sin`` (``cos[:T]``, ``cos[T:]``) and
+    concatenate, which gives the same result.
+
     Example::
 
         q, k = qk_norm_rope(q, k, attn.norm_q, attn.norm_k, image_rotary_emb)

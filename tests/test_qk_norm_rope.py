@@ -219,6 +219,41 @@ def test_strided_inputs(backend):
         assert_matches_diffusers(o, w)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_stream_split(backend):
+    """Text rows normed by norm_added_*, image rows by norm_*, one rotation over both."""
+    T = 3
+    q, k, nq, nk, rot, _ = make_case(text_len=T, D=64, dtype=torch.bfloat16)
+    nq_txt, nk_txt = make_norm(64, torch.bfloat16, seed=5), make_norm(64, torch.bfloat16, seed=6)
+    with torch.no_grad():  # the FluxAttnProcessor order: norm each stream, cat, rotate
+        want_q = apply_rotary_emb(torch.cat([nq_txt(q[:, :T]), nq(q[:, T:])], 1), rot,
+                                  sequence_dim=1)
+        want_k = apply_rotary_emb(torch.cat([nk_txt(k[:, :T]), nk(k[:, T:])], 1), rot,
+                                  sequence_dim=1)
+        cos, sin = rot
+        tq, tk = qk_norm_rope(q[:, :T], k[:, :T], nq_txt, nk_txt, (cos[:T], sin[:T]),
+                              backend=backend)
+        iq, ik = qk_norm_rope(q[:, T:], k[:, T:], nq, nk, (cos[T:], sin[T:]), backend=backend)
+    assert_matches_diffusers(torch.cat([tq, iq], 1), want_q)
+    assert_matches_diffusers(torch.cat([tk, ik], 1), want_k)
+
+
+def test_default_backend_on_cpu_is_the_exact_torch_path():
+    q, k, nq, nk, rot, _ = make_case(D=32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = qk_norm_rope(q, k, nq, nk, rot)
+    want = diffusers_path(q, k, nq, nk, rot)
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    q, k, nq, nk, rot, _ = make_case(D=32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.no_grad(), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        qk_norm_rope(q, k, nq, nk, rot, backend="triton")
+
+
 def test_nan_and_empty_pass_through():
     q, k, nq, nk, rot, _ = make_case(D=32, dtype=torch.bfloat16)
     q[0, 1, 2, 5] = float("nan")
