@@ -61,7 +61,8 @@ def _fa3_fwd(q, k, v, scale) -> Tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(res, (tuple, list)) or len(res) < 2:
         raise RuntimeError("this flash_attn_3 release does not return the softmax lse; "
                            "upgrade flash_attn_3 or use the fused kernel path")
-    return res[0], res[1].float()
+    # some releases pad the lse's query axis; keep the real rows
+    return res[0], res[1][..., : q.shape[1]].float()
 
 
 def _cuda_capability(device: torch.device) -> Tuple[int, int]:
