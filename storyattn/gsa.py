@@ -170,10 +170,13 @@ class GroupSharedAttention:
                                                dtype or self.transformer.dtype)
 
     # ------------------------------------------------------------------ modes
-    @contextlib.contextmanager
-    def _activate(self, mode: _Mode) -> Iterator[None]:
+    def _check_alive(self) -> None:
         if self._removed:
             raise RuntimeError("this GroupSharedAttention was removed; install a new one")
+
+    @contextlib.contextmanager
+    def _activate(self, mode: _Mode) -> Iterator[None]:
+        self._check_alive()
         if self._mode is not None:
             raise RuntimeError(f"GSA mode {mode.name!r} requested while {self._mode.name!r} is "
                                "active; modes do not nest")
@@ -193,6 +196,7 @@ class GroupSharedAttention:
         to themselves.  Differentiable (training): gradients reach the references'
         projections through the targets' attention.
         """
+        self._check_alive()
         for name, val in (("group_size", group_size), ("num_targets", num_targets)):
             if isinstance(val, bool) or int(val) != val:
                 raise TypeError(f"{name} must be an int, got {val!r}")
@@ -207,6 +211,7 @@ class GroupSharedAttention:
         as lone images and their placed image-token K/V are appended to ``cache``
         (entry numbers continue from ``len(cache)``).  ``replace=True`` starts the
         cache over first (a new Story-Iter round; storage re-used)."""
+        self._check_alive()
         if not isinstance(cache, ReferenceKVCache):
             raise TypeError(f"record needs a ReferenceKVCache, got {type(cache).__name__}")
         if replace:
@@ -227,6 +232,7 @@ class GroupSharedAttention:
         ``strict_tokens`` (default) also targets whose image token count differs
         from the references'.
         """
+        self._check_alive()
         if not isinstance(cache, ReferenceKVCache):
             raise TypeError(f"replay needs a ReferenceKVCache, got {type(cache).__name__}")
         if len(cache) == 0:
