@@ -1,0 +1,595 @@
+"""Story-Iter: iterative story visualization over R rounds x N frames.
+
+::
+
+    python -m pipelines.story_iter [--story FILE] [--backbone sdxl|flux] [--model PATH]
+        [--ip-adapter PATH] [--image-encoder PATH] [--lora PATH ...] [--frames N]
+        [--rounds R] [--steps S] [--guidance G] [--scales A:B] [--seed S]
+        [--batch-size B] [--height H --width W] [--out DIR] [--device D] [--dtype T]
+        [--refs all|topk:K|window:W]
+
+Round 0 draws every frame from its prompt alone; round r = 1..R draws every frame again
+while it attends to the frames of round r-1:
+
+* ``sdxl`` (the published method): SDXL + IP-Adapter; Global Reference Cross-Attention
+  over all N frames (4 tokens each), weight ``scale_r = linspace(A, B, R)[r-1]``.
+* ``flux``: FLUX + Group-Shared Attention replaying a ``ReferenceKVCache`` recorded from
+  round r-1's frames at timestep 0; ``--refs`` picks each frame's references.
+
+With no ``--model`` it runs the built-in 100-frame demo (a snowman who meets a fox) on a
+tiny model with random weights that it builds offline, with fewer rounds and steps than
+the published defaults (it says so when it starts).  Real weights come from local paths.
+
+Outputs (``--out``): ``round_XX/frame_YYY.png`` (each written atomically as soon as it is
+done), ``manifest.json``, ``index.html``.  Rerunning the same command resumes with the
+first unfinished frame.  Under ``accelerate launch`` (or ``torchrun``) each process draws
+its share of every round (whole batches, so the result equals a single-process run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["main", "build_parser", "select_refs", "parse_refs", "round_scales", "DEMO"]
+
+# Published Story-Iter defaults and the tiny demo's reduced ones.
+PUBLISHED = dict(rounds=10, steps=50, scales=(0.3, 0.5), guidance_sdxl=5.0, guidance_flux=3.5,
+                 height=1024, width=1024, batch_size=4, seed=0)
+DEMO = dict(rounds=2, steps=3, height=64, width=64, batch_size=10)
+
+# The round's per-process stats land here and are merged by the main process.
+_STATS_NAME = "_stats_rank{rank}.json"
+
+# Test hook: stop this process after it has written this many frames (simulates a kill
+# at a frame boundary; a real kill can land anywhere, which the atomic writes cover).
+STOP_ENV = "STORYATTN_STOP_AFTER_FRAMES"
+
+
+# ------------------------------------------------------------------------------------------
+# arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipelines.story_iter",
+        description="Story-Iter: R rounds x N frames of a story, each round attending to the "
+                    "previous one. No arguments: the built-in demo on a tiny offline model.")
+    ap.add_argument("--story", help="story JSON (default: the built-in 100-frame demo)")
+    ap.add_argument("--backbone", choices=["sdxl", "flux"], default="sdxl")
+    ap.add_argument("--model", help="local diffusers pipeline folder (default: tiny offline "
+                                    "preset, random weights)")
+    ap.add_argument("--ip-adapter", help="SDXL: local IP-Adapter weights file")
+    ap.add_argument("--image-encoder", help="SDXL: CLIP image encoder folder (default: "
+                                            "image_encoder/ next to the adapter file)")
+    ap.add_argument("--lora", nargs="+", default=[], metavar="PATH",
+                    help="LoRA files to load with pipe.load_lora_weights (e.g. GSA stage 1 and "
+                         "stage 2)")
+    ap.add_argument("--frames", type=int, help="use the first N frames of the story")
+    ap.add_argument("--rounds", type=int, help="refinement rounds R after round 0 "
+                                               f"(published: {PUBLISHED['rounds']})")
+    ap.add_argument("--steps", type=int, help=f"denoising steps (published: {PUBLISHED['steps']})")
+    ap.add_argument("--guidance", type=float, help="guidance scale (sdxl: CFG, default 5.0; "
+                                                   "flux: distilled guidance, default 3.5)")
+    ap.add_argument("--scales", help="A:B, reference weight of round r = linspace(A, B, R) "
+                                     "(default 0.3:0.5)")
+    ap.add_argument("--seed", type=int, help="seed of every frame's generator (default 0)")
+    ap.add_argument("--seed-per-frame", action="store_true",
+                    help="seed frame i with seed + i instead of one seed for all frames")
+    ap.add_argument("--batch-size", type=int, help="frames per denoising batch")
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--refs", default="all",
+                    help="references per frame: all | topk:K (frames sharing most characters, "
+                         "ties by distance) | window:W (the W nearest frames)")
+    ap.add_argument("--out", help="output folder (default: story_iter_out/<title>)")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--max-memory", type=float, metavar="GiB",
+                    help="memory available to the run (default: measured free memory)")
+    ap.add_argument("--no-step-progress", action="store_true", help="hide the per-step bar")
+    return ap
+
+
+def parse_refs(spec: str) -> Tuple[str, int]:
+    """``all`` -> ("all", 0); ``topk:K`` / ``window:W`` -> (kind, K)."""
+    if spec == "all":
+        return "all", 0
+    kind, sep, k = spec.partition(":")
+    if kind in ("topk", "window") and sep and k.isdigit() and int(k) >= 1:
+        return kind, int(k)
+    raise ValueError(f"--refs {spec!r}: expected all, topk:K or window:W with K, W >= 1")
+
+
+def select_refs(story, target: int, spec: str, n_frames: Optional[int] = None) -> List[int]:
+    """Frames of the previous round that ``target`` reads (its own frame included).
+
+    ``all``: every frame.  ``topk:K``: the K frames sharing the most characters with the
+    target; ties go to the nearer frame, then the earlier one.  ``window:W``: the W frames
+    nearest in the story (earlier first on ties)."""
+    n = len(story.frames) if n_frames is None else n_frames
+    kind, k = parse_refs(spec)
+    if kind == "all":
+        return list(range(n))
+    if kind == "window":
+        order = sorted(range(n), key=lambda i: (abs(i - target), i))
+        return sorted(order[:k])
+    mine = set(story.frames[target].characters)
+    order = sorted(range(n), key=lambda i: (-len(mine & set(story.frames[i].characters)),
+                                            abs(i - target), i))
+    return sorted(order[:k])
+
+
+def round_scales(a: float, b: float, rounds: int) -> List[float]:
+    """Reference weight per round 0..R: round 0 has none; rounds 1..R linspace(a, b, R)."""
+    if rounds <= 0:
+        return [0.0]
+    if rounds == 1:
+        return [0.0, float(a)]
+    return [0.0] + [a + (b - a) * i / (rounds - 1) for i in range(rounds)]
+
+
+def _parse_scales(s: Optional[str]) -> Tuple[float, float]:
+    if s is None:
+        return PUBLISHED["scales"]
+    a, sep, b = s.partition(":")
+    try:
+        if not sep:
+            return float(a), float(a)
+        return float(a), float(b)
+    except ValueError:
+        raise SystemExit(f"--scales {s!r}: expected A:B, e.g. 0.3:0.5") from None
+
+
+# ------------------------------------------------------------------------------------------
+# configuration
+
+
+def resolve(args, dist) -> Dict[str, Any]:
+    """Fill defaults (published, or the demo's on the tiny preset); returns the run plan."""
+    import torch
+
+    from pipelines.story import demo_story, load_story
+
+    demo = args.model is None
+    notes = []
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+    story = load_story(args.story) if args.story else demo_story()
+    story = story.truncated(args.frames)
+    base = DEMO if demo else {}
+
+    def pick(name, default):
+        v = getattr(args, name)
+        return v if v is not None else base.get(name, default)
+
+    rounds = pick("rounds", PUBLISHED["rounds"])
+    steps = pick("steps", PUBLISHED["steps"])
+    height = pick("height", PUBLISHED["height"])
+    width = pick("width", PUBLISHED["width"])
+    batch = pick("batch_size", PUBLISHED["batch_size"])
+    seed = args.seed if args.seed is not None else PUBLISHED["seed"]
+    guidance = args.guidance if args.guidance is not None else (
+        PUBLISHED["guidance_sdxl"] if args.backbone == "sdxl" else PUBLISHED["guidance_flux"])
+    a, b = _parse_scales(args.scales)
+    for name, v, lo in (("rounds", rounds, 0), ("steps", steps, 1), ("batch-size", batch, 1),
+                        ("height", height, 8), ("width", width, 8)):
+        if v < lo:
+            raise SystemExit(f"--{name} must be >= {lo}, got {v}")
+    parse_refs(args.refs)
+
+    ip_adapter = args.ip_adapter
+    image_encoder = args.image_encoder
+    model = args.model
+    if demo:
+        from pipelines import tiny
+
+        if args.backbone == "sdxl":
+            model = tiny.get_tiny_sdxl()
+            if ip_adapter is None:
+                ip_adapter = str(Path(model) / tiny.SDXL_IP_ADAPTER_SUBFOLDER /
+                                 tiny.SDXL_IP_ADAPTER_WEIGHT_NAME)
+                image_encoder = image_encoder or str(Path(model) / tiny.SDXL_IP_ADAPTER_SUBFOLDER /
+                                                     tiny.SDXL_IMAGE_ENCODER_FOLDER)
+        else:
+            model = tiny.get_tiny_flux()
+        notes.append(
+            f"No --model given: running the built-in demo on the TINY offline {args.backbone} "
+            f"preset (random weights, so the pictures are noise-like) at {width}x{height}, "
+            f"{rounds} refinement rounds x {steps} steps, batch {batch} "
+            f"(published Story-Iter: {PUBLISHED['rounds']} rounds x {PUBLISHED['steps']} steps "
+            "at 1024x1024). Pass --model PATH for real weights.")
+    else:
+        if not Path(model).is_dir():
+            raise SystemExit(f"--model {model}: not a local folder (weights load only from "
+                             "local paths)")
+    if args.backbone == "sdxl" and ip_adapter is None:
+        raise SystemExit("--backbone sdxl needs --ip-adapter PATH (a local IP-Adapter weights "
+                         "file) when --model is given")
+    for lp in args.lora:
+        if not Path(lp).is_file():
+            raise SystemExit(f"--lora {lp}: file not found")
+
+    out = Path(args.out) if args.out else Path("story_iter_out") / _slug(story.title)
+    return dict(
+        story=story, demo=demo, notes=notes, device=device, dtype=dtype, out=out,
+        model=str(model), ip_adapter=ip_adapter, image_encoder=image_encoder,
+        config={
+            "backbone": args.backbone,
+            "model": str(Path(model).resolve()),
+            "ip_adapter": str(Path(ip_adapter).resolve()) if ip_adapter else None,
+            "image_encoder": str(Path(image_encoder).resolve()) if image_encoder else None,
+            "loras": [str(Path(p).resolve()) for p in args.lora],
+            "story_fingerprint": story.fingerprint(),
+            "frames": len(story.frames),
+            "rounds": rounds,
+            "steps": steps,
+            "guidance": guidance,
+            "scales": [a, b],
+            "seed": seed,
+            "seed_per_frame": bool(args.seed_per_frame),
+            "batch_size": batch,
+            "height": height,
+            "width": width,
+            "dtype": dtype,
+            "refs": args.refs,
+        },
+    )
+
+
+def _slug(title: str) -> str:
+    s = "".join(c.lower() if c.isalnum() else "_" for c in title).strip("_")
+    return "_".join(p for p in s.split("_") if p) or "story"
+
+
+def frame_seed(cfg: Dict[str, Any], i: int) -> int:
+    return cfg["seed"] + i if cfg["seed_per_frame"] else cfg["seed"]
+
+
+# ------------------------------------------------------------------------------------------
+# output folder and resume
+
+
+class ResumeRefused(SystemExit):
+    pass
+
+
+def prepare_out(out: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Check ``out`` for a resume; returns the existing manifest (or None for a fresh run).
+
+    Refuses a folder made with a different config (naming every differing field), and a
+    non-empty folder that is not a Story-Iter output."""
+    from pipelines.story_report import read_json
+
+    man = out / "manifest.json"
+    if man.is_file():
+        old = read_json(man)
+        prev = old.get("config", {})
+        diffs = [f"{k}: {prev.get(k)!r} in the folder, {config.get(k)!r} now"
+                 for k in sorted(set(prev) | set(config)) if prev.get(k) != config.get(k)]
+        if diffs:
+            raise ResumeRefused(
+                f"refusing to resume into {out}: it was made with a different configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nRerun with the folder's settings to continue it, or pass a new --out.")
+        return old
+    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise ResumeRefused(f"refusing to write into {out}: it is not empty and has no "
+                            "manifest.json (not a story_iter output folder); pass a new --out")
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+
+
+def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
+                char_owner: List[str]):
+    """References of round r: the N frames of round r-1 (read back from disk, so a resumed
+    run sees exactly the same pixels) followed by the story's character images; their
+    prompts; and per frame the entries it reads (None = all).  Round 0 has none."""
+    from PIL import Image
+
+    from pipelines.story_report import frame_path
+
+    if r == 0:
+        return [], [], None
+    refs, prompts = [], []
+    for i in range(n):
+        with Image.open(frame_path(out, r - 1, i)) as im:
+            refs.append(im.convert("RGB"))
+        prompts.append(story.full_prompt(i))
+    refs += list(char_images)
+    prompts += [f"{name}, {story.character(name).description}, {story.style}".strip(", ")
+                for name in char_owner]
+    if spec == "all":
+        return refs, prompts, None
+    per_frame = []
+    for t in range(n):
+        sel = select_refs(story, t, spec, n)
+        present = set(story.frames[t].characters)
+        sel += [n + j for j, name in enumerate(char_owner) if name in present]
+        per_frame.append(sel)
+    return refs, prompts, per_frame
+
+
+def _load_char_images(story):
+    from PIL import Image
+
+    imgs, owner = [], []
+    for c in story.characters:
+        for p in c.reference_images:
+            with Image.open(p) as im:
+                imgs.append(im.convert("RGB"))
+            owner.append(c.name)
+    return imgs, owner
+
+
+def make_backbone(plan, args, cache_budget: Optional[int] = None):
+    import torch
+
+    cfg = plan["config"]
+    dtype = getattr(torch, plan["dtype"])
+    if cfg["backbone"] == "sdxl":
+        from pipelines.story_sdxl import SDXLBackbone
+
+        return SDXLBackbone(plan["model"], plan["ip_adapter"], plan["image_encoder"],
+                            cfg["loras"], plan["device"], dtype, cfg["height"], cfg["width"],
+                            cfg["steps"], cfg["guidance"],
+                            step_progress=not args.no_step_progress)
+    from pipelines.story_flux import FluxBackbone
+
+    return FluxBackbone(plan["model"], cfg["loras"], plan["device"], dtype, cfg["height"],
+                        cfg["width"], cfg["steps"], cfg["guidance"],
+                        step_progress=not args.no_step_progress, cache_budget_bytes=cache_budget,
+                        record_batch=cfg["batch_size"])
+
+
+def preflight(plan, args, char_images: int):
+    from pipelines.story_memory import GiB, MemoryPlan, check_fits
+
+    cfg = plan["config"]
+    extra = [p for p in (plan["ip_adapter"], plan["image_encoder"]) if p] + list(cfg["loras"])
+    mp = MemoryPlan(backbone=cfg["backbone"], model=plan["model"], extra_weight_paths=tuple(extra),
+                    dtype=plan["dtype"], device=plan["device"], frames=cfg["frames"],
+                    batch_size=cfg["batch_size"], height=cfg["height"], width=cfg["width"],
+                    guidance=cfg["guidance"], refs=cfg["refs"], extra_refs=char_images,
+                    ip_adapter=plan["ip_adapter"])
+    if args.max_memory is not None:
+        return check_fits(mp, int(args.max_memory * GiB), "--max-memory")
+    return check_fits(mp)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipelines.story_dist import init_dist
+
+    dist = init_dist(args.device)
+    try:
+        return _run(args, dist)
+    finally:
+        dist.close()
+
+
+def _quiet_prompt_truncation() -> None:
+    """diffusers warns at every call whose prompt exceeds the tokenizer (77 tokens for SDXL,
+    32 for the tiny preset); story prompts often do, and the text is truncated exactly as
+    the stock pipeline does. Say it once instead of once per batch."""
+    import logging
+
+    for name in ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+                 "diffusers.pipelines.flux.pipeline_flux"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run(args, dist) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipelines.story import StoryError
+    from pipelines.story_memory import PreflightError, fmt
+    from pipelines.story_report import (PeakMemory, atomic_write_json, frame_path, read_json,
+                                        round_dir, save_png_atomic, versions, write_index_html)
+
+    try:
+        plan = resolve(args, dist)
+    except StoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg, story, out = plan["config"], plan["story"], plan["out"]
+    n, rounds = cfg["frames"], cfg["rounds"]
+    scales = round_scales(cfg["scales"][0], cfg["scales"][1], rounds)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    for note in plan["notes"]:
+        say(note, flush=True)
+
+    # -- output folder: fresh or resume (main process decides, the others follow) --------
+    old = None
+    msg = ""
+    if dist.is_main:
+        try:
+            old = prepare_out(out, cfg)
+        except ResumeRefused as e:
+            msg = str(e)
+    dist.broadcast_ok(not msg, msg)
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        return 3
+    if dist.world > 1 and not dist.is_main:
+        dist.barrier()
+        old = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else None
+
+    char_images, char_owner = _load_char_images(story)
+
+    # -- preflight before any weight is loaded ---------------------------------------------
+    try:
+        est, avail = preflight(plan, args, len(char_images))
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    say(f"preflight: about {est.describe()} needed on {plan['device']}, {fmt(avail)} available",
+        flush=True)
+
+    seeds = [frame_seed(cfg, i) for i in range(n)]
+    if dist.is_main:
+        manifest = old or {
+            "format": "storyattn.story_iter/1",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": cfg,
+            "rounds": {},
+            "sessions": [],
+        }
+        manifest.update({
+            "status": "running",
+            "story": {"title": story.title, "style": story.style, "source": story.source,
+                      "characters": [{"name": c.name, "description": c.description,
+                                      "reference_images": list(c.reference_images)}
+                                     for c in story.characters]},
+            "prompts": [story.full_prompt(i) for i in range(n)],
+            "frame_characters": [list(f.characters) for f in story.frames],
+            "seeds": seeds,
+            "round_scales": scales,
+            "versions": versions(),
+            "demo": plan["demo"],
+            "notes": plan["notes"],
+        })
+        manifest["sessions"].append({
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": plan["device"],
+            "processes": dist.world, "resumed": old is not None,
+            "preflight": {**est.as_dict(), "available": avail}})
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "manifest.json", manifest)
+        write_index_html(out, manifest)
+        if dist.world > 1:
+            dist.barrier()
+
+    # -- load -------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    # what the reference cache may hold once weights, activations and runtime are counted
+    budget = int(avail * 0.92) - (est.weights + est.activations + est.overhead)
+    backbone = make_backbone(plan, args, cache_budget=max(0, budget))
+    backbone.load()
+    load_s = time.perf_counter() - t0
+    say(f"loaded {cfg['backbone']} from {plan['model']} in {load_s:.1f} s (prompts longer than "
+        "the text encoder's limit are truncated, as the stock pipeline does)", flush=True)
+    _quiet_prompt_truncation()
+
+    batches = [list(range(s, min(n, s + cfg["batch_size"]))) for s in range(0, n, cfg["batch_size"])]
+    mine = [b for c, b in enumerate(batches) if c % dist.world == dist.rank]
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    written = 0
+
+    round_bar = tqdm(range(rounds + 1), desc="rounds", position=0, disable=not dist.is_main)
+    for r in round_bar:
+        rdir = round_dir(out, r)
+        todo = [b for b in mine if any(not frame_path(out, r, i).is_file() for i in b)]
+        stats: Dict[str, Any] = {"rank": dist.rank, "frames_drawn": 0, "encoder_images": 0,
+                                 "cache_bytes": 0, "wall_s": 0.0, "batches": 0}
+        if todo:
+            rdir.mkdir(parents=True, exist_ok=True)
+            t_round = time.perf_counter()
+            enc_before = backbone.encoder_images
+            with PeakMemory(plan["device"]) as peak:
+                refs, ref_prompts, per_frame = _round_refs(story, r, out, n, cfg["refs"],
+                                                           char_images, char_owner)
+                info = backbone.begin_round(refs, scales[r], ref_prompts=ref_prompts)
+                stats.update(cache_bytes=info["cache_bytes"], num_refs=info["num_refs"],
+                             cache_scope=info.get("cache_scope", "round"))
+                frame_bar = tqdm(total=sum(len(b) for b in todo), desc=f"round {r} frames",
+                                 position=1, leave=False, disable=not dist.is_main)
+                try:
+                    for b in todo:
+                        missing = [i for i in b if not frame_path(out, r, i).is_file()]
+                        gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in b]
+                        # a partly written batch is drawn whole (same batch -> same numbers)
+                        # but only its missing frames are written
+                        imgs = backbone.draw([story.full_prompt(i) for i in b], gens,
+                                             None if per_frame is None else [per_frame[i] for i in b])
+                        for i, img in zip(b, imgs):
+                            if i in missing:
+                                save_png_atomic(img, frame_path(out, r, i))
+                                written += 1
+                                stats["frames_drawn"] += 1
+                                if stop_after and written >= stop_after:
+                                    raise SystemExit(75)
+                        stats["batches"] += 1
+                        stats["cache_bytes"] = max(stats["cache_bytes"], backbone.cache_bytes)
+                        frame_bar.update(len(b))
+                finally:
+                    frame_bar.close()
+                    backbone.end_round()
+            stats["encoder_images"] = backbone.encoder_images - enc_before
+            stats["wall_s"] = time.perf_counter() - t_round
+            stats["peak_memory_bytes"] = peak.peak_bytes
+            stats["peak_memory_kind"] = peak.kind
+            atomic_write_json(rdir / _STATS_NAME.format(rank=dist.rank), stats)
+        dist.barrier()  # every process's frames of round r are on disk before round r+1
+        if dist.is_main:
+            _merge_round(out, r, scales[r], manifest, todo_any=bool(todo) or dist.world > 1,
+                         world=dist.world)
+            atomic_write_json(out / "manifest.json", manifest)
+            write_index_html(out, manifest)
+    round_bar.close()
+
+    if dist.is_main:
+        missing = [(r, i) for r in range(rounds + 1) for i in range(n)
+                   if not frame_path(out, r, i).is_file()]
+        manifest["status"] = "complete" if not missing else f"incomplete: {len(missing)} missing"
+        manifest["sessions"][-1]["load_s"] = load_s
+        manifest["sessions"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(out / "manifest.json", manifest)
+        write_index_html(out, manifest)
+        print(f"done: {n} frames x {rounds + 1} rounds in {out}/ "
+              f"(open {out / 'index.html'})", flush=True)
+    return 0
+
+
+def _merge_round(out: Path, r: int, scale: float, manifest: Dict[str, Any], todo_any: bool,
+                 world: int) -> None:
+    """Fold the processes' stats files of round r into the manifest."""
+    from pipelines.story_report import read_json, round_dir
+
+    rdir = round_dir(out, r)
+    per = []
+    for k in range(world):
+        p = rdir / _STATS_NAME.format(rank=k)
+        if p.is_file():
+            per.append(read_json(p))
+    if not per:
+        return
+    key = str(r)
+    prev = manifest["rounds"].get(key, {})
+    drawn = sum(s["frames_drawn"] for s in per)
+    entry = {
+        "scale": scale,
+        "wall_s": max(s["wall_s"] for s in per),
+        "frames_drawn": drawn,
+        "encoder_images": sum(s["encoder_images"] for s in per),
+        "encoder_images_per_process": [s["encoder_images"] for s in per],
+        "cache_bytes": max(s["cache_bytes"] for s in per),
+        "num_refs": max(s.get("num_refs", 0) for s in per),
+        "cache_scope": per[0].get("cache_scope", "round"),
+        "peak_memory_bytes": max(s.get("peak_memory_bytes", 0) for s in per),
+        "peak_memory_kind": per[0].get("peak_memory_kind"),
+        "processes": len(per),
+    }
+    if prev and prev.get("frames_drawn"):
+        # a resumed round keeps the earlier sessions' figures next to this one's
+        entry["earlier_sessions"] = prev.get("earlier_sessions", []) + [
+            {k: v for k, v in prev.items() if k != "earlier_sessions"}]
+    manifest["rounds"][key] = entry
+    for p in rdir.glob("_stats_rank*.json"):
+        p.unlink()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
