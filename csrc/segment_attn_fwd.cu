@@ -9,7 +9,7 @@
 //
 // Work split: one CTA = 64 query rows of one (b, h), 4 warps x 16 rows.  Each
 // iteration stages a 64-key tile of K and V in shared memory with cp.async
-// (V's copy overlaps S = Q K^T), then every warp
+// (single buffers, software-pipelined: see attend_all), then every warp
 //   S(16x64)  = Q(16xD) K^T            mma.m16n8k16, fp32 accumulators
 //   online softmax on S in registers  (base-2 exponent, scale folded in)
 //   O(16xD)  += P(16x64) V(64xD)      P re-packed from the S accumulators
@@ -148,13 +148,70 @@ struct Softmax {
   float l[2];  // this thread's share of the running row sums
 };
 
-// One segment: keys/values [n, D] at kseg/vseg with token strides lk/lv.
+// Position in the CTA's walk over key tiles: the own segment (seg = -1), then
+// the page-table entries r = 0..nref-1 that name a valid pool entry.  Every
+// thread of the CTA holds the same cursor (same b, h), so all branches on it
+// are uniform and the barriers below are reached by everyone.
+template <typename T>
+struct Cursor {
+  int64_t seg;  // -1 = own keys, r >= 0 = ref_index column r (or entry r)
+  int64_t n0;   // first key of the current tile
+  int64_t n;    // keys in the current segment
+  const T* k;   // segment base for this (b, h)
+  const T* v;
+  int64_t lk, lv;  // token strides
+};
+
+// Moves c to the first non-empty segment at or after c.seg; false at the end.
+template <typename T>
+__device__ __forceinline__ bool open_segment(Cursor<T>& c, const SegmentAttnParams& p, int64_t b,
+                                             int64_t h, int64_t nref) {
+  for (; c.seg < nref; ++c.seg) {
+    c.n0 = 0;
+    if (c.seg < 0) {
+      if (p.Lk <= 0) continue;
+      c.n = p.Lk;
+      c.k = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+      c.v = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+      c.lk = p.k_sl;
+      c.lv = p.v_sl;
+      return true;
+    }
+    const int64_t e =
+        p.ref_index != nullptr ? p.ref_index[b * p.ri_sb + c.seg * p.ri_sr] : c.seg;
+    if (e < 0 || e >= p.P || p.Lr <= 0) continue;  // -1 = none; out of range is never read
+    c.n = p.Lr;
+    c.k = static_cast<const T*>(p.ref_k) + e * p.rk_sp + h * p.rk_sh;
+    c.v = static_cast<const T*>(p.ref_v) + e * p.rv_sp + h * p.rv_sh;
+    c.lk = p.rk_sl;
+    c.lv = p.rv_sl;
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+__device__ __forceinline__ bool advance(Cursor<T>& c, const SegmentAttnParams& p, int64_t b,
+                                        int64_t h, int64_t nref) {
+  c.n0 += kBN;
+  if (c.n0 < c.n) return true;
+  ++c.seg;
+  return open_segment(c, p, b, h, nref);
+}
+
+// The key loop, software-pipelined on single K and V buffers:
+//   prologue: K(0), V(0) in flight
+//   tile j:   wait K(j) | S = Q K(j)^T | barrier | start K(j+1)
+//             softmax   | wait V(j)    | O += P V(j) | barrier | start V(j+1)
+// so K(j+1) lands under softmax + PV of tile j and V(j+1) under S of tile j+1.
+// cp.async groups complete in commit order; one group (possibly empty) is
+// committed per load slot, so "wait until at most 1 group is pending" always
+// means "the older of the two buffers has landed".
 template <typename T, int D>
-__device__ __forceinline__ void attend_segment(Smem<T, D>& sm, const T* kseg, int64_t lk,
-                                               const T* vseg, int64_t lv, int64_t n,
-                                               const uint32_t (&qf)[D / 16][4],
-                                               float (&o)[D / 8][4], Softmax<T, D>& st,
-                                               float scale_log2) {
+__device__ __forceinline__ void attend_all(Smem<T, D>& sm, const SegmentAttnParams& p, int64_t b,
+                                           int64_t h, const uint32_t (&qf)[D / 16][4],
+                                           float (&o)[D / 8][4], Softmax<T, D>& st,
+                                           float scale_log2) {
   constexpr int kLds = Smem<T, D>::kLds;
   const float NEG_INF = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x & 31;
@@ -162,14 +219,21 @@ __device__ __forceinline__ void attend_segment(Smem<T, D>& sm, const T* kseg, in
   // ldmatrix row-address roles of this lane
   const int lm_mat = lane >> 3;
   const int lm_row = lane & 7;
+  const int64_t nref = p.ref_index != nullptr ? p.R : p.P;
 
-  for (int64_t n0 = 0; n0 < n; n0 += kBN) {
-    __syncthreads();  // every warp is done with the previous tile
-    load_tile<T, D>(sm.k, kseg, lk, n0, n);
-    cp_async_commit();
-    load_tile<T, D>(sm.v, vseg, lv, n0, n);
-    cp_async_commit();
-    cp_async_wait<1>();  // K has landed; V may still be in flight
+  Cursor<T> cur;
+  cur.seg = -1;
+  bool have = open_segment(cur, p, b, h, nref);
+  if (have) load_tile<T, D>(sm.k, cur.k, cur.lk, cur.n0, cur.n);
+  cp_async_commit();
+  if (have) load_tile<T, D>(sm.v, cur.v, cur.lv, cur.n0, cur.n);
+  cp_async_commit();
+
+  while (have) {
+    Cursor<T> nxt = cur;
+    const bool more = advance(nxt, p, b, h, nref);
+
+    cp_async_wait<1>();  // K(j) has landed; V(j) may still be in flight
     __syncthreads();
 
     // S = Q K^T.  One ldmatrix.x4 yields B fragments for two k-steps:
@@ -186,9 +250,13 @@ __device__ __forceinline__ void attend_segment(Smem<T, D>& sm, const T* kseg, in
         mma16816<T>(s[nt], qf[ks + 1], kb[2], kb[3]);
       }
     }
+    __syncthreads();  // every warp is done reading K(j)
+    if (more) load_tile<T, D>(sm.k, nxt.k, nxt.lk, nxt.n0, nxt.n);
+    cp_async_commit();
 
     // Online softmax.  Columns past the segment end get -inf; the running max
     // includes the old max so alpha <= 1.
+    const int64_t n0 = cur.n0, n = cur.n;
     const bool partial = n0 + kBN > n;
     float mx[2] = {st.m[0], st.m[1]};
 #pragma unroll
@@ -230,7 +298,7 @@ __device__ __forceinline__ void attend_segment(Smem<T, D>& sm, const T* kseg, in
       o[dt][3] *= alpha[1];
     }
 
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // V(j) has landed; K(j+1) may still be in flight
     __syncthreads();
 
     // O += P V.  k-step kk covers keys [16kk, 16kk+16): S tiles 2kk and 2kk+1.
@@ -252,6 +320,12 @@ __device__ __forceinline__ void attend_segment(Smem<T, D>& sm, const T* kseg, in
         mma16816<T>(o[dt + 1], pa, vb[2], vb[3]);
       }
     }
+    __syncthreads();  // every warp is done reading V(j)
+    if (more) load_tile<T, D>(sm.v, nxt.v, nxt.lv, nxt.n0, nxt.n);
+    cp_async_commit();
+
+    cur = nxt;
+    have = more;
   }
 }
 
@@ -295,19 +369,7 @@ segment_attn_fwd_kernel(SegmentAttnParams p) {
   st.l[0] = st.l[1] = 0.f;
   const float scale_log2 = p.scale * 1.4426950408889634f;
 
-  // own segment
-  attend_segment<T, D>(sm, static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh, p.k_sl,
-                       static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh, p.v_sl, p.Lk, qf,
-                       o, st, scale_log2);
-  // pool entries through the page table (uniform over the CTA: same b)
-  const int64_t nref = p.ref_index != nullptr ? p.R : p.P;
-  for (int64_t r = 0; r < nref; ++r) {
-    const int64_t e = p.ref_index != nullptr ? p.ref_index[b * p.ri_sb + r * p.ri_sr] : r;
-    if (e < 0 || e >= p.P) continue;  // -1 = no entry; out of range is skipped, never read
-    attend_segment<T, D>(sm, static_cast<const T*>(p.ref_k) + e * p.rk_sp + h * p.rk_sh,
-                         p.rk_sl, static_cast<const T*>(p.ref_v) + e * p.rv_sp + h * p.rv_sh,
-                         p.rv_sl, p.Lr, qf, o, st, scale_log2);
-  }
+  attend_all<T, D>(sm, p, b, h, qf, o, st, scale_log2);
 
   // finish: row sums are split over the 4 lanes of a quad
   float inv[2], lse[2];

@@ -274,58 +274,86 @@ def _emulate_cta(q, k, v, rk, rv, idx, b, h, m0, scale, D, out, lse):
         warps.append(dict(r0=r0, r1=r1, qf=qf, o=np.zeros((D // 8, 32, 4)),
                           m=np.full((2, 32), -np.inf), l=np.zeros((2, 32))))
 
-    def segment(K, V, n):
-        for n0 in range(0, n, BN):
-            ksm = np.zeros(BN * LDS)
-            vsm = np.zeros(BN * LDS)
-            for r in range(BN):  # cp.async with zero-fill past the end
-                if n0 + r < n:
-                    ksm[r * LDS: r * LDS + D] = K[n0 + r]
-                    vsm[r * LDS: r * LDS + D] = V[n0 + r]
-            for w in warps:
-                s = np.zeros((BN // 8, 32, 4))
-                for nt in range(BN // 8):
-                    for ks in range(0, D // 16, 2):
-                        kb = W.ldmatrix_x4(ksm, (nt * 8 + lm_row) * LDS + ks * 16 + lm_mat * 8)
-                        W.mma(s[nt], np.moveaxis(w["qf"][ks], 0, 1), kb[0], kb[1])
-                        W.mma(s[nt], np.moveaxis(w["qf"][ks + 1], 0, 1), kb[2], kb[3])
-                scale_log2 = scale * 1.4426950408889634
-                mx = w["m"].copy()
-                for nt in range(BN // 8):
-                    for i in range(4):
-                        x = s[nt, :, i] * scale_log2
-                        x = np.where(n0 + nt * 8 + 2 * t + (i & 1) >= n, -np.inf, x)
-                        s[nt, :, i] = x
-                        mx[i >> 1] = np.maximum(mx[i >> 1], x)
-                for r in range(2):  # quad reduction: shfl_xor 1 and 2
-                    for o in (1, 2):
-                        mx[r] = np.maximum(mx[r], mx[r][lane ^ o])
-                base = np.where(mx == -np.inf, 0.0, mx)
-                alpha = np.exp2(w["m"] - base)
-                w["m"] = mx
-                w["l"] *= alpha
-                for nt in range(BN // 8):
-                    for i in range(4):
-                        p = np.exp2(s[nt, :, i] - base[i >> 1])
-                        s[nt, :, i] = p
-                        w["l"][i >> 1] += p
-                w["o"][:, :, 0:2] *= alpha[0][None, :, None]
-                w["o"][:, :, 2:4] *= alpha[1][None, :, None]
-                for kk in range(BN // 16):
-                    pa = np.stack([s[2 * kk][:, 0:2], s[2 * kk][:, 2:4],
-                                   s[2 * kk + 1][:, 0:2], s[2 * kk + 1][:, 2:4]], axis=1)
-                    for dt in range(0, D // 8, 2):
-                        vb = W.ldmatrix_x4(vsm, (kk * 16 + (lm_mat & 1) * 8 + lm_row) * LDS
-                                           + (dt + (lm_mat >> 1)) * 8, trans=True)
-                        W.mma(w["o"][dt], pa, vb[0], vb[1])
-                        W.mma(w["o"][dt + 1], pa, vb[2], vb[3])
-
-    segment(k[b, :, h], v[b, :, h], k.shape[1])
     P = 0 if rk is None else rk.shape[0]
-    entries = range(P) if idx is None else list(idx[b])
-    for e in entries:
-        if 0 <= e < P:
-            segment(rk[e, :, h], rv[e, :, h], rk.shape[1])
+    nref = P if idx is None else len(idx[b])
+
+    def open_segment(c):
+        """csrc open_segment: first non-empty segment at or after c['seg']."""
+        while c["seg"] < nref:
+            c["n0"] = 0
+            if c["seg"] < 0:
+                if k.shape[1] > 0:
+                    c.update(n=k.shape[1], K=k[b, :, h], V=v[b, :, h])
+                    return True
+            else:
+                e = c["seg"] if idx is None else idx[b][c["seg"]]
+                if 0 <= e < P and rk.shape[1] > 0:
+                    c.update(n=rk.shape[1], K=rk[e, :, h], V=rv[e, :, h])
+                    return True
+            c["seg"] += 1
+        return False
+
+    def advance(c):
+        c["n0"] += BN
+        if c["n0"] < c["n"]:
+            return True
+        c["seg"] += 1
+        return open_segment(c)
+
+    def load(c):  # cp.async of one tile, zero-filled past the segment end
+        ksm = np.zeros(BN * LDS)
+        vsm = np.zeros(BN * LDS)
+        for r in range(BN):
+            if c["n0"] + r < c["n"]:
+                ksm[r * LDS: r * LDS + D] = c["K"][c["n0"] + r]
+                vsm[r * LDS: r * LDS + D] = c["V"][c["n0"] + r]
+        return ksm, vsm
+
+    cur = {"seg": -1}
+    have = open_segment(cur)
+    while have:
+        nxt = dict(cur)
+        more = advance(nxt)
+        ksm, vsm = load(cur)
+        n0, n = cur["n0"], cur["n"]
+        for w in warps:
+            s = np.zeros((BN // 8, 32, 4))
+            for nt in range(BN // 8):
+                for ks in range(0, D // 16, 2):
+                    kb = W.ldmatrix_x4(ksm, (nt * 8 + lm_row) * LDS + ks * 16 + lm_mat * 8)
+                    W.mma(s[nt], np.moveaxis(w["qf"][ks], 0, 1), kb[0], kb[1])
+                    W.mma(s[nt], np.moveaxis(w["qf"][ks + 1], 0, 1), kb[2], kb[3])
+            scale_log2 = scale * 1.4426950408889634
+            mx = w["m"].copy()
+            for nt in range(BN // 8):
+                for i in range(4):
+                    x = s[nt, :, i] * scale_log2
+                    x = np.where(n0 + nt * 8 + 2 * t + (i & 1) >= n, -np.inf, x)
+                    s[nt, :, i] = x
+                    mx[i >> 1] = np.maximum(mx[i >> 1], x)
+            for r in range(2):  # quad reduction: shfl_xor 1 and 2
+                for o in (1, 2):
+                    mx[r] = np.maximum(mx[r], mx[r][lane ^ o])
+            base = np.where(mx == -np.inf, 0.0, mx)
+            alpha = np.exp2(w["m"] - base)
+            w["m"] = mx
+            w["l"] *= alpha
+            for nt in range(BN // 8):
+                for i in range(4):
+                    p = np.exp2(s[nt, :, i] - base[i >> 1])
+                    s[nt, :, i] = p
+                    w["l"][i >> 1] += p
+            w["o"][:, :, 0:2] *= alpha[0][None, :, None]
+            w["o"][:, :, 2:4] *= alpha[1][None, :, None]
+            for kk in range(BN // 16):
+                pa = np.stack([s[2 * kk][:, 0:2], s[2 * kk][:, 2:4],
+                               s[2 * kk + 1][:, 0:2], s[2 * kk + 1][:, 2:4]], axis=1)
+                for dt in range(0, D // 8, 2):
+                    vb = W.ldmatrix_x4(vsm, (kk * 16 + (lm_mat & 1) * 8 + lm_row) * LDS
+                                       + (dt + (lm_mat >> 1)) * 8, trans=True)
+                    W.mma(w["o"][dt], pa, vb[0], vb[1])
+                    W.mma(w["o"][dt + 1], pa, vb[2], vb[3])
+        cur, have = nxt, more
 
     for w in warps:
         for r, rows in ((0, w["r0"]), (1, w["r1"])):
@@ -345,22 +373,34 @@ def _emulate_cta(q, k, v, rk, rv, idx, b, h, m0, scale, D, out, lse):
                         lse[b, h, rows[ln]] = ls[ln]
 
 
-def test_attention_kernel_tiling_emulated():
+EMU_CASES = [
+    # B, Lq, Lk, H, D, P, Lr, ref_index: partial tiles, duplicates, -1, a target
+    # with no entries, several heads, an own-only call at D = 128
+    (2, 70, 67, 2, 64, 3, 10, [[2, -1, 2], [-1, -1, -1]]),
+    (1, 3, 130, 1, 128, 0, 1, None),
+    (2, 64, 64, 1, 64, 2, 64, None),
+]
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_attention_kernel_tiling_emulated(case):
     """Index math, masking, page-table walk and online softmax of the CUDA kernel,
     with the documented fragment layouts (not the hardware: that is the GPU test)."""
+    B, Lq, Lk, H, D, P, Lr, idx = case
     rng = np.random.default_rng(0)
-    B, Lq, Lk, H, D, P, Lr = 2, 70, 67, 1, 64, 3, 10
     q, k, v = (rng.standard_normal((B, L, H, D)) for L in (Lq, Lk, Lk))
-    rk, rv = rng.standard_normal((P, Lr, H, D)), rng.standard_normal((P, Lr, H, D))
-    idx = [[2, -1, 2], [-1, -1, -1]]
+    rk = rng.standard_normal((P, Lr, H, D)) if P else None
+    rv = rng.standard_normal((P, Lr, H, D)) if P else None
     out = np.full((B, Lq, H, D), np.nan)
     lse = np.full((B, H, Lq), np.nan)
     scale = 0.37
     for b in range(B):
-        for m0 in range(0, Lq, 64):
-            _emulate_cta(q, k, v, rk, rv, idx, b, 0, m0, scale, D, out, lse)
+        for h in range(H):
+            for m0 in range(0, Lq, 64):
+                _emulate_cta(q, k, v, rk, rv, idx, b, h, m0, scale, D, out, lse)
     T = torch.from_numpy
-    ro, rl = ref_segment(T(q), T(k), T(v), T(rk), T(rv), torch.tensor(idx), scale=scale)
+    ro, rl = ref_segment(T(q), T(k), T(v), T(rk) if P else None, T(rv) if P else None,
+                         None if idx is None else torch.tensor(idx), scale=scale)
     report(T(out), ro, 1e-9, "out")
     report(T(lse), rl, 1e-9, "lse")
 
