@@ -56,6 +56,16 @@ void check_layout4(const Tensor& t, const char* name) {
               " must have a contiguous head_dim (stride 1), got strides ", t.strides());
 }
 
+// qk_norm_rope moves the RoPE pair (x[2i], x[2i+1]) as one 2-element access.
+void check_pairs_aligned(const Tensor& t, const char* name) {
+  const int64_t pair_bytes = 2 * static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % pair_bytes == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % 2 == 0;
+  TORCH_CHECK(ok, name, " must have even strides and an address aligned to a pair of elements "
+              "(RoPE pairs are read together), got strides ", t.strides(), "; pass a contiguous "
+              "tensor");
+}
+
 void check_launch(const char* err) {
   TORCH_CHECK(err == nullptr, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -147,6 +157,7 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
                 shape_str(t));
     TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " dtype ", t.scalar_type(),
                 " differs from ", ref.scalar_type());
+    check_pairs_aligned(t, name);
   };
   auto check_weight = [&](const optional<Tensor>& w, const char* name) {
     if (!w.has_value()) return;
@@ -154,6 +165,7 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
     TORCH_CHECK(w->dim() == 1 && w->size(0) == D && w->is_contiguous(), name,
                 " must be a contiguous [D=", D, "] tensor, got shape ", shape_str(*w));
     to_dtype(*w, name);
+    check_pairs_aligned(*w, name);
   };
 
   QKNormRopeParams p{};
@@ -193,9 +205,9 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
                 c.scalar_type());
     TORCH_CHECK(c.dim() == 2 && c.size(0) == L && c.size(1) == D, pr.second, " must be [L=", L,
                 ", D=", D, "] (repeat-interleaved rotary table), got ", shape_str(c));
-    TORCH_CHECK(c.stride(1) == 1 && c.stride(0) % 2 == 0, pr.second,
-                " must have a contiguous last dim and an even row stride, got strides ",
+    TORCH_CHECK(c.stride(1) == 1, pr.second, " must have a contiguous last dim, got strides ",
                 c.strides());
+    check_pairs_aligned(c, pr.second);
   }
   TORCH_CHECK(cos.stride(0) == sin.stride(0), "cos and sin must have the same strides, got ",
               cos.strides(), " and ", sin.strides());
@@ -216,6 +228,7 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
                   D, "], got ", shape_str(t));
       TORCH_CHECK(t.scalar_type() == ref.scalar_type(), pr.second, " dtype ", t.scalar_type(),
                   " differs from the activations' ", ref.scalar_type());
+      check_pairs_aligned(t, pr.second);
     }
     TORCH_CHECK(pool_k->sizes() == pool_v->sizes(), "pool_k and pool_v must have the same shape, got ",
                 shape_str(*pool_k), " and ", shape_str(*pool_v));
@@ -247,6 +260,7 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
                         c.size(1) == D && c.stride(1) == 1 && c.stride(0) % 2 == 0,
                     pr.second, " must be float32 [B=", B, ", D=", D,
                     "] with a contiguous last dim, got ", c.scalar_type(), " ", shape_str(c));
+        check_pairs_aligned(c, pr.second);
       }
       TORCH_CHECK(extra_cos->stride(0) == extra_sin->stride(0),
                   "extra_cos and extra_sin must have the same strides");
