@@ -533,3 +533,31 @@ def test_torch_compile_replay_fullgraph_aot_eager():
 @pytest.mark.slow
 def test_torch_compile_replay_inductor():
     _compile_case("inductor")
+
+
+def test_triton_backends_match_torch():
+    """Fused Triton segment attention + q/k norm/RoPE (interpreter on CPU) in the modes."""
+    import storyattn
+
+    if "triton" not in storyattn.available_backends():
+        pytest.skip("triton backend not available here (needs CUDA or TRITON_INTERPRET=1)")
+    m = tiny_flux()
+    x = zero_ref_timesteps(flux_inputs(3, seed=1), [1, 2])
+    res = {}
+    for be in ("torch", "triton"):
+        gsa = GroupSharedAttention(m, backend=be, rope_backend=be)
+        with torch.no_grad():
+            cache = ReferenceKVCache()
+            with gsa.record(cache):
+                m(**rows(x, [1, 2]))
+            with gsa.replay(cache):
+                rp = m(**rows(x, [0])).sample
+            with gsa.replay(cache, ref_index=torch.tensor([[1, -1]])):
+                rp2 = m(**rows(x, [0])).sample
+            with gsa.in_batch(3, 1):
+                ib = m(**x).sample
+        res[be] = (rp, rp2, ib)
+        gsa.remove()
+    for a, b in zip(res["torch"], res["triton"]):
+        assert rel_err(b, a) <= TOL
+    assert rel_err(res["triton"][0], res["triton"][2][:1]) <= TOL
