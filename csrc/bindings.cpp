@@ -11,6 +11,7 @@
 // allocator, which is graph-safe as well.
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -101,6 +102,9 @@ void merge_states_(Tensor out_a, Tensor lse_a, const Tensor& out_b, const Tensor
                 ", got ", shape_str(l));
   }
   TORCH_CHECK(D <= 1024, "merge_states_: head_dim must be <= 1024, got ", D);
+  // written in place: a broadcast (stride-0) view would race with itself
+  at::assert_no_internal_overlap(out_a);
+  at::assert_no_internal_overlap(lse_a);
 
   MergeParams p{};
   p.dtype = to_dtype(out_a, "out_a");
