@@ -534,7 +534,7 @@ def _run(args, dist) -> int:
             atomic_write_json(rdir / _STATS_NAME.format(rank=dist.rank), stats)
         dist.barrier()  # every process's frames of round r are on disk before round r+1
         if dist.is_main:
-            _merge_round(out, r, scales[r], manifest, todo_any=bool(todo) or dist.world > 1,
+            _merge_round(out, r, scales[r] if cfg["backbone"] == "sdxl" else None, manifest, todo_any=bool(todo) or dist.world > 1,
                          world=dist.world)
             atomic_write_json(out / "manifest.json", manifest)
             write_index_html(out, manifest)

@@ -159,7 +159,7 @@ def write_index_html(out: Path, manifest: Dict[str, Any]) -> None:
     for r in range(n_rounds):
         st = rounds.get(r, {})
         label = f"round {r}"
-        if "scale" in st:
+        if st.get("scale") is not None:
             label += f"<br><small>scale {st['scale']:.3f}</small>"
         if "wall_s" in st:
             label += f"<br><small>{st['wall_s']:.1f} s</small>"

@@ -66,7 +66,7 @@ class SDXLBackbone:
         from diffusers import StableDiffusionXLPipeline
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(self.model, torch_dtype=self.dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(self.model, dtype=self.dtype)
         enc = CLIPVisionModelWithProjection.from_pretrained(self.encoder_dir, dtype=self.dtype)
         if (Path(self.encoder_dir) / "preprocessor_config.json").is_file():
             fe = CLIPImageProcessor.from_pretrained(self.encoder_dir)

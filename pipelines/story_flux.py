@@ -1,0 +1,174 @@
+"""FLUX backbone of Story-Iter: Group-Shared Attention replay from a per-round cache.
+
+Per round r >= 1 the references (round r-1's frames, plus any character reference
+images) are recorded once into a :class:`storyattn.ReferenceKVCache`: each image goes
+through the VAE encoder (counted), is packed into FLUX's 2x2 patch tokens, and one
+transformer forward at timestep 0 with its own prompt writes its image-token K/V of
+every layer into the cache (``GroupSharedAttention.record``).  Targets are then drawn in
+batches with the stock ``FluxPipeline.__call__`` inside ``GroupSharedAttention.replay``,
+each reading its selected entries (``ref_index``; -1 = padding).
+
+Cache scope: the whole round's references are recorded once when they fit
+``cache_budget_bytes``; otherwise (e.g. 100 frames at 1024x1024 with ``--refs topk:K``)
+the cache holds one batch's union of references and is re-recorded per batch (the
+VAE-encoder count in the manifest then exceeds N).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from storyattn import GroupSharedAttention, ReferenceKVCache
+
+__all__ = ["FluxBackbone"]
+
+
+class FluxBackbone:
+    name = "flux"
+
+    def __init__(self, model: str, loras: Sequence[str] = (), device: str = "cpu",
+                 dtype=torch.float32, height: int = 1024, width: int = 1024, steps: int = 28,
+                 guidance: float = 3.5, step_progress: bool = True,
+                 cache_budget_bytes: Optional[int] = None, record_batch: int = 4):
+        self.model, self.loras, self.device, self.dtype = model, list(loras), device, dtype
+        self.height, self.width, self.steps, self.guidance = height, width, steps, guidance
+        self.step_progress = step_progress
+        self.cache_budget_bytes = cache_budget_bytes
+        self.record_batch = max(1, record_batch)
+        self.encoder_images = 0       # images through the VAE encoder (all rounds)
+        self.record_forwards = 0      # transformer forwards at timestep 0 (record mode)
+        self.pipe = None
+        self.gsa: Optional[GroupSharedAttention] = None
+        self.cache = ReferenceKVCache()
+        self._refs: List = []
+        self._ref_prompts: List[str] = []
+        self._cached: List[int] = []  # reference numbers held by the cache, in entry order
+        self._open = False
+        self.scope = "round"
+
+    # -- loading ----------------------------------------------------------------------------
+    def load(self) -> None:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(self.model, dtype=self.dtype)
+        names = []
+        for i, lora in enumerate(self.loras):
+            lp = Path(lora)
+            name = f"lora{i}"
+            pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=name)
+            names.append(name)
+        if len(names) > 1:
+            pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
+                                     position=2)
+        self.pipe = pipe
+        self.max_seq = min(512, int(pipe.tokenizer_2.model_max_length))
+        self.gsa = GroupSharedAttention(pipe.transformer)
+
+    # -- references -------------------------------------------------------------------------
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache.nbytes)
+
+    def _image_tokens(self) -> int:
+        s = self.pipe.vae_scale_factor * 2
+        return (self.height // s) * (self.width // s)
+
+    def begin_round(self, ref_images: List, scale: float,
+                    ref_prompts: Optional[List[str]] = None) -> dict:
+        """Keep the round's references; record them all now when they fit the budget.
+        (``scale`` is unused: GSA attends to references in the same softmax.)"""
+        if self._open:
+            raise RuntimeError("a round is already open")
+        self._refs = list(ref_images)
+        self._ref_prompts = list(ref_prompts or [""] * len(ref_images))
+        self._cached = []
+        self.cache.clear()
+        self._open = True
+        need = self.gsa.estimate_cache_bytes(len(self._refs), self._image_tokens(), self.dtype) \
+            if self._refs else 0
+        self.scope = "round" if (self.cache_budget_bytes is None
+                                 or need <= self.cache_budget_bytes) else "batch"
+        before = self.encoder_images
+        if self._refs and self.scope == "round":
+            self._record(list(range(len(self._refs))))
+        return {"encoder_images": self.encoder_images - before, "cache_bytes": self.cache_bytes,
+                "num_refs": len(self._refs), "cache_scope": self.scope}
+
+    def end_round(self) -> None:
+        self._open = False
+        self._refs, self._ref_prompts, self._cached = [], [], []
+        self.cache.clear()
+
+    @torch.no_grad()
+    def _vae_encode(self, images: List) -> torch.Tensor:
+        """Images -> packed, scaled latents ``[n, L, 64]`` (deterministic: the mode)."""
+        pipe = self.pipe
+        px = pipe.image_processor.preprocess(images, height=self.height, width=self.width)
+        px = px.to(device=self.device, dtype=pipe.vae.dtype)
+        lat = pipe.vae.encode(px).latent_dist.mode()
+        self.encoder_images += len(images)
+        lat = (lat - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        n, c, h, w = lat.shape
+        return pipe._pack_latents(lat.to(self.dtype), n, c, h, w), h, w
+
+    @torch.no_grad()
+    def _record(self, ref_ids: List[int]) -> None:
+        """Record references ``ref_ids`` (in this order) into a fresh cache."""
+        pipe = self.pipe
+        self.cache.reset()
+        self.cache.reserve(len(ref_ids))
+        for s in range(0, len(ref_ids), self.record_batch):
+            chunk = ref_ids[s:s + self.record_batch]
+            packed, h, w = self._vae_encode([self._refs[i] for i in chunk])
+            embeds, pooled, text_ids = pipe.encode_prompt(
+                prompt=[self._ref_prompts[i] for i in chunk], prompt_2=None, device=self.device,
+                max_sequence_length=self.max_seq)
+            img_ids = pipe._prepare_latent_image_ids(len(chunk), h // 2, w // 2, self.device,
+                                                     self.dtype)
+            guidance = None
+            if pipe.transformer.config.guidance_embeds:
+                guidance = torch.full((len(chunk),), self.guidance, device=self.device,
+                                      dtype=torch.float32)
+            with self.gsa.record(self.cache):
+                pipe.transformer(hidden_states=packed,
+                                 timestep=torch.zeros(len(chunk), device=self.device,
+                                                      dtype=self.dtype),
+                                 guidance=guidance, pooled_projections=pooled,
+                                 encoder_hidden_states=embeds, txt_ids=text_ids,
+                                 img_ids=img_ids, return_dict=False)
+            self.record_forwards += 1
+        self._cached = list(ref_ids)
+
+    # -- drawing ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def draw(self, prompts: List[str], generators: List[torch.Generator],
+             ref_index: Optional[List[List[int]]] = None) -> List:
+        """Draw one batch; ``ref_index[i]``: reference numbers frame i reads (None = all)."""
+        if not self._open:
+            raise RuntimeError("draw() outside a round")
+        kw = dict(prompt=prompts, generator=generators, num_inference_steps=self.steps,
+                  guidance_scale=self.guidance, height=self.height, width=self.width,
+                  max_sequence_length=self.max_seq, output_type="pil")
+        if not self._refs:
+            return self.pipe(**kw).images
+        wanted = sorted({j for row in ref_index for j in row}) if ref_index is not None \
+            else list(range(len(self._refs)))
+        if self.scope == "batch" and not set(wanted) <= set(self._cached):
+            self._record(wanted)
+        entry = {ref: e for e, ref in enumerate(self._cached)}
+        idx = None
+        if ref_index is not None:
+            width = max(len(r) for r in ref_index)
+            idx = torch.full((len(ref_index), max(1, width)), -1, dtype=torch.long)
+            for row, refs in enumerate(ref_index):
+                for c, ref in enumerate(refs):
+                    idx[row, c] = entry[ref]
+        elif len(self._cached) != len(self._refs):
+            idx = torch.tensor([[entry[j] for j in wanted]] * len(prompts), dtype=torch.long)
+        with self.gsa.replay(self.cache, ref_index=idx):
+            return self.pipe(**kw).images

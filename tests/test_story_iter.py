@@ -1,0 +1,226 @@
+"""``python -m pipelines.story_iter`` end to end on the tiny offline presets (CPU).
+
+4 frames x (1 + 2) rounds x 2 steps at 64x64: outputs, manifest, encoder calls (N per
+round), resume after an interruption (identical images, finished frames untouched), a
+refused resume into a folder made with another config, the preflight refusal, malformed
+stories, the FLUX backbone, and a 2-process run equal to the single-process one (~40 s).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from pipelines.story import demo_story, parse_story  # noqa: E402
+from pipelines.story_iter import STOP_ENV, main, round_scales, select_refs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N, R = 4, 2
+
+STORY = {
+    "title": "Tiny test story",
+    "style": "watercolor",
+    "characters": [
+        {"name": "Snowman", "description": "a snowman with a carrot nose"},
+        {"name": "Fox", "description": "a red fox"},
+    ],
+    "frames": [
+        {"prompt": "a snowman in a field", "characters": ["Snowman"]},
+        {"prompt": "a fox in the woods", "characters": ["Fox"]},
+        {"prompt": "the fox meets the snowman", "characters": ["Snowman", "Fox"]},
+        {"prompt": "snow falls on the hill", "characters": []},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def story_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("story")
+    f = d / "story.json"
+    f.write_text(json.dumps(STORY))
+    return f
+
+
+def _args(story_file, out, *extra):
+    return ["--story", str(story_file), "--rounds", str(R), "--steps", "2", "--height", "64",
+            "--width", "64", "--batch-size", "2", "--no-step-progress", "--out", str(out),
+            *extra]
+
+
+def _digests(out):
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(out).glob("round_*/frame_*.png"))}
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(story_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdxl") / "run"
+    assert main(_args(story_file, out)) == 0
+    return out
+
+
+def test_outputs_and_manifest(sdxl_run):
+    out = sdxl_run
+    frames = _digests(out)
+    assert len(frames) == N * (R + 1)
+    for r in range(R + 1):
+        for i in range(N):
+            assert f"round_{r:02d}/frame_{i:03d}.png" in frames
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    cfg = m["config"]
+    assert (cfg["frames"], cfg["rounds"], cfg["steps"], cfg["backbone"]) == (N, R, 2, "sdxl")
+    assert m["versions"]["torch"] and m["versions"]["diffusers"]
+    assert m["seeds"] == [0] * N
+    assert m["round_scales"] == pytest.approx([0.0, 0.3, 0.5])
+    for r in range(R + 1):
+        st = m["rounds"][str(r)]
+        assert st["frames_drawn"] == N
+        assert st["wall_s"] > 0
+        assert st["peak_memory_bytes"] > 0
+        # N images through the image encoder per refinement round, not N x N
+        assert st["encoder_images"] == (0 if r == 0 else N)
+        assert (st["cache_bytes"] > 0) == (r > 0)
+    assert m["sessions"][0]["preflight"]["total"] > 0
+    html = (out / "index.html").read_text()
+    assert html.count("<tr>") == R + 2  # header + one row per round
+    assert html.count("<img ") == N * (R + 1)
+    # no leftovers: temporary files and per-process stats are gone
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("_stats_rank*.json"))
+    # the refinement rounds changed the pictures (references are attended to)
+    assert frames["round_00/frame_000.png"] != frames["round_01/frame_000.png"]
+
+
+def test_resume_after_interruption_is_identical(sdxl_run, story_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(STOP_ENV, "5")  # stop after 5 frames: mid round 1, mid batch pair
+    with pytest.raises(SystemExit) as ei:
+        main(_args(story_file, out))
+    assert ei.value.code == 75
+    done = _digests(out)
+    assert len(done) == 5
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "running"
+    mtimes = {k: (out / k).stat().st_mtime_ns for k in done}
+
+    monkeypatch.delenv(STOP_ENV)
+    assert main(_args(story_file, out)) == 0
+    # finished frames were not redone (not rewritten)
+    assert {k: (out / k).stat().st_mtime_ns for k in done} == mtimes
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and len(m["sessions"]) == 2 and m["sessions"][1]["resumed"]
+    assert m["rounds"]["1"]["frames_drawn"] == N - 1
+    assert m["rounds"]["1"]["encoder_images"] == N
+    # identical to the uninterrupted run, byte for byte
+    assert _digests(out) == _digests(sdxl_run)
+
+    # a third run has nothing left to do and changes nothing
+    before = _digests(out)
+    assert main(_args(story_file, out)) == 0
+    assert _digests(out) == before
+
+
+def test_resume_refuses_other_config(sdxl_run, story_file, capsys):
+    rc = main(_args(story_file, sdxl_run, "--seed", "7"))
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "seed: 0 in the folder, 7 now" in err
+
+
+def test_refuses_foreign_folder(story_file, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(_args(story_file, tmp_path)) == 3
+    assert "not a story_iter output folder" in capsys.readouterr().err
+
+
+def test_preflight_refusal(story_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(_args(story_file, out, "--max-memory", "0.05"))
+    assert rc == 4
+    err = capsys.readouterr().err
+    assert "preflight: this run needs about" in err and "Nothing was loaded" in err
+    assert "weights" in err and "caches" in err and "activations" in err
+    assert "--height 32 --width 32" in err and "--batch-size 1" in err
+    assert not (out / "round_00").exists()
+
+
+def test_preflight_suggests_topk_for_flux():
+    from pipelines.story_memory import GiB, MemoryPlan, PreflightError, check_fits
+    from pipelines.tiny import get_tiny_flux
+
+    plan = MemoryPlan(backbone="flux", model=get_tiny_flux(), frames=100, batch_size=4,
+                      height=1024, width=1024, guidance=3.5, refs="all")
+    with pytest.raises(PreflightError) as ei:
+        check_fits(plan, available=int(1.0 * GiB), source="test")
+    msg = str(ei.value)
+    assert "--refs topk:3" in msg and "--batch-size 2" in msg and "--height 512 --width 512" in msg
+
+
+def test_malformed_story(tmp_path, capsys):
+    bad = dict(STORY, frames=STORY["frames"] + [{"prompt": "x", "characters": ["Foxx"]}])
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))
+    assert main(["--story", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "frames[4].characters[0]: unknown character 'Foxx'" in capsys.readouterr().err
+
+
+def test_select_refs_and_scales():
+    s = parse_story(STORY)
+    assert select_refs(s, 0, "all") == [0, 1, 2, 3]
+    # frame 2 has both characters: frames 2 (2 shared), then 0/1 (1 shared, distance 2/1)
+    assert select_refs(s, 2, "topk:2") == [1, 2]
+    assert select_refs(s, 0, "topk:2") == [0, 2]
+    assert select_refs(s, 3, "window:2") == [2, 3]
+    assert select_refs(s, 1, "window:3") == [0, 1, 2]
+    d = demo_story()
+    assert len(select_refs(d, 50, "topk:5")) == 5
+    assert round_scales(0.3, 0.5, 10)[1] == pytest.approx(0.3)
+    assert round_scales(0.3, 0.5, 10)[10] == pytest.approx(0.5)
+    assert len(round_scales(0.3, 0.5, 10)) == 11
+    with pytest.raises(ValueError, match="topk:K"):
+        select_refs(s, 0, "top3")
+
+
+def test_flux_backbone_small_run(story_file, tmp_path):
+    out = tmp_path / "flux"
+    assert main(_args(story_file, out, "--backbone", "flux", "--refs", "topk:2")) == 0
+    assert len(_digests(out)) == N * (R + 1)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["config"]["refs"] == "topk:2"
+    for r in range(1, R + 1):
+        st = m["rounds"][str(r)]
+        assert st["encoder_images"] == N  # round r-1's frames through the VAE once
+        assert st["cache_bytes"] > 0 and st["cache_scope"] == "round"
+    assert m["rounds"]["0"]["encoder_images"] == 0
+
+
+def _launch_two(args, env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "pipelines.story_iter", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_equal_single(story_file, tmp_path):
+    """2 CPU processes (gloo) split each round's batches and gather through the disk; the
+    frames equal a single-process run's byte for byte.  Both runs use one thread per
+    process (torchrun's default): CPU kernels may sum in another order with another thread
+    count, which changes the last bits, so the comparison holds the thread count fixed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    one = tmp_path / "one"
+    res = subprocess.run([sys.executable, "-m", "pipelines.story_iter", *_args(story_file, one)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = tmp_path / "two"
+    res = _launch_two(_args(story_file, two), env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((two / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["sessions"][0]["processes"] == 2
+    for r in range(1, R + 1):
+        st = m["rounds"][str(r)]
+        assert st["processes"] == 2 and st["encoder_images_per_process"] == [N, N]
+    assert _digests(two) == _digests(one)
