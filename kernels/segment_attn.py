@@ -25,15 +25,16 @@ and back to base 2 when the backward reads it.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+# log2(e), for the host side.  The kernels write log2(e) and ln(2) as literals:
+# a @triton.jit function may only read module globals that are tl.constexpr.
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 # --------------------------------------------------------------------------- #
@@ -343,9 +344,6 @@ def _segment_attn_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------- #
 # Launchers
 # --------------------------------------------------------------------------- #
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def interpreted() -> bool:
     """True when these kernels were built by Triton's CPU interpreter
     (``TRITON_INTERPRET=1`` was set before this module was imported)."""
@@ -362,16 +360,18 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kind: str, q: torch.Tensor) -> dict:
+def _config(kind: str, q: torch.Tensor, max_len: int) -> dict:
     """Block sizes and launch options for one kernel.
 
-    Under the interpreter every program is python, so small blocks keep the CPU
-    tests fast.  On CUDA the sizes follow the usual FlashAttention-2 choices for
+    Under the interpreter every block operation costs python overhead, so the
+    block is 16 for short sequences (the CPU tests then still cross several
+    blocks) and 64 past 128 tokens (16x fewer steps).  On CUDA the sizes follow the usual FlashAttention-2 choices for
     Hopper/Ampere, shrunk as the head dim (and so the tiles held in registers and
     shared memory) grows; fp32 tiles are twice as large in bytes, so fp32 takes
     the next smaller size."""
     if q.device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        blk = 16 if max_len <= 128 else 64
+        return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=1, num_stages=1)
     bd = _block_d(q.shape[-1])
     big = bd * (2 if q.dtype == torch.float32 else 1)
     if kind == "fwd":
@@ -419,6 +419,12 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the *current* CUDA device; make it the tensors' one so a
+    # call with tensors on cuda:1 does not run on cuda:0.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def segment_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      ref_k: Optional[torch.Tensor], ref_v: Optional[torch.Tensor],
                      ref_index: Optional[torch.Tensor], scale: float
@@ -445,14 +451,57 @@ def segment_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf") if Lk == 0 else 0.0)
-    cfg = _config("fwd", q)
+    cfg = _config("fwd", q, max(Lq, Lk, Lr))
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    _segment_attn_fwd_kernel[grid](
-        q, k, v, rk, rv, table, out, lse,
-        *_strides(q), *_strides(k), *_strides(rk),
-        H, Lq, Lk, Lr, R, float(scale) * _LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), F32_DOT=_f32_dot(q), **cfg)
+    with _on_device(q):
+        _segment_attn_fwd_kernel[grid](
+            q, k, v, rk, rv, table, out, lse,
+            *_strides(q), *_strides(k), *_strides(rk),
+            H, Lq, Lk, Lr, R, float(scale) * _LOG2E,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), F32_DOT=_f32_dot(q), **cfg)
     return out, lse
+
+
+def _launch_bwd(q, k, v, rk, rv, table, do, out, lse, dq, dk, dv, dref_k, dref_v,
+                R, Lr, has_pool, scale):
+    """The four backward launches (delta, dq, own dk/dv, pool dk/dv); outputs are
+    written in place."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    bd = _block_d(D)
+    ieee = _f32_dot(q)
+    qk_scale = float(scale) * _LOG2E
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    pre_m = 16 if q.device.type != "cuda" else 64
+    _segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
+        out, do, delta, *_strides(q), H, Lq, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=bd)
+
+    cfg = _config("dq", q, max(Lq, Lk, Lr))
+    _segment_attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, rk, rv, table, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(rk),
+        H, Lq, Lk, Lr, R, qk_scale, float(scale),
+        HEAD_DIM=D, BLOCK_D=bd, F32_DOT=ieee, **cfg)
+
+    cfg = _config("dkdv", q, max(Lq, Lk, Lr))
+    if Lk > 0:
+        _segment_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
+            q, do, lse, delta, k, v, table, dk, dv,
+            *_strides(q), *_strides(k),
+            H, B, Lq, Lk, R, qk_scale, float(scale),
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=16, IS_POOL=False, F32_DOT=ieee, **cfg)
+    if has_pool:
+        if R == 0 or dref_k.shape[1] == 0:
+            # The pool exists but no target reads it.
+            dref_k.zero_()
+            dref_v.zero_()
+        else:
+            _segment_attn_bwd_dkdv_kernel[(triton.cdiv(Lr, cfg["BLOCK_N"]), dref_k.shape[0] * H)](
+                q, do, lse, delta, rk, rv, table, dref_k, dref_v,
+                *_strides(q), *_strides(rk),
+                H, B, Lq, Lr, R, qk_scale, float(scale),
+                HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=max(16, triton.next_power_of_2(R)),
+                IS_POOL=True, F32_DOT=ieee, **cfg)
 
 
 def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -468,7 +517,10 @@ def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     output element is written by exactly one program, no atomics.
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    do, out, lse = do.contiguous(), out.contiguous(), lse.contiguous()
+    # tl.dot needs both operands in one dtype; an upstream cast could hand us a
+    # float32 gradient for a bf16 output.
+    do = do.to(q.dtype).contiguous()
+    out, lse = out.contiguous(), lse.contiguous()
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     table, R, P = _page_table(q, ref_k, ref_index)
@@ -492,41 +544,9 @@ def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                 t.zero_()
         return dq, dk, dv, dref_k, dref_v
 
-    bd = _block_d(D)
-    ieee = _f32_dot(q)
-    qk_scale = float(scale) * _LOG2E
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    pre_m = 16 if q.device.type != "cuda" else 64
-    _segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
-        out, do, delta, *_strides(q), H, Lq, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=bd)
-
-    cfg = _config("dq", q)
-    _segment_attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, rk, rv, table, do, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(rk),
-        H, Lq, Lk, Lr, R, qk_scale, float(scale),
-        HEAD_DIM=D, BLOCK_D=bd, F32_DOT=ieee, **cfg)
-
-    cfg = _config("dkdv", q)
-    if Lk > 0:
-        _segment_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
-            q, do, lse, delta, k, v, table, dk, dv,
-            *_strides(q), *_strides(k),
-            H, B, Lq, Lk, R, qk_scale, float(scale),
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=16, IS_POOL=False, F32_DOT=ieee, **cfg)
-    if has_pool:
-        Lr = ref_k.shape[1]
-        if R == 0 or Lr == 0:
-            # The pool exists but no target reads it.
-            dref_k.zero_()
-            dref_v.zero_()
-        else:
-            _segment_attn_bwd_dkdv_kernel[(triton.cdiv(Lr, cfg["BLOCK_N"]), P * H)](
-                q, do, lse, delta, ref_k, ref_v, table, dref_k, dref_v,
-                *_strides(q), *_strides(ref_k),
-                H, B, Lq, Lr, R, qk_scale, float(scale),
-                HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=max(16, triton.next_power_of_2(R)),
-                IS_POOL=True, F32_DOT=ieee, **cfg)
+    with _on_device(q):
+        _launch_bwd(q, k, v, rk, rv, table, do, out, lse, dq, dk, dv, dref_k, dref_v,
+                    R, Lr, has_pool, scale)
     return dq, dk, dv, dref_k, dref_v
 
 
