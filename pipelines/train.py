@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None,
-                   help="square training size in pixels (default 512; 64 for the tiny model)")
+                   help="square training size in pixels (default 512, or the VAE's sample_size "
+                        "if smaller: 64 for the tiny model)")
     p.add_argument("--max-sequence-length", type=int, default=None,
-                   help="T5 tokens (default 512; 32 for the tiny model)")
+                   help="T5 tokens (default 512, or the T5 tokenizer's limit if smaller)")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="gsa: probability of training a row with the empty caption")
     p.add_argument("--guidance-scale", type=float, default=1.0,
@@ -239,8 +240,9 @@ class Trainer:
             args.max_sequence_length = args.max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
         else:
             M.check_model_path(args.model)
-        args.resolution = args.resolution or 512
-        args.max_sequence_length = args.max_sequence_length or 512
+        res, seq = M.model_defaults(args.model)
+        args.resolution = args.resolution or res
+        args.max_sequence_length = args.max_sequence_length or seq
         if args.synthetic_data:
             from . import train_synthetic as S
 

@@ -50,6 +50,25 @@ def check_model_path(path) -> Path:
     return p
 
 
+def model_defaults(path) -> Tuple[int, int]:
+    """(resolution, T5 sequence length) defaults for a pipeline folder: 512 each, or
+    the VAE's ``sample_size`` / the T5 tokenizer's ``model_max_length`` if smaller."""
+    import json
+
+    p = Path(path)
+    res, seq = 512, 512
+    try:
+        res = min(res, int(json.loads((p / "vae" / "config.json").read_text())["sample_size"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    try:
+        cfg = json.loads((p / "tokenizer_2" / "tokenizer_config.json").read_text())
+        seq = min(seq, int(cfg["model_max_length"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    return res, seq
+
+
 def load_pipeline(path, dtype: torch.dtype):
     """``FluxPipeline.from_pretrained`` from a local folder, all weights frozen."""
     from diffusers import FluxPipeline
