@@ -101,6 +101,9 @@ else
       -c "$BIND" -o "$TMP/bindings.o" >"$TMP/bindings.log" 2>&1; then
     echo "  ok    host     csrc/bindings.cpp ($CXX -std=c++20 against torch headers)"
     # launchers the glue needs vs launchers the kernels define
+    if ! command -v nm >/dev/null 2>&1; then
+      echo "  skip  link     no nm (binutils) to compare symbols"
+    else
     need="$(nm -C --undefined-only "$TMP/bindings.o" | grep -oE 'storyattn::launch_[a-z_0-9]+' | sort -u)"
     have="$(for o in "${OBJS[@]}"; do nm -C --defined-only "$o"; done | grep -oE 'storyattn::launch_[a-z_0-9]+' | sort -u)"
     missing="$(comm -23 <(echo "$need") <(echo "$have"))"
@@ -109,6 +112,7 @@ else
       FAIL=1
     else
       echo "  ok    link     every launcher bindings.cpp calls is defined: $(echo $need)"
+    fi
     fi
   else
     echo "  FAIL  host     csrc/bindings.cpp"
