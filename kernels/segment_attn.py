@@ -419,6 +419,26 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _launch(kernel, grid, cfg: dict, *args, **kwargs) -> None:
+    """``kernel[grid(cfg)](*args, **kwargs, **cfg)``.  The CUDA sizes in
+    :func:`_config` fit Hopper/Ampere shared memory (up to 227/163 KB); parts
+    with ~100 KB (consumer Ada/Ampere) reject the largest ones with
+    ``OutOfResources``, so retry with one stage and then halved blocks."""
+    from triton.runtime.errors import OutOfResources
+    while True:
+        try:
+            kernel[grid(cfg)](*args, **kwargs, **cfg)
+            return
+        except OutOfResources:
+            if cfg["num_stages"] > 1:
+                cfg = dict(cfg, num_stages=1)
+            elif max(cfg["BLOCK_M"], cfg["BLOCK_N"]) > 16:
+                cfg = dict(cfg, BLOCK_M=max(16, cfg["BLOCK_M"] // 2),
+                           BLOCK_N=max(16, cfg["BLOCK_N"] // 2))
+            else:
+                raise
+
+
 def _on_device(t: torch.Tensor):
     # Triton launches on the *current* CUDA device; make it the tensors' one so a
     # call with tensors on cuda:1 does not run on cuda:0.
@@ -452,13 +472,13 @@ def segment_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if out.numel() == 0:
         return out, lse.fill_(float("-inf") if Lk == 0 else 0.0)
     cfg = _config("fwd", q, max(Lq, Lk, Lr))
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     with _on_device(q):
-        _segment_attn_fwd_kernel[grid](
+        _launch(
+            _segment_attn_fwd_kernel, lambda c: (triton.cdiv(Lq, c["BLOCK_M"]), B * H), cfg,
             q, k, v, rk, rv, table, out, lse,
             *_strides(q), *_strides(k), *_strides(rk),
             H, Lq, Lk, Lr, R, float(scale) * _LOG2E,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), F32_DOT=_f32_dot(q), **cfg)
+            HEAD_DIM=D, BLOCK_D=_block_d(D), F32_DOT=_f32_dot(q))
     return out, lse
 
 
@@ -476,32 +496,37 @@ def _launch_bwd(q, k, v, rk, rv, table, do, out, lse, dq, dk, dv, dref_k, dref_v
     _segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
         out, do, delta, *_strides(q), H, Lq, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=bd)
 
-    cfg = _config("dq", q, max(Lq, Lk, Lr))
-    _segment_attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
+    _launch(
+        _segment_attn_bwd_dq_kernel, lambda c: (triton.cdiv(Lq, c["BLOCK_M"]), B * H),
+        _config("dq", q, max(Lq, Lk, Lr)),
         q, k, v, rk, rv, table, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(rk),
         H, Lq, Lk, Lr, R, qk_scale, float(scale),
-        HEAD_DIM=D, BLOCK_D=bd, F32_DOT=ieee, **cfg)
+        HEAD_DIM=D, BLOCK_D=bd, F32_DOT=ieee)
 
     cfg = _config("dkdv", q, max(Lq, Lk, Lr))
     if Lk > 0:
-        _segment_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
+        _launch(
+            _segment_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(Lk, c["BLOCK_N"]), B * H), cfg,
             q, do, lse, delta, k, v, table, dk, dv,
             *_strides(q), *_strides(k),
             H, B, Lq, Lk, R, qk_scale, float(scale),
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=16, IS_POOL=False, F32_DOT=ieee, **cfg)
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=16, IS_POOL=False, F32_DOT=ieee)
     if has_pool:
         if R == 0 or dref_k.shape[1] == 0:
             # The pool exists but no target reads it.
             dref_k.zero_()
             dref_v.zero_()
         else:
-            _segment_attn_bwd_dkdv_kernel[(triton.cdiv(Lr, cfg["BLOCK_N"]), dref_k.shape[0] * H)](
+            P = dref_k.shape[0]
+            _launch(
+                _segment_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(Lr, c["BLOCK_N"]), P * H),
+                cfg,
                 q, do, lse, delta, rk, rv, table, dref_k, dref_v,
                 *_strides(q), *_strides(rk),
                 H, B, Lq, Lr, R, qk_scale, float(scale),
                 HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=max(16, triton.next_power_of_2(R)),
-                IS_POOL=True, F32_DOT=ieee, **cfg)
+                IS_POOL=True, F32_DOT=ieee)
 
 
 def segment_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

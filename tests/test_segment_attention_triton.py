@@ -313,6 +313,31 @@ def test_lse_not_differentiable():
     assert out.requires_grad and not lse.requires_grad
 
 
+def test_launch_retries_smaller_config_when_shared_memory_runs_out():
+    """GPUs with ~100 KB of shared memory reject the Hopper-sized blocks: the
+    launcher drops to one stage, then halves the blocks, and re-raises at 16."""
+    from triton.runtime.errors import OutOfResources
+
+    class FakeKernel:
+        def __init__(self, fail_while):
+            self.fail_while, self.calls = fail_while, []
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.calls.append((grid, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"]))
+                if self.fail_while(kw):
+                    raise OutOfResources(300_000, 101_376, "shared memory")
+            return run
+
+    fk = FakeKernel(lambda kw: kw["BLOCK_M"] > 32)
+    cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    K._launch(fk, lambda c: (1000 // c["BLOCK_M"],), cfg, 1, 2, X=3)
+    assert fk.calls == [((7,), 128, 64, 3), ((7,), 128, 64, 1), ((15,), 64, 32, 1),
+                        ((31,), 32, 16, 1)]
+    with pytest.raises(OutOfResources):
+        K._launch(FakeKernel(lambda kw: True), lambda c: (1,), cfg)
+
+
 # --------------------------------------------------------------------------- #
 # Backend registration and checks
 # --------------------------------------------------------------------------- #
