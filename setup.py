@@ -53,18 +53,17 @@ def _cuda_extensions():
     if CUDA_HOME is None:
         return skip("no CUDA toolchain (CUDA_HOME/nvcc not found)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-lineinfo"]
-    if "9.0" in archs:
-        # Hopper-only instructions (wgmma, TMA) need the arch-specific target.
-        nvcc_flags += ["-gencode", "arch=compute_90a,code=sm_90a"]
     ext = CUDAExtension(
         name="storyattn._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        depends=sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh"))),
+        # No -std for the C++ glue: torch's headers need C++20 and torch adds it
+        # itself when none is given.  The .cu files include no torch headers.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
