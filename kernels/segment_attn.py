@@ -26,6 +26,7 @@ and back to base 2 when the backward reads it.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -165,7 +166,8 @@ def _segment_attn_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < LQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    off = tl.cast(b, tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    off = (tl.cast(b, tl.int64) * stride_qb + h * stride_qh
+           + offs_m[:, None] * stride_qm + offs_d[None, :])
     o = tl.load(OUT + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + tl.cast(pid_bh, tl.int64) * LQ + offs_m, tl.sum(o * do, 1), mask=offs_m < LQ)
@@ -313,7 +315,8 @@ def _segment_attn_bwd_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     n_mask = offs_n < LKV
 
-    kv_blk = tl.cast(s, tl.int64) * stride_sb + h * stride_sh + offs_n[:, None] * stride_sn + offs_d[None, :]
+    kv_blk = (tl.cast(s, tl.int64) * stride_sb + h * stride_sh
+              + offs_n[:, None] * stride_sn + offs_d[None, :])
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(KS + kv_blk, mask=kv_mask, other=0.0)
     v = tl.load(VS + kv_blk, mask=kv_mask, other=0.0)
@@ -365,10 +368,11 @@ def _config(kind: str, q: torch.Tensor, max_len: int) -> dict:
 
     Under the interpreter every block operation costs python overhead, so the
     block is 16 for short sequences (the CPU tests then still cross several
-    blocks) and 64 past 128 tokens (16x fewer steps).  On CUDA the sizes follow the usual FlashAttention-2 choices for
-    Hopper/Ampere, shrunk as the head dim (and so the tiles held in registers and
-    shared memory) grows; fp32 tiles are twice as large in bytes, so fp32 takes
-    the next smaller size."""
+    blocks) and 64 past 128 tokens (16x fewer steps).  On CUDA the sizes follow
+    the usual FlashAttention-2 choices for Hopper/Ampere, shrunk as the head dim
+    (and so the tiles held in registers and shared memory) grows; fp32 tiles are
+    twice as large in bytes, so fp32 takes the next smaller size.  All of them
+    compile for sm_80 and sm_90 within the shared memory of A100/H100."""
     if q.device.type != "cuda":
         blk = 16 if max_len <= 128 else 64
         return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=1, num_stages=1)
@@ -419,12 +423,44 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch(kernel, grid, cfg: dict, *args, **kwargs) -> None:
-    """``kernel[grid(cfg)](*args, **kwargs, **cfg)``.  The CUDA sizes in
-    :func:`_config` fit Hopper/Ampere shared memory (up to 227/163 KB); parts
-    with ~100 KB (consumer Ada/Ampere) reject the largest ones with
-    ``OutOfResources``, so retry with one stage and then halved blocks."""
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Candidates for STORYATTN_TRITON_AUTOTUNE=1 (CUDA only); configs that do not
+# fit a GPU's shared memory are skipped by the autotuner.
+_CANDIDATES = {
+    "fwd": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
+            _cfg(128, 32, 4, 3), _cfg(64, 128, 8, 2)],
+    "dq": [_cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3),
+           _cfg(32, 64, 4, 2)],
+    "dkdv": [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2),
+             _cfg(16, 64, 4, 3), _cfg(32, 128, 4, 3)],
+}
+_TUNED: dict = {}
+
+
+def _autotuned(kernel, kind: str):
+    if kind not in _TUNED:
+        # Outputs are overwritten, never accumulated, so the benchmark runs
+        # need no reset; one tuning per head dim / dtype class / segment kind.
+        key = ["HEAD_DIM", "F32_DOT"] + (["IS_POOL"] if kind == "dkdv" else [])
+        _TUNED[kind] = triton.autotune(configs=_CANDIDATES[kind], key=key)(kernel)
+    return _TUNED[kind]
+
+
+def _launch(kernel, kind: str, grid, cfg: dict, *args, **kwargs) -> None:
+    """``kernel[grid(cfg)](*args, **kwargs, **cfg)``.
+
+    The CUDA sizes in :func:`_config` fit Hopper/Ampere shared memory (up to
+    227/163 KB); parts with ~100 KB (consumer Ada/Ampere) reject the largest
+    ones with ``OutOfResources``, so retry with one stage and then halved
+    blocks.  With ``STORYATTN_TRITON_AUTOTUNE=1`` on CUDA the sizes are instead
+    measured once per configuration class by ``triton.autotune``."""
     from triton.runtime.errors import OutOfResources
+    if os.environ.get("STORYATTN_TRITON_AUTOTUNE", "0") == "1" and args[0].is_cuda:
+        _autotuned(kernel, kind)[grid](*args, **kwargs)
+        return
     while True:
         try:
             kernel[grid(cfg)](*args, **kwargs, **cfg)
@@ -474,7 +510,8 @@ def segment_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cfg = _config("fwd", q, max(Lq, Lk, Lr))
     with _on_device(q):
         _launch(
-            _segment_attn_fwd_kernel, lambda c: (triton.cdiv(Lq, c["BLOCK_M"]), B * H), cfg,
+            _segment_attn_fwd_kernel, "fwd", lambda c: (triton.cdiv(Lq, c["BLOCK_M"]), B * H),
+            cfg,
             q, k, v, rk, rv, table, out, lse,
             *_strides(q), *_strides(k), *_strides(rk),
             H, Lq, Lk, Lr, R, float(scale) * _LOG2E,
@@ -497,7 +534,7 @@ def _launch_bwd(q, k, v, rk, rv, table, do, out, lse, dq, dk, dv, dref_k, dref_v
         out, do, delta, *_strides(q), H, Lq, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=bd)
 
     _launch(
-        _segment_attn_bwd_dq_kernel, lambda c: (triton.cdiv(Lq, c["BLOCK_M"]), B * H),
+        _segment_attn_bwd_dq_kernel, "dq", lambda c: (triton.cdiv(Lq, c["BLOCK_M"]), B * H),
         _config("dq", q, max(Lq, Lk, Lr)),
         q, k, v, rk, rv, table, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(rk),
@@ -507,7 +544,8 @@ def _launch_bwd(q, k, v, rk, rv, table, do, out, lse, dq, dk, dv, dref_k, dref_v
     cfg = _config("dkdv", q, max(Lq, Lk, Lr))
     if Lk > 0:
         _launch(
-            _segment_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(Lk, c["BLOCK_N"]), B * H), cfg,
+            _segment_attn_bwd_dkdv_kernel, "dkdv",
+            lambda c: (triton.cdiv(Lk, c["BLOCK_N"]), B * H), cfg,
             q, do, lse, delta, k, v, table, dk, dv,
             *_strides(q), *_strides(k),
             H, B, Lq, Lk, R, qk_scale, float(scale),
@@ -520,8 +558,8 @@ def _launch_bwd(q, k, v, rk, rv, table, do, out, lse, dq, dk, dv, dref_k, dref_v
         else:
             P = dref_k.shape[0]
             _launch(
-                _segment_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(Lr, c["BLOCK_N"]), P * H),
-                cfg,
+                _segment_attn_bwd_dkdv_kernel, "dkdv",
+                lambda c: (triton.cdiv(Lr, c["BLOCK_N"]), P * H), cfg,
                 q, do, lse, delta, rk, rv, table, dref_k, dref_v,
                 *_strides(q), *_strides(rk),
                 H, B, Lq, Lr, R, qk_scale, float(scale),

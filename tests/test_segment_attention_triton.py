@@ -331,11 +331,21 @@ def test_launch_retries_smaller_config_when_shared_memory_runs_out():
 
     fk = FakeKernel(lambda kw: kw["BLOCK_M"] > 32)
     cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    K._launch(fk, lambda c: (1000 // c["BLOCK_M"],), cfg, 1, 2, X=3)
+    K._launch(fk, "fwd", lambda c: (1000 // c["BLOCK_M"],), cfg, 1, 2, X=3)
     assert fk.calls == [((7,), 128, 64, 3), ((7,), 128, 64, 1), ((15,), 64, 32, 1),
                         ((31,), 32, 16, 1)]
     with pytest.raises(OutOfResources):
-        K._launch(FakeKernel(lambda kw: True), lambda c: (1,), cfg)
+        K._launch(FakeKernel(lambda kw: True), "fwd", lambda c: (1,), cfg, 1)
+
+
+def test_autotune_wrappers_build():
+    """STORYATTN_TRITON_AUTOTUNE=1 (CUDA) wraps each kernel in triton.autotune;
+    the wrappers must name real kernel arguments in their keys (checked when
+    they are built; running them needs a GPU)."""
+    for kernel, kind in [(K._segment_attn_fwd_kernel, "fwd"), (K._segment_attn_bwd_dq_kernel, "dq"),
+                         (K._segment_attn_bwd_dkdv_kernel, "dkdv")]:
+        tuned = K._autotuned(kernel, kind)
+        assert len(tuned.configs) >= 4 and all("BLOCK_M" in c.kwargs for c in tuned.configs)
 
 
 # --------------------------------------------------------------------------- #

@@ -64,7 +64,8 @@ def _check(inputs: SegmentInputs) -> Optional[str]:
             return ("TRITON_INTERPRET=1 was set after storyattn.kernels.segment_attn was "
                     "imported, so its kernels were built for a GPU; set it before the import")
     elif dev != "cuda":
-        return f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got device {inputs.device}"
+        return (f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+                f"got device {inputs.device}")
     if inputs.dtype not in _DTYPES:
         return f"triton supports float32/float16/bfloat16, got {inputs.dtype}"
     if inputs.head_dim > _MAX_HEAD_DIM:
