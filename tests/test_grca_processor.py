@@ -72,9 +72,9 @@ def _unet_inputs(pipe, batch, seed=1):
     return sample, text, added
 
 
-@pytest.mark.parametrize("n_refs", [1, 3, 7])
+@pytest.mark.parametrize("n_refs, backend", [(1, None), (3, None), (7, None), (3, "sdpa")])
 @pytest.mark.parametrize("guidance", [False, True])
-def test_unet_equals_diffusers_multi_image(pipe, n_refs, guidance):
+def test_unet_equals_diffusers_multi_image(pipe, n_refs, guidance, backend):
     """One UNet forward: GRCA with N references == diffusers with N images for one adapter."""
     unet = pipe.unet
     scale = 0.37
@@ -97,7 +97,8 @@ def test_unet_equals_diffusers_multi_image(pipe, n_refs, guidance):
     handle = install_global_reference_attention(unet)
     try:
         sample_nan = sample.clone()
-        with torch.no_grad(), handle.references(emb, scale=scale, guidance=guidance):
+        with torch.no_grad(), handle.references(emb, scale=scale, guidance=guidance,
+                                                backend=backend):
             assert unet.encoder_hid_proj is None
             ours = unet(sample_nan, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
         assert unet.encoder_hid_proj is not None

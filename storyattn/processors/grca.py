@@ -254,7 +254,14 @@ class GlobalReferenceAttnProcessor(torch.nn.Module):
             return q.new_empty(q.shape)
         k = k.reshape(1, -1, H, D).to(q.dtype)
         v = v.reshape(1, -1, H, D).to(q.dtype)
-        out = segment_attention(q.reshape(1, b * Lq, H, D), k, v, backend=state.backend)
+        qf = q.reshape(1, b * Lq, H, D)
+        if state.backend == "sdpa":
+            # plain torch SDPA on the same folded problem: skips the op's dispatch, which
+            # costs more than the attention itself at tiny CPU sizes
+            out = F.scaled_dot_product_attention(qf.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2)).transpose(1, 2)
+        else:
+            out = segment_attention(qf, k, v, backend=state.backend)
         return out.reshape(b, Lq, H, D)
 
     def _attend_selected(self, q: torch.Tensor, kv: GRCALayerKV, ref_index: torch.Tensor,
@@ -337,7 +344,9 @@ class GRCAHandle:
         the projected ``tokens`` ``[N, T, C]`` (and ``null_tokens`` ``[1, T, C]`` when
         ``guidance``).  ``guidance=True``: every forward's batch is diffusers' CFG layout
         ``[unconditional ; conditional]``.  While open, the UNet's image projection is
-        detached so the pipeline is called with prompts only.
+        detached so the pipeline is called with prompts only.  ``backend``: the
+        :func:`storyattn.segment_attention` backend (None = best available), or ``"sdpa"``
+        for torch's SDPA on the same folded problem without the op's dispatch.
         """
         if self._removed:
             raise RuntimeError("this GRCA handle was removed")
