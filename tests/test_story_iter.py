@@ -224,3 +224,55 @@ def test_two_processes_equal_single(story_file, tmp_path):
         st = m["rounds"][str(r)]
         assert st["processes"] == 2 and st["encoder_images_per_process"] == [N, N]
     assert _digests(two) == _digests(one)
+
+
+def _make_flux_lora(path, seed):
+    """A small random LoRA (q/k/v/out of every attention) for the tiny FLUX transformer,
+    saved the diffusers way, like the GSA training stages write theirs."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from pipelines.tiny import get_tiny_flux
+
+    torch.manual_seed(seed)
+    tr = FluxTransformer2DModel.from_pretrained(get_tiny_flux(), subfolder="transformer")
+    tr.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    FluxPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=
+                                   get_peft_model_state_dict(tr), weight_name=path.name)
+    return path
+
+
+def test_flux_with_two_lora_files(story_file, tmp_path):
+    l1 = _make_flux_lora(tmp_path / "loras" / "stage1.safetensors", 1)
+    l2 = _make_flux_lora(tmp_path / "loras" / "stage2.safetensors", 2)
+    base = ["--story", str(story_file), "--backbone", "flux", "--frames", "2", "--rounds", "1",
+            "--steps", "1", "--height", "64", "--width", "64", "--batch-size", "2",
+            "--no-step-progress", "--refs", "window:1"]
+    plain, lora = tmp_path / "plain", tmp_path / "lora"
+    assert main(base + ["--out", str(plain)]) == 0
+    assert main(base + ["--out", str(lora), "--lora", str(l1), str(l2)]) == 0
+    m = json.loads((lora / "manifest.json").read_text())
+    assert m["config"]["loras"] == [str(l1.resolve()), str(l2.resolve())]
+    assert len(_digests(lora)) == 4
+    assert _digests(lora) != _digests(plain)  # the adapters are active
+
+
+def test_character_reference_images_join_the_pool(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), (250, 250, 250)).save(tmp_path / "snowman.png")
+    story = json.loads(json.dumps(STORY))
+    story["characters"][0]["reference_images"] = ["snowman.png"]
+    f = tmp_path / "story.json"
+    f.write_text(json.dumps(story))
+    out = tmp_path / "run"
+    args = ["--story", str(f), "--rounds", "1", "--steps", "1", "--height", "64", "--width", "64",
+            "--batch-size", "2", "--no-step-progress", "--refs", "topk:2", "--out", str(out)]
+    assert main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    # N frames of round 0 + 1 character image, each through the encoder once
+    assert m["rounds"]["1"]["encoder_images"] == N + 1
+    assert m["rounds"]["1"]["num_refs"] == N + 1
+    assert len(_digests(out)) == 2 * N
