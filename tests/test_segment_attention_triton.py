@@ -279,7 +279,7 @@ def test_poisoned_buffers_fully_written(monkeypatch, dtype):
 
 def test_backward_is_deterministic():
     q, k, v, rk, rv = make_inputs(3, 21, 9, 2, 32, 2, 18, torch.float32)
-    idx = torch.tensor([[0, 1], [1, 1], [1, 0]], device=DEV)
+    idx = torch.tensor([[0, 1], [1, 1], [1, 0]], device=DEV, dtype=torch.int32)  # int32 is fine too
     out, lse = K.segment_attn_fwd(q, k, v, rk, rv, idx, 0.2)
     do = torch.randn_like(out)
     a = K.segment_attn_bwd(do, q, k, v, rk, rv, idx, out, lse, 0.2)
