@@ -248,9 +248,10 @@ def report(res, args) -> None:
         "(`storyattn.GlobalReferenceAttnProcessor`) with references encoded and projected once "
         "per round, B frames per batch. Peak memory: CPU resident-set high-water mark above the "
         "pre-round level (CUDA: max allocated). On the tiny preset the image encoder and the "
-        "K/V projections are small next to the UNet, so most of the gain there comes from "
-        "batching; with real SDXL weights the N x N ViT-H encodes of the published loop weigh "
-        "far more. No GPU figures: this run had no GPU.")
+        "K/V projections are small next to the UNet, so most of the time saved there comes "
+        "from batching; the counts (encoder images N x N vs N, reference K/V projections per "
+        "step vs once per round) are what carries over to real weights, whose timing was not "
+        "measured here (no real weights and no GPU in this run).")
     paths = C.write_results("bench_story_iter", env, rows, C.markdown_table(headers, table), notes)
     print("wrote", ", ".join(paths))
 

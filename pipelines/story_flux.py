@@ -67,7 +67,17 @@ class FluxBackbone:
                                      position=2)
         self.pipe = pipe
         self.max_seq = min(512, int(pipe.tokenizer_2.model_max_length))
-        self.gsa = GroupSharedAttention(pipe.transformer)
+        # Reference j (its number in the round: frame j of round r-1, then the character
+        # images) sits at rotary ids (j + 1, 0, 0) whatever cache entry holds it, so the
+        # pictures do not depend on the cache scope (DESIGN.md's "index" placement when
+        # entry == reference, as in a round-scope cache).
+        axes = len(pipe.transformer.pos_embed.axes_dim)
+
+        def placement(entry: int):
+            return [float(self._cached[entry] + 1)] + [0.0] * (axes - 1)
+
+        placement.__qualname__ = "story_reference_number"
+        self.gsa = GroupSharedAttention(pipe.transformer, placement=placement)
 
     # -- references -------------------------------------------------------------------------
     @property
@@ -122,6 +132,7 @@ class FluxBackbone:
         pipe = self.pipe
         self.cache.reset()
         self.cache.reserve(len(ref_ids))
+        self._cached = list(ref_ids)  # read by the placement while recording
         for s in range(0, len(ref_ids), self.record_batch):
             chunk = ref_ids[s:s + self.record_batch]
             packed, h, w = self._vae_encode([self._refs[i] for i in chunk])
@@ -142,7 +153,6 @@ class FluxBackbone:
                                  encoder_hidden_states=embeds, txt_ids=text_ids,
                                  img_ids=img_ids, return_dict=False)
             self.record_forwards += 1
-        self._cached = list(ref_ids)
 
     # -- drawing ----------------------------------------------------------------------------
     @torch.no_grad()

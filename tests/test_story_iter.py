@@ -276,3 +276,40 @@ def test_character_reference_images_join_the_pool(tmp_path):
     assert m["rounds"]["1"]["encoder_images"] == N + 1
     assert m["rounds"]["1"]["num_refs"] == N + 1
     assert len(_digests(out)) == 2 * N
+
+
+def test_flux_batch_scope_cache_equals_round_scope():
+    """When a round's references do not fit the cache budget, the cache holds one batch's
+    union at a time (re-recorded per batch); references keep their rotary place, so the
+    frames match the round-scope ones."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipelines.story_flux import FluxBackbone
+    from pipelines.tiny import get_tiny_flux
+
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in range(4)]
+    prompts = ["a snowman", "a fox", "a fox and a snowman", "snow"]
+    sel = [[0, 1], [1, 2], [2, 3], [0, 3]]
+    outs = {}
+    for budget in (None, 1):
+        bb = FluxBackbone(get_tiny_flux(), height=64, width=64, steps=2, step_progress=False,
+                          cache_budget_bytes=budget, record_batch=2)
+        bb.load()
+        info = bb.begin_round(refs, 0.0, ref_prompts=prompts)
+        assert info["cache_scope"] == ("round" if budget is None else "batch")
+        imgs = []
+        for s in (0, 2):
+            gens = [torch.Generator().manual_seed(0) for _ in range(2)]
+            imgs += bb.draw(prompts[s:s + 2], gens, sel[s:s + 2])
+        if budget is not None:
+            # batch unions {0,1,2} and {0,2,3}: 6 VAE encodes instead of 4, less cache
+            assert bb.encoder_images == 6 and len(bb.cache) == 3
+        else:
+            assert bb.encoder_images == 4 and len(bb.cache) == 4
+        bb.end_round()
+        outs[budget] = [np.asarray(im, dtype=np.int16) for im in imgs]
+    diff = max(int(np.abs(a - b).max()) for a, b in zip(outs[None], outs[1]))
+    assert diff <= 2, diff
