@@ -7,7 +7,7 @@ data-dependent host code (page-table loops).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,25 +39,25 @@ def _(q, k, v, ref_k, ref_v, ref_index, scale, backend):
 @torch.library.custom_op("storyattn::segment_attn_bwd", mutates_args=())
 def segment_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ref_k: Optional[Tensor],
                      ref_v: Optional[Tensor], ref_index: Optional[Tensor], out: Tensor,
-                     lse: Tensor, scale: float, backend: str
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     lse: Tensor, scale: float, backend: str) -> List[Tensor]:
+    """[dq, dk, dv] and, when there is a pool, dref_k and dref_v."""
     be = _backends.get(backend)
     if be.backward is None:
         raise RuntimeError(f"segment_attention backend {backend!r} is inference-only; "
                            "use backend='torch' or 'triton' for gradients")
     inputs = SegmentInputs(q, k, v, ref_k, ref_v, ref_index, scale)
-    dq, dk, dv, drk, drv = be.backward(inputs, dout, out, lse)
-    if ref_k is None:  # custom ops cannot return None: an empty stand-in
-        drk = drv = q.new_empty(0)
-    return tuple(t.contiguous() for t in (dq, dk, dv, drk, drv))
+    grads = be.backward(inputs, dout, out, lse)
+    if ref_k is None:  # custom ops cannot return None: the list is shorter instead
+        grads = grads[:3]
+    return [t.contiguous() for t in grads]
 
 
 @segment_attn_bwd.register_fake
 def _(dout, q, k, v, ref_k, ref_v, ref_index, out, lse, scale, backend):
     e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     if ref_k is None:
-        return e(q), e(k), e(v), q.new_empty(0), q.new_empty(0)
-    return e(q), e(k), e(v), e(ref_k), e(ref_v)
+        return [e(q), e(k), e(v)]
+    return [e(q), e(k), e(v), e(ref_k), e(ref_v)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -70,11 +70,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, ref_k, ref_v, ref_index, out, lse = ctx.saved_tensors
-    dq, dk, dv, drk, drv = segment_attn_bwd(dout, q, k, v, ref_k, ref_v, ref_index, out, lse,
-                                            ctx.scale, ctx.backend)
-    if not ctx.has_pool:
-        drk = drv = None
-    return dq, dk, dv, drk, drv, None, None, None
+    grads = segment_attn_bwd(dout, q, k, v, ref_k, ref_v, ref_index, out, lse,
+                             ctx.scale, ctx.backend)
+    drk, drv = (grads[3], grads[4]) if ctx.has_pool else (None, None)
+    return grads[0], grads[1], grads[2], drk, drv, None, None, None
 
 
 segment_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -82,6 +81,8 @@ segment_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def run(be, inputs: SegmentInputs) -> Tuple[Tensor, Tensor]:
     """(out, lse float32) of ``inputs`` on backend ``be``."""
+    if inputs.ref_k is not None and inputs.ref_k.shape[0] == 0:  # an empty pool is no pool
+        inputs = SegmentInputs(inputs.q, inputs.k, inputs.v, None, None, None, inputs.scale)
     if be.backward is None:
         # Inference-only backends (their check refuses calls that need grad) and
         # backends that bring their own autograd run directly.

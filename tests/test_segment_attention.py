@@ -280,14 +280,15 @@ def test_gpu_backends_bf16_flux_shape(backend):
         _check_forward(backend, q, k, v, rk, rv, idx, torch.bfloat16)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", _backends())
+def test_torch_compile_fullgraph_matches_eager(backend):
     """The op is one custom op with a fake impl: it traces with no graph break,
     forward and backward, with and without a page table."""
     q, k, v, rk, rv = _case(2, 8, 6, 2, 32, 3, 5, torch.float32, grad=True)
-    idx = torch.tensor([[0, 2], [1, -1]])
+    idx = torch.tensor([[0, 2], [1, -1]], device=DEV)
 
     def f(q, k, v, rk, rv, idx):
-        return storyattn.segment_attention(q, k, v, rk, rv, ref_index=idx, backend="torch")
+        return storyattn.segment_attention(q, k, v, rk, rv, ref_index=idx, backend=backend)
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     for ix in (None, idx):

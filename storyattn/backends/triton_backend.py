@@ -101,17 +101,29 @@ class SegmentAttnFunction(torch.autograd.Function):
 
 
 def forward(inputs: SegmentInputs):
-    """``(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32 natural log)``."""
-    args = (inputs.q, inputs.k, inputs.v, inputs.ref_k, inputs.ref_v, inputs.ref_index,
-            inputs.scale)
-    if inputs.needs_grad:
-        return SegmentAttnFunction.apply(*args)
-    return _kernels().segment_attn_fwd(*args)
+    """``(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32 natural log)``; no autograd.
+
+    The public op wraps this and :func:`backward` in one ``torch.library`` custom
+    op (storyattn/_op.py) with its autograd formula; :class:`SegmentAttnFunction`
+    is the same pair as a plain autograd function for direct use.
+    """
+    return _kernels().segment_attn_fwd(inputs.q, inputs.k, inputs.v, inputs.ref_k,
+                                       inputs.ref_v, inputs.ref_index, inputs.scale)
+
+
+def backward(inputs: SegmentInputs, dout, out, lse):
+    dq, dk, dv, dref_k, dref_v = _kernels().segment_attn_bwd(
+        dout, inputs.q, inputs.k, inputs.v, inputs.ref_k, inputs.ref_v, inputs.ref_index,
+        out, lse, inputs.scale)
+    if inputs.ref_k is not None and dref_k is None:
+        dref_k, dref_v = torch.zeros_like(inputs.ref_k), torch.zeros_like(inputs.ref_v)
+    return dq, dk, dv, dref_k, dref_v
 
 
 register(Backend(
     name="triton",
     forward=forward,
+    backward=backward,
     availability=_availability,
     check=_check,
     priority={"cuda": 50, "cpu": 1},
