@@ -281,6 +281,9 @@ def prepare_out(out: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 f"refusing to resume into {out}: it was made with a different configuration:\n  "
                 + "\n  ".join(diffs)
                 + "\nRerun with the folder's settings to continue it, or pass a new --out.")
+        # a process killed inside an atomic write leaves its temporary file behind
+        for tmp in out.glob("round_*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
         return old
     if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise ResumeRefused(f"refusing to write into {out}: it is not empty and has no "
