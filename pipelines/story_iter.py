@@ -58,8 +58,19 @@ STOP_ENV = "STORYATTN_STOP_AFTER_FRAMES"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipelines.story_iter",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Story-Iter: R rounds x N frames of a story, each round attending to the "
-                    "previous one. No arguments: the built-in demo on a tiny offline model.")
+                    "previous one. No arguments: the built-in demo on a tiny offline model.",
+        epilog="""examples:
+  python -m pipelines.story_iter                       # built-in demo, tiny offline SDXL
+  python -m pipelines.story_iter --backbone flux       # the same on the tiny FLUX preset
+  python -m pipelines.story_iter --story my.json --model /models/sdxl \\
+      --ip-adapter /models/ip/sdxl_models/ip-adapter_sdxl.safetensors --out runs/my
+  python -m pipelines.story_iter --backbone flux --model /models/flux1-dev \\
+      --lora stage1.safetensors stage2.safetensors --refs topk:3 --out runs/flux
+  accelerate launch --multi_gpu --num_processes 2 -m pipelines.story_iter ...
+      (each process draws its share of every round; also works on CPU, with gloo)
+Rerun the same command to resume an interrupted run.""")
     ap.add_argument("--story", help="story JSON (default: the built-in 100-frame demo)")
     ap.add_argument("--backbone", choices=["sdxl", "flux"], default="sdxl")
     ap.add_argument("--model", help="local diffusers pipeline folder (default: tiny offline "
