@@ -225,8 +225,12 @@ def available_bytes(device: str) -> Tuple[int, str]:
 
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free), "torch.cuda.mem_get_info"
-    import psutil
-
+    try:
+        import psutil  # a dependency of accelerate
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"], "/proc/meminfo MemAvailable"
     return int(psutil.virtual_memory().available), "psutil.virtual_memory().available"
 
 
