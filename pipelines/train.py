@@ -35,7 +35,6 @@ Multi-process: ``accelerate launch --num_processes N -m pipelines.train ...`` (o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -230,14 +229,12 @@ class Trainer:
     def _resolve_inputs(self, acc):
         args = self.args
         if args.synthetic_model:
-            from .tiny import TINY_HEIGHT, TINY_MAX_SEQUENCE_LENGTH, get_tiny_flux
+            from .tiny import get_tiny_flux
 
             with acc.main_process_first():
                 args.model = get_tiny_flux()
             _say(acc, f"no --model given: using the tiny FLUX built offline with random weights "
                       f"({args.model})")
-            args.resolution = args.resolution or TINY_HEIGHT
-            args.max_sequence_length = args.max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
         else:
             M.check_model_path(args.model)
         res, seq = M.model_defaults(args.model)

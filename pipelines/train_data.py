@@ -30,7 +30,6 @@ epoch), spread over processes and batch slots.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -350,7 +349,3 @@ def describe_groups(ds: StoryGroupDataset, num_refs: int) -> str:
                 f"references repeat")
     return msg
 
-
-def env_world() -> Tuple[int, int]:
-    """(rank, world size) from the usual launcher variables (1 process if unset)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

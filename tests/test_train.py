@@ -306,3 +306,13 @@ def test_dpo_loss_formula():
     want = -torch.nn.functional.logsigmoid(-5.0 * m).mean()
     assert float(loss) == pytest.approx(float(want), rel=1e-12)
     assert stats["implicit_acc"] == 0.5
+
+
+def test_cached_latents_match_on_the_fly(tiny_flux, tmp_path):
+    common = ["--stage", "gsa", "--model", tiny_flux, "--max-steps", "2", "--checkpoint-every", "0"]
+    run_trainer(common + ["--output-dir", str(tmp_path / "a")])
+    tr = run_trainer(common + ["--output-dir", str(tmp_path / "b"), "--cache-latents"])
+    assert len(tr.latent_cache) == 12 and tr.vae is None
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
