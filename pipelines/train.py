@@ -29,8 +29,16 @@ format: ``FluxPipeline.load_lora_weights(OUT, adapter_name=...)``),
 ``(seed, step, process index)``, so a resumed run reproduces the losses of an
 uninterrupted one exactly.
 
-Multi-process: ``accelerate launch --num_processes N -m pipelines.train ...`` (or
-``torchrun``); on CPU the processes talk over gloo.
+Multi-process (DDP through accelerate)::
+
+    accelerate launch --multi_gpu --num_processes N -m pipelines.train --stage gsa ...
+    accelerate launch --multi_gpu --num_processes 2 -m pipelines.train --stage gsa --cpu ...
+    torchrun --nproc_per_node 2 -m pipelines.train --stage gsa --cpu ...
+
+On the CPU the processes talk over gloo (``accelerate launch --cpu`` alone starts
+a single process).  ``--batch-size`` is per process; each process draws its own
+samples (a function of the process index), and the logged values are averages
+over processes.
 """
 from __future__ import annotations
 
