@@ -368,16 +368,32 @@ def make_backbone(plan, args, cache_budget: Optional[int] = None):
                         record_batch=cfg["batch_size"])
 
 
-def preflight(plan, args, char_images: int):
-    from pipelines.story_memory import GiB, MemoryPlan, check_fits
+def _memory_plan(plan, char_images: int):
+    from pipelines.story_memory import MemoryPlan
 
     cfg = plan["config"]
     extra = [p for p in (plan["ip_adapter"], plan["image_encoder"]) if p] + list(cfg["loras"])
-    mp = MemoryPlan(backbone=cfg["backbone"], model=plan["model"], extra_weight_paths=tuple(extra),
-                    dtype=plan["dtype"], device=plan["device"], frames=cfg["frames"],
-                    batch_size=cfg["batch_size"], height=cfg["height"], width=cfg["width"],
-                    guidance=cfg["guidance"], refs=cfg["refs"], extra_refs=char_images,
-                    ip_adapter=plan["ip_adapter"])
+    return MemoryPlan(backbone=cfg["backbone"], model=plan["model"],
+                      extra_weight_paths=tuple(extra), dtype=plan["dtype"],
+                      device=plan["device"], frames=cfg["frames"], batch_size=cfg["batch_size"],
+                      height=cfg["height"], width=cfg["width"], guidance=cfg["guidance"],
+                      refs=cfg["refs"], extra_refs=char_images, ip_adapter=plan["ip_adapter"])
+
+
+def preflight_estimate(plan, args, char_images: int):
+    """The estimate and the available memory, without refusing (non-main processes)."""
+    from pipelines.story_memory import GiB, available_bytes, estimate
+
+    avail = (int(args.max_memory * GiB) if args.max_memory is not None
+             else available_bytes(plan["device"])[0])
+    return estimate(_memory_plan(plan, char_images)), avail
+
+
+def preflight(plan, args, char_images: int):
+    """``(estimate, available)``; raises PreflightError with options when it will not fit."""
+    from pipelines.story_memory import GiB, check_fits
+
+    mp = _memory_plan(plan, char_images)
     if args.max_memory is not None:
         return check_fits(mp, int(args.max_memory * GiB), "--max-memory")
     return check_fits(mp)
@@ -426,30 +442,26 @@ def _run(args, dist) -> int:
     for note in plan["notes"]:
         say(note, flush=True)
 
-    # -- output folder: fresh or resume (main process decides, the others follow) --------
+    char_images, char_owner = _load_char_images(story)
+
+    # -- output folder (fresh or resume) and preflight, before any weight is loaded; the
+    # main process decides and the others follow (one refusal stops every process) ------
     old = None
-    msg = ""
+    msg, code = "", 0
     if dist.is_main:
         try:
             old = prepare_out(out, cfg)
+            est, avail = preflight(plan, args, len(char_images))
         except ResumeRefused as e:
-            msg = str(e)
+            msg, code = str(e), 3
+        except PreflightError as e:
+            msg, code = str(e), 4
     dist.broadcast_ok(not msg, msg)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
-        return 3
-    if dist.world > 1 and not dist.is_main:
-        dist.barrier()
-        old = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else None
-
-    char_images, char_owner = _load_char_images(story)
-
-    # -- preflight before any weight is loaded ---------------------------------------------
-    try:
-        est, avail = preflight(plan, args, len(char_images))
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+        return code
+    if not dist.is_main:
+        est, avail = preflight_estimate(plan, args, len(char_images))
     say(f"preflight: about {est.describe()} needed on {plan['device']}, {fmt(avail)} available",
         flush=True)
 
@@ -483,8 +495,7 @@ def _run(args, dist) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "manifest.json", manifest)
         write_index_html(out, manifest)
-        if dist.world > 1:
-            dist.barrier()
+    dist.barrier()  # the folder and manifest exist before anyone writes frames
 
     # -- load -------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -548,7 +559,7 @@ def _run(args, dist) -> int:
             atomic_write_json(rdir / _STATS_NAME.format(rank=dist.rank), stats)
         dist.barrier()  # every process's frames of round r are on disk before round r+1
         if dist.is_main:
-            _merge_round(out, r, scales[r] if cfg["backbone"] == "sdxl" else None, manifest, todo_any=bool(todo) or dist.world > 1,
+            _merge_round(out, r, scales[r] if cfg["backbone"] == "sdxl" else None, manifest,
                          world=dist.world)
             atomic_write_json(out / "manifest.json", manifest)
             write_index_html(out, manifest)
@@ -567,7 +578,7 @@ def _run(args, dist) -> int:
     return 0
 
 
-def _merge_round(out: Path, r: int, scale: float, manifest: Dict[str, Any], todo_any: bool,
+def _merge_round(out: Path, r: int, scale: Optional[float], manifest: Dict[str, Any],
                  world: int) -> None:
     """Fold the processes' stats files of round r into the manifest."""
     from pipelines.story_report import read_json, round_dir
