@@ -46,7 +46,7 @@ class Dist:
 
         box = [ok, message]
         dist.broadcast_object_list(box, src=0)
-        if not box[0]:
+        if not box[0] and self.rank != 0:
             raise SystemExit(f"[rank {self.rank}] stopped: the main process refused: {box[1]}")
 
     def close(self) -> None:
