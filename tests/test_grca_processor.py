@@ -269,3 +269,47 @@ def test_text_only_equals_scale_zero(pipe):
     finally:
         handle.remove()
     assert_close(ours, ref, what="text only")
+
+
+@pytest.mark.parametrize("dim_head, heads, lq, n_refs, tokens", [
+    (40, 2, 97, 5, 4), (72, 3, 1, 1, 4), (32, 4, 130, 9, 16)])
+@pytest.mark.parametrize("guidance", [False, True])
+def test_layer_odd_shapes(dim_head, heads, lq, n_refs, tokens, guidance):
+    """One diffusers Attention layer with odd head dims / lengths / token counts (16 tokens:
+    IP-Adapter Plus): GRCA == stock IPAdapterAttnProcessor2_0 fed the N images' tokens."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    from storyattn.processors.grca import GRCAState
+
+    g = torch.Generator().manual_seed(dim_head + lq)
+    inner, cross = heads * dim_head, 48
+    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
+    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross,
+                                      num_tokens=(tokens,), scale=0.7)
+    with torch.no_grad():
+        for p in list(attn.parameters()) + list(stock.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    attn.set_processor(stock)
+    rows = 4 if guidance else 3
+    hs = torch.randn(rows, lq, inner, generator=g)
+    text = torch.randn(rows, 11, cross, generator=g)
+    ref_tok = torch.randn(n_refs, tokens, cross, generator=g)
+    null_tok = torch.randn(1, tokens, cross, generator=g)
+    if guidance:
+        ip = torch.cat([null_tok[None].expand(rows // 2, n_refs, -1, -1),
+                        ref_tok[None].expand(rows // 2, -1, -1, -1)])
+    else:
+        ip = ref_tok[None].expand(rows, -1, -1, -1)
+    with torch.no_grad():
+        ref = attn(hs, encoder_hidden_states=(text, [ip]))
+
+    state = GRCAState()
+    proc = GlobalReferenceAttnProcessor(stock, state, "layer.processor")
+    with torch.no_grad():
+        kv = proc.compute_kv(attn, ref_tok, null_tok if guidance else None)
+    state.kv, state.scale, state.guidance = {"layer.processor": kv}, 0.7, guidance
+    state.num_refs, state.active = n_refs, True
+    attn.set_processor(proc)
+    with torch.no_grad():
+        out = attn(hs, encoder_hidden_states=text)
+    assert_close(out, ref, what=f"layer d={dim_head} lq={lq} N={n_refs} T={tokens}")
