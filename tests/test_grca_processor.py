@@ -313,3 +313,49 @@ def test_layer_odd_shapes(dim_head, heads, lq, n_refs, tokens, guidance):
     with torch.no_grad():
         out = attn(hs, encoder_hidden_states=text)
     assert_close(out, ref, what=f"layer d={dim_head} lq={lq} N={n_refs} T={tokens}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_low_precision_error_bound(dtype):
+    """bf16/fp16: GRCA's error against a float64 run of the stock processor is within twice
+    the stock processor's own error in the same dtype."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    from storyattn.processors.grca import GRCAState
+
+    g = torch.Generator().manual_seed(3)
+    heads, dim_head, cross, n_refs, rows = 2, 40, 48, 6, 4
+    inner = heads * dim_head
+    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
+    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross, scale=0.5)
+    with torch.no_grad():
+        for p in list(attn.parameters()) + list(stock.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    attn.set_processor(stock)
+    hs = torch.randn(rows, 64, inner, generator=g)
+    text = torch.randn(rows, 11, cross, generator=g)
+    ref_tok = torch.randn(n_refs, 4, cross, generator=g)
+    null_tok = torch.randn(1, 4, cross, generator=g)
+    ip = torch.cat([null_tok[None].expand(2, n_refs, -1, -1), ref_tok[None].expand(2, -1, -1, -1)])
+
+    def stock_run(dt):
+        a, st = copy.deepcopy(attn).to(dt), copy.deepcopy(stock).to(dt)
+        a.set_processor(st)
+        with torch.no_grad():
+            return a(hs.to(dt), encoder_hidden_states=(text.to(dt), [ip.to(dt)])).double(), a, st
+
+    ref64, _, _ = stock_run(torch.float64)
+    low, a, st = stock_run(dtype)
+    state = GRCAState()
+    proc = GlobalReferenceAttnProcessor(st, state, "layer.processor")
+    with torch.no_grad():
+        kv = proc.compute_kv(a, ref_tok, null_tok)
+    state.kv, state.scale, state.guidance = {"layer.processor": kv}, 0.5, True
+    state.num_refs, state.active = n_refs, True
+    a.set_processor(proc)
+    with torch.no_grad():
+        ours = a(hs.to(dtype), encoder_hidden_states=text.to(dtype))
+    assert ours.dtype == dtype
+    err_ours = (ours.double() - ref64).abs().max().item()
+    err_stock = (low - ref64).abs().max().item()
+    assert err_ours <= 2 * err_stock + 1e-3, (err_ours, err_stock)
