@@ -31,8 +31,11 @@ Usage::
     handle.remove()                                   # stock IP-Adapter processors back
 
 Outside a ``references`` block the processor computes exactly what the stock
-``IPAdapterAttnProcessor2_0`` computes.  The processors keep no global state: the round's
-values live in a :class:`GRCAState` owned by the handle.
+``IPAdapterAttnProcessor2_0`` computes (with the stock processor's own scale, which
+``pipe.set_ip_adapter_scale`` no longer reaches while GRCA is installed: set it before
+installing).  Inside a block the weight is the round's ``scale``, and only the adapter at
+``adapter_index`` is used (others loaded alongside it are ignored).  The processors keep no
+global state: the round's values live in a :class:`GRCAState` owned by the handle.
 """
 from __future__ import annotations
 
