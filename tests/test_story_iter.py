@@ -244,6 +244,8 @@ def _make_flux_lora(path, seed):
     return path
 
 
+# two adapters stacked on one model is the point here (GSA stage 1 + stage 2)
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_flux_with_two_lora_files(story_file, tmp_path):
     l1 = _make_flux_lora(tmp_path / "loras" / "stage1.safetensors", 1)
     l2 = _make_flux_lora(tmp_path / "loras" / "stage2.safetensors", 2)
