@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .cache import CacheSignature, ReferenceKVCache, _dtype_name, model_signature
+from .cache import CacheSignature, ReferenceKVCache, _dtype_name
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor, GSAForwardContext
 
 __all__ = ["GroupSharedAttention"]
@@ -177,6 +177,13 @@ class GroupSharedAttention:
     @contextlib.contextmanager
     def _activate(self, mode: _Mode) -> Iterator[None]:
         self._check_alive()
+        replaced = [i for i, a in enumerate(self._attns)
+                    if not isinstance(a.processor, GroupSharedFluxAttnProcessor)]
+        if replaced:
+            raise RuntimeError(f"attention layers {replaced} no longer run "
+                               "GroupSharedFluxAttnProcessor (set_attn_processor or an adapter "
+                               "loader replaced them after GroupSharedAttention was installed); "
+                               "remove() and install again")
         if self._mode is not None:
             raise RuntimeError(f"GSA mode {mode.name!r} requested while {self._mode.name!r} is "
                                "active; modes do not nest")
