@@ -98,7 +98,7 @@ Rerun the same command to resume an interrupted run.""")
     ap.add_argument("--refs", default="all",
                     help="references per frame: all | topk:K (frames sharing most characters, "
                          "ties by distance) | window:W (the W nearest frames)")
-    ap.add_argument("--out", help="output folder (default: story_iter_out/<title>)")
+    ap.add_argument("--out", help="output folder (default: story_iter_out/<title>-<backbone>)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                     help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -176,6 +176,9 @@ def resolve(args, dist) -> Dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
     story = load_story(args.story) if args.story else demo_story()
+    if args.frames is not None and not 1 <= args.frames <= len(story.frames):
+        raise SystemExit(f"--frames {args.frames}: the story has {len(story.frames)} frames "
+                         f"(give 1 .. {len(story.frames)})")
     story = story.truncated(args.frames)
     base = DEMO if demo else {}
 
@@ -230,7 +233,8 @@ def resolve(args, dist) -> Dict[str, Any]:
         if not Path(lp).is_file():
             raise SystemExit(f"--lora {lp}: file not found")
 
-    out = Path(args.out) if args.out else Path("story_iter_out") / _slug(story.title)
+    out = Path(args.out) if args.out else (Path("story_iter_out") /
+                                           f"{_slug(story.title)}-{args.backbone}")
     return dict(
         story=story, demo=demo, notes=notes, device=device, dtype=dtype, out=out,
         model=str(model), ip_adapter=ip_adapter, image_encoder=image_encoder,
