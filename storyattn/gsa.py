@@ -62,7 +62,7 @@ class GroupSharedAttention:
 
     Args:
         transformer: a ``FluxTransformer2DModel`` (plain, with peft LoRA adapters, or
-            the module inside ``torch.compile``).  Its layers must run diffusers'
+            wrapped by ``torch.compile`` / DDP: the model inside is used).  Its layers must run diffusers'
             ``FluxAttnProcessor`` (the default).
         placement: where reference keys go on the rotary axes.  ``"index"`` (default,
             DESIGN.md): reference ``i`` at ids ``(i + 1, row, col)``, i.e. one extra
@@ -89,7 +89,12 @@ class GroupSharedAttention:
 
     def __init__(self, transformer: torch.nn.Module, *, placement: Placement = "index",
                  backend: Optional[str] = None, rope_backend: Optional[str] = None):
-        model = getattr(transformer, "_orig_mod", transformer)  # torch.compile wrapper
+        model = transformer
+        # torch.compile (_orig_mod) and DDP/FSDP-style (module) wrappers: hooks and
+        # processors go on the FluxTransformer2DModel inside, which they call.
+        while not hasattr(model, "transformer_blocks") and (
+                hasattr(model, "_orig_mod") or hasattr(model, "module")):
+            model = getattr(model, "_orig_mod", None) or model.module
         if not (hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks")
                 and hasattr(model, "pos_embed")):
             raise TypeError("GroupSharedAttention needs a diffusers FluxTransformer2DModel "

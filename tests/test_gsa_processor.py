@@ -191,6 +191,30 @@ def test_replay_with_ref_index_equals_in_batch(G, T):
         assert rel_err(none, plain) <= TOL
 
 
+def test_bf16_replay_error_within_bf16_in_batch_error():
+    """bf16 cache: replay is no further from the fp32 result than bf16 in-batch is."""
+    m32 = tiny_flux()
+    m16 = tiny_flux().to(torch.bfloat16)
+    x = zero_ref_timesteps(flux_inputs(4, seed=12), [2, 3])
+    x16 = {k: v.to(torch.bfloat16) for k, v in x.items()}
+    outs = {}
+    with torch.no_grad():
+        for name, m, xx in (("fp32", m32, x), ("bf16", m16, x16)):
+            gsa = GroupSharedAttention(m)
+            with gsa.in_batch(4, 2):
+                ib = m(**xx).sample
+            cache = ReferenceKVCache()
+            with gsa.record(cache):
+                m(**rows(xx, [2, 3]))
+            assert cache.dtype == m.dtype
+            with gsa.replay(cache):
+                rp = m(**rows(xx, [0, 1])).sample
+            outs[name] = (ib[:2].float(), rp.float())
+    ref = outs["fp32"][0]
+    e_ib, e_rp = rel_err(outs["bf16"][0], ref), rel_err(outs["bf16"][1], ref)
+    assert e_rp <= 2 * e_ib + 1e-3, (e_rp, e_ib)
+
+
 def test_ref_index_multi_group_shared_cache_placement_none():
     """With placement='none' an entry's keys do not depend on its number, so one
     cache holding every group's references serves all groups through ref_index."""
