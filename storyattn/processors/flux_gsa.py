@@ -108,31 +108,6 @@ def _projections(attn, hidden_states, encoder_hidden_states):
     return q, k, v, eq, ek, ev
 
 
-# Under torch.compile a replay with a page table goes through this opaque op: the
-# op's host-side checks of ref_index (and the torch backend's per-entry loop) would
-# otherwise break the graph at every layer.  Inference only (no autograd formula is
-# registered); with gradients the processor calls segment_attention directly.
-@torch.library.custom_op("storyattn_gsa::paged_replay_attention", mutates_args=())
-def _paged_replay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            ref_k: torch.Tensor, ref_v: torch.Tensor, ref_index: torch.Tensor,
-                            backend: Optional[str]) -> torch.Tensor:
-    return segment_attention(q, k, v, ref_k, ref_v, ref_index=ref_index,
-                             backend=backend).contiguous()
-
-
-@_paged_replay_attention.register_fake
-def _(q, k, v, ref_k, ref_v, ref_index, backend):
-    return q.new_empty(q.shape)
-
-
-def _replay_attention(q, k, v, ref_k, ref_v, ref_index, backend):
-    if (ref_index is not None and torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled()
-                     and any(t.requires_grad for t in (q, k, v, ref_k, ref_v)))):
-        return _paged_replay_attention(q, k, v, ref_k, ref_v, ref_index, backend)
-    return segment_attention(q, k, v, ref_k, ref_v, ref_index=ref_index, backend=backend)
-
-
 def _heads(x, head_dim):
     return x.unflatten(-1, (-1, head_dim))
 
@@ -210,7 +185,8 @@ class GroupSharedFluxAttnProcessor:
             out = self._self_attention(q, k, v)
         elif ctx.mode == "replay":
             ref_k, ref_v = ctx.pools[self.layer_index]
-            out = _replay_attention(q, k, v, ref_k, ref_v, ctx.ref_index, self.backend)
+            out = segment_attention(q, k, v, ref_k, ref_v, ref_index=ctx.ref_index,
+                                    backend=self.backend)
         elif ctx.mode == "in_batch":
             out = self._in_batch(q, k, v, text_len, ctx)
         else:
