@@ -12,9 +12,10 @@ AdamW step) with two attention paths on the same model and inputs:
   Same reference placement (keys rotated to index ``j + 1``), so both compute the
   same loss, which the script checks.
 
-Configs: ``tiny`` (the tiny FLUX of ``pipelines/tiny.py``) and ``flux_blocks``
-(FLUX.1 width: 3072 hidden, 24 heads x 128, T5 width 4096, a couple of blocks,
-short sequences so it runs in minutes on a CPU).  Time = median of repeats after a
+Configs: ``tiny`` (the tiny FLUX of ``pipelines/tiny.py``), ``flux_blocks``
+(FLUX.1 width: 3072 hidden, 24 heads x 128, T5 width 4096, one double + one
+single block, 64 image tokens) and ``flux_single_long`` (one FLUX-width single
+block, 256 image tokens, 3 references): short enough to run in minutes on a CPU.  Time = median of repeats after a
 warm-up step; memory = peak bytes above what was live before the step (CUDA peak
 counter on GPU; resident-set high-water mark on CPU, see benchmarks/_common.py).
 
@@ -48,9 +49,14 @@ CONFIGS = {
     "flux_blocks": ({"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 128,
                      "num_attention_heads": 24, "joint_attention_dim": 4096,
                      "pooled_projection_dim": 768, "axes_dims_rope": (16, 56, 56)}, 8, 64, 2, 1),
+    # one FLUX-width single-stream block, 256 image tokens (256x256 px), 3 references
+    "flux_single_long": ({"num_layers": 0, "num_single_layers": 1, "attention_head_dim": 128,
+                          "num_attention_heads": 24, "joint_attention_dim": 4096,
+                          "pooled_projection_dim": 768, "axes_dims_rope": (16, 56, 56)},
+                         16, 32, 3, 1),
 }
 
-DEFAULT_REPS = {"tiny": 15, "flux_blocks": 3}
+DEFAULT_REPS = {"tiny": 15, "flux_blocks": 3, "flux_single_long": 3}
 
 
 class NaiveConcatFluxProcessor:
@@ -299,6 +305,7 @@ def main(argv=None) -> int:
     rows = []
     for config in configs:
         t0 = time.perf_counter()
+        load_before = os.getloadavg()[0]
         tr, batch, meta = build(config, device, dtype, args.rank)
         print(f"[{config}] built in {time.perf_counter() - t0:.1f}s: {meta}", flush=True)
         g_sa = lora_grad_norm(tr, batch, "storyattn", dtype, gpu)
@@ -312,6 +319,8 @@ def main(argv=None) -> int:
             rows.append({**meta, **r, "device": device, "dtype": str(dtype).replace("torch.", ""),
                          "loss_abs_diff_vs_naive": abs(r["loss"] - res["naive_concat"]["loss"]),
                          "lora_grad_rel_diff_vs_naive": grad_rel,
+                         "loadavg_1m_before": round(load_before, 2),
+                         "loadavg_1m_after": round(os.getloadavg()[0], 2),
                          "command": f"python benchmarks/bench_train.py --config {config} "
                                     f"--device {device} --reps {reps}"})
         del tr, batch
@@ -330,7 +339,9 @@ def main(argv=None) -> int:
                  "high-water mark). 'loss diff' and 'grad rel diff' compare storyattn's loss and "
                  "LoRA gradient with the naive concat baseline on the same weights and inputs."
                  + ("" if gpu else " CPU only: no GPU was available for this run; no GPU figures "
-                                   "are reported."))
+                                   "are reported. The CPU is shared with other jobs: the JSON rows "
+                                   "carry the 1-minute load average before/after each config, and "
+                                   "repeats are interleaved so the load hits both variants alike."))
         for p in write_results("bench_train", env, rows, markdown_table(headers, table), notes):
             print("wrote", p)
     return 0
