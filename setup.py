@@ -93,6 +93,7 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "tqdm",
+        "psutil",
         "pillow",
         "numpy",
     ],
