@@ -527,6 +527,20 @@ class Trainer:
         t = self.acc.reduce(t, reduction="mean")
         return {k: float(v) for k, v in zip(keys, t.tolist())}
 
+    def _processes_in_sync(self) -> bool:
+        """Every process must end with bit-identical trainable weights (DDP averages the
+        gradients); a checksum per process is compared."""
+        acc = self.acc
+        if acc.num_processes == 1:
+            return True
+        params = M.adapter_params(acc.unwrap_model(self.model), self.adapter).values()
+        chk = torch.stack([p.detach().double().sum() for p in params]).sum().view(1)
+        every = acc.gather(chk.to(acc.device)).cpu()
+        if not bool((every == every[0]).all()):
+            raise RuntimeError(f"trainable weights differ between processes: checksums "
+                               f"{every.tolist()}")
+        return True
+
     def _save_checkpoint(self, step: int):
         acc = self.acc
         d = self.out / CKPT_DIR / f"checkpoint-{step}"
@@ -639,6 +653,7 @@ class Trainer:
             self._save_checkpoint(args.max_steps)
 
         acc.wait_for_everyone()
+        in_sync = self._processes_in_sync()
         lora_path = None
         if acc.is_main_process:
             tr = acc.unwrap_model(self.model)
@@ -647,7 +662,7 @@ class Trainer:
                        "model": str(args.model), "data": str(args.data),
                        "synthetic_model": args.synthetic_model, "synthetic_data": args.synthetic_data,
                        "steps": args.max_steps, "resumed_from": start, "last": last,
-                       "num_processes": acc.num_processes,
+                       "num_processes": acc.num_processes, "processes_in_sync": in_sync,
                        "train_time_s": round(time.perf_counter() - t_start, 2),
                        "stage1_lora": str(args.stage1_lora) if args.stage1_lora else None}
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")

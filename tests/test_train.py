@@ -291,6 +291,8 @@ def test_two_process_gloo_run(tiny_flux, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["processes_in_sync"] is True
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
 
@@ -316,3 +318,22 @@ def test_cached_latents_match_on_the_fly(tiny_flux, tmp_path):
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+
+
+def test_no_argument_runs_say_synthetic(tmp_path):
+    """``python -m pipelines.train --stage dpo`` with nothing else: tiny model, synthetic
+    data, a short stage-1 run first, all announced; LoRAs land in outputs/."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "pipelines.train", "--stage", "dpo", "--max-steps", "2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for msg in ("no --model given: using the tiny FLUX built offline",
+                "no --data given: training on a synthetic dpo dataset",
+                "no --stage1-lora given: training a short stage gsa",
+                "no --data given: training on a synthetic gsa dataset", "CPU -> fp32"):
+        assert msg in res.stdout, msg
+    out = tmp_path / "outputs" / "train_dpo"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "stage1" / "pytorch_lora_weights.safetensors").is_file()
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2))
