@@ -338,6 +338,10 @@ class Trainer:
         if args.stage == "dpo":
             M.activate_adapters(tr, [M.STAGE1_ADAPTER, M.DPO_ADAPTER], trainable=M.DPO_ADAPTER)
             self.frozen_names = list(M.adapter_params(tr, M.STAGE1_ADAPTER))
+            nonzero = [n for n, p in M.adapter_params(tr, M.DPO_ADAPTER).items()
+                       if "lora_B" in n and bool(p.detach().any())]
+            if nonzero:   # policy must equal the reference policy at step 0
+                raise RuntimeError(f"the DPO adapter does not start at zero: {nonzero[:3]}")
         else:
             M.activate_adapters(tr, [self.adapter], trainable=self.adapter)
             self.frozen_names = []
