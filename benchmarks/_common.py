@@ -42,6 +42,28 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 1, reps: int = 
     return statistics.median(ts)
 
 
+def time_round_robin(fns: Dict[str, Callable[[], object]], device: str, reps: int = 9
+                     ) -> Dict[str, float]:
+    """Median ms per method.  On CPU the methods are timed in turn, one repeat
+    each per round, so slow drifts of a shared machine affect all of them alike."""
+    if device.startswith("cuda"):
+        return {n: time_fn(f, device) for n, f in fns.items()}
+    first = {}
+    for n, f in fns.items():
+        t0 = time.perf_counter()
+        f()
+        first[n] = time.perf_counter() - t0
+    # Small cases are noise-dominated: repeat until each method has ~0.5 s of samples.
+    reps = max(reps, min(200, int(0.5 / max(1e-6, min(first.values())))))
+    ts: Dict[str, List[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(v) for n, v in ts.items()}
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak bytes allocated *during* fn beyond what was live before it.
 

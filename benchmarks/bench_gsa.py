@@ -92,7 +92,8 @@ def make_methods(device: str, dtype: torch.dtype, txt: int, with_flex: bool
                 qp = q.reshape(1, B * Lq, H, D).transpose(1, 2)
                 kp = torch.cat([k.reshape(-1, H, D), pk.reshape(-1, H, D)])[None].transpose(1, 2)
                 vp = torch.cat([v.reshape(-1, H, D), pv.reshape(-1, H, D)])[None].transpose(1, 2)
-                return lambda: flex_c(qp, kp, vp, block_mask=bm)
+                return lambda: flex_c(qp, kp, vp, block_mask=bm).transpose(1, 2).reshape(
+                    B, Lq, H, D)
             m["flex"] = flex
         except Exception as e:
             m["flex"] = f"FlexAttention unavailable ({type(e).__name__}: {e})"
@@ -172,11 +173,11 @@ def run(args) -> None:
                 Lkv = Lq + K * img
                 flops = C.attn_flops(B, Lq, Lkv, H, D)
                 ref = None
-                base_ms = None
-                for name, build in methods.items():
-                    if isinstance(build, str):
-                        continue
-                    with torch.no_grad():
+                fns, errs = {}, {}
+                with torch.no_grad():
+                    for name, build in methods.items():
+                        if isinstance(build, str):
+                            continue
                         fn = build(q, k, v, pk, pv)
                         try:
                             out = fn()
@@ -185,12 +186,15 @@ def run(args) -> None:
                             continue
                         if ref is None:
                             ref = out.float()
-                        err = (out.float() - ref).abs().max().item()
+                        errs[name] = (out.float() - ref).abs().max().item()
                         del out
-                        ms = C.time_fn(fn, device, warmup=1, reps=args.reps)
-                        mem = C.peak_extra_bytes(fn, device)
-                    if name == "naive":
-                        base_ms = ms
+                        fns[name] = fn
+                    # Round-robin repeats: machine drift hits every method alike.
+                    times = C.time_round_robin(fns, device, reps=args.reps)
+                    mems = {name: C.peak_extra_bytes(fn, device) for name, fn in fns.items()}
+                base_ms = times.get("naive")
+                for name in fns:
+                    ms, mem, err = times[name], mems[name], errs[name]
                     rows.append(dict(method=name, txt=txt, img=img, K=K, B=B, Lq=Lq, Lkv=Lkv,
                                      H=H, D=D, dtype=str(dtype).replace("torch.", ""),
                                      ms=ms, tflops=flops / ms / 1e9,
@@ -276,7 +280,7 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     p.add_argument("--no-flex", action="store_true",
                    help="skip FlexAttention (it compiles once per shape: ~20 s each on CPU)")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9, help="timed repeats per method (CPU)")
     args = p.parse_args(argv)
     t0 = time.time()
     run(args)
