@@ -5,6 +5,8 @@ merged here with :func:`storyattn.ops.merge_states`.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import SegmentInputs
@@ -32,3 +34,13 @@ def common_check(inputs: SegmentInputs, name: str, max_head_dim: int):
         return (f"the {name} adapter is inference-only (no backward through merged lse); "
                 "use backend='triton' or 'torch' for training")
     return None
+
+
+def guarded_import(module: str, attr: str, install_hint: str):
+    """``(object, None)`` when ``module.attr`` imports, else ``(None, reason)`` keeping
+    the real error (missing package, CUDA/ABI mismatch) and how to install it."""
+    try:
+        return getattr(importlib.import_module(module), attr), None
+    except Exception as e:
+        return None, f"{module.split('.')[0]} does not import ({type(e).__name__}: {e}); " \
+                     f"install with: {install_hint}"

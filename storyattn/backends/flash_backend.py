@@ -9,17 +9,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 from . import Backend, SegmentInputs, register
-from ._adapter import common_check, split_merge_forward
+from ._adapter import common_check, guarded_import, split_merge_forward
 
 
 @lru_cache(maxsize=None)
 def _import():
-    try:
-        from flash_attn import flash_attn_func
-        return flash_attn_func, None
-    except Exception as e:  # keep the real reason (missing package, CUDA mismatch...)
-        return None, f"flash-attn does not import ({type(e).__name__}: {e}); " \
-                     "install with: pip install 'storyattn[flash]' (needs CUDA)"
+    return guarded_import("flash_attn", "flash_attn_func", "pip install 'storyattn[flash]' (needs CUDA)")
 
 
 def _availability():

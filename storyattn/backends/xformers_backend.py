@@ -8,17 +8,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 from . import Backend, SegmentInputs, register
-from ._adapter import common_check, split_merge_forward
+from ._adapter import common_check, guarded_import, split_merge_forward
 
 
 @lru_cache(maxsize=None)
 def _import():
-    try:
-        from xformers.ops import fmha
-        return fmha, None
-    except Exception as e:
-        return None, f"xformers does not import ({type(e).__name__}: {e}); " \
-                     "install with: pip install 'storyattn[xformers]'"
+    return guarded_import("xformers.ops", "fmha", "pip install 'storyattn[xformers]'")
 
 
 def _availability():
