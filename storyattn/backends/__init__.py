@@ -97,6 +97,10 @@ _BACKEND_MODULES = [
     "storyattn.backends.cuda_backend",
 ]
 _loaded = False
+# availability() per backend, computed once per process: it imports optional
+# packages and probes devices, which should neither repeat on every call nor be
+# traced by torch.compile.
+_AVAILABILITY: Dict[str, Optional[str]] = {}
 
 
 def register(backend: Backend) -> Backend:
@@ -115,6 +119,13 @@ def _load() -> None:
         except ModuleNotFoundError as e:  # a backend module not written for this build
             if e.name != mod:
                 raise
+
+
+def availability(b: Backend) -> Optional[str]:
+    """Cached ``b.availability()``: None when usable here, else the reason."""
+    if b.name not in _AVAILABILITY:
+        _AVAILABILITY[b.name] = b.availability()
+    return _AVAILABILITY[b.name]
 
 
 def get(name: str) -> Backend:
@@ -141,7 +152,7 @@ def available() -> List[str]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     names = []
     for b in all_backends():
-        if b.availability() is not None:
+        if availability(b) is not None:
             continue
         with torch.no_grad():
             if any(b.check(_probe_inputs(dev, dt)) is None
@@ -156,7 +167,7 @@ def select(inputs: SegmentInputs, name: Optional[str]) -> Backend:
     else the highest-priority backend for the device that can run them."""
     if name is not None:
         b = get(name)
-        why = b.availability()
+        why = availability(b)
         if why is not None:  # not installed / no device: an environment problem
             raise RuntimeError(f"segment_attention backend {name!r} cannot run this call: {why}")
         why = b.check(inputs)
@@ -169,7 +180,7 @@ def select(inputs: SegmentInputs, name: Optional[str]) -> Backend:
                    key=lambda b: -b.priority[dev])
     reasons = []
     for b in cands:
-        why = b.availability() or b.check(inputs)
+        why = availability(b) or b.check(inputs)
         if why is None:
             return b
         reasons.append(f"{b.name}: {why}")

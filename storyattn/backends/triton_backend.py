@@ -60,7 +60,8 @@ def _check(inputs: SegmentInputs) -> Optional[str]:
         if not _interpret_env():
             return (f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
                     f"got device {inputs.device}")
-        if _import_error() is None and not _kernels().interpreted():
+        # Only reached when availability() passed, so triton imports.
+        if not _kernels().interpreted():
             return ("TRITON_INTERPRET=1 was set after storyattn.kernels.segment_attn was "
                     "imported, so its kernels were built for a GPU; set it before the import")
     elif dev != "cuda":
