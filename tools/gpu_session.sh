@@ -33,7 +33,7 @@ $py -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 $py benchmarks/bench_gsa.py 2>&1 | tee "$OUT/bench_gsa.log" | tail -40
 $py benchmarks/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
 if [ -z "${QUICK:-}" ]; then
-  $py benchmarks/bench_gsa_e2e.py 2>&1 | tee "$OUT/bench_gsa_e2e.log" | tail -30
+  $py benchmarks/bench_gsa_e2e.py --full-model 2>&1 | tee "$OUT/bench_gsa_e2e.log" | tail -30
   $py benchmarks/bench_story_iter.py 2>&1 | tee "$OUT/bench_story_iter.log" | tail -20
   $py benchmarks/bench_train.py 2>&1 | tee "$OUT/bench_train.log" | tail -20
 fi
