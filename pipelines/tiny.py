@@ -165,7 +165,9 @@ def tiny_flux_transformer_config() -> dict:
     }
 
 
-def _flux_vae_config() -> dict:
+def _vae_config(**family) -> dict:
+    """The tiny AutoencoderKL both presets share; ``family`` holds what differs
+    (latent channels, scaling/shift factors, conv layout)."""
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -174,33 +176,21 @@ def _flux_vae_config() -> dict:
         "block_out_channels": (16, 32, 32),
         "layers_per_block": 1,
         "act_fn": "silu",
-        "latent_channels": 16,
         "norm_num_groups": 8,
         "sample_size": 64,
-        "scaling_factor": 0.3611,
-        "shift_factor": 0.1159,
-        "force_upcast": True,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "mid_block_add_attention": True,
+        **family,
     }
+
+
+def _flux_vae_config() -> dict:
+    # FLUX.1's VAE: 16 latent channels, scaling and shift factors, no quant convs.
+    return _vae_config(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                       force_upcast=True, use_quant_conv=False, use_post_quant_conv=False,
+                       mid_block_add_attention=True)
 
 
 def _sdxl_vae_config() -> dict:
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 3,
-        "up_block_types": ("UpDecoderBlock2D",) * 3,
-        "block_out_channels": (16, 32, 32),
-        "layers_per_block": 1,
-        "act_fn": "silu",
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": 64,
-        "scaling_factor": 0.13025,
-        "force_upcast": False,
-    }
+    return _vae_config(latent_channels=4, scaling_factor=0.13025, force_upcast=False)
 
 
 _SDXL_TE1_HIDDEN = 32
