@@ -199,7 +199,8 @@ def build(config: str, device: str, dtype: torch.dtype, rank: int):
     return tr, batch, meta
 
 
-def train_step(tr, handle, opt, batch, dtype, autocast: bool):
+def target_loss(tr, handle, batch, dtype, autocast: bool):
+    """Flow-matching loss of the targets for one in-batch forward (refs at t = 0)."""
     G = batch["G"]
     x0 = batch["x0"]
     tgt = torch.arange(0, x0.shape[0], G, device=x0.device)
@@ -212,7 +213,11 @@ def train_step(tr, handle, opt, batch, dtype, autocast: bool):
     with handle.in_batch(group_size=G, num_targets=1, **kw), ctx:
         pred = M.flux_forward(tr, packed.to(dtype), batch["text"], batch["pooled"], sigma,
                               batch["ids"], 1.0)
-        loss = L.flow_matching_errors(pred[tgt], x0[tgt], batch["noise"]).mean()
+        return L.flow_matching_errors(pred[tgt], x0[tgt], batch["noise"]).mean()
+
+
+def train_step(tr, handle, opt, batch, dtype, autocast: bool):
+    loss = target_loss(tr, handle, batch, dtype, autocast)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -268,22 +273,11 @@ def lora_grad_norm(tr, batch, variant, dtype, autocast):
     try:
         for p in params:
             p.grad = None
-        opt = torch.optim.SGD(params, lr=0.0)
-        G = batch["G"]
-        x0 = batch["x0"]
-        tgt = torch.arange(0, x0.shape[0], G, device=x0.device)
-        packed = x0.clone()
-        packed[tgt] = L.add_noise(x0[tgt], batch["noise"], batch["sigma"])
-        sigma = torch.zeros(x0.shape[0], device=x0.device)
-        sigma[tgt] = batch["sigma"]
-        kw = {"text_len": batch["text_len"]} if isinstance(handle, NaiveConcat) else {}
-        with handle.in_batch(group_size=G, num_targets=1, **kw):
-            pred = M.flux_forward(tr, packed.to(dtype), batch["text"], batch["pooled"], sigma,
-                                  batch["ids"], 1.0)
-            loss = L.flow_matching_errors(pred[tgt], x0[tgt], batch["noise"]).mean()
+        loss = target_loss(tr, handle, batch, dtype, autocast)
         loss.backward()
         g = torch.cat([p.grad.flatten().float() for p in params])
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         return g
     finally:
         handle.remove()
