@@ -191,20 +191,27 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor,
     return out, lse.to(torch.float32)
 
 
-def merge_states(out_a, lse_a, out_b, lse_b):
-    """Unchecked merge used by the backends (same contract as merge_attention_states)."""
+def _merge_weights(lse_a, lse_b):
+    """Merged lse (accumulation precision) and the two weights ``[B, L, H, 1]``."""
     acc = torch.promote_types(torch.float32, lse_a.dtype)
     la, lb = lse_a.to(acc), lse_b.to(acc)
     lse = torch.logaddexp(la, lb)
     # Where both sides are -inf, logaddexp gives -inf and exp(-inf - -inf) would be
     # NaN: use a finite stand-in so the weights come out as 0.
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    wa = torch.exp(la - safe).transpose(1, 2).unsqueeze(-1)  # [B, L, H, 1]
+    wa = torch.exp(la - safe).transpose(1, 2).unsqueeze(-1)
     wb = torch.exp(lb - safe).transpose(1, 2).unsqueeze(-1)
-    out_acc = torch.promote_types(acc, out_a.dtype)
+    return lse, wa, wb
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """Unchecked, differentiable merge used by the backends (contract of
+    merge_attention_states).  lse stays in the accumulation precision (float64
+    for float64 inputs) so merges chain without losing digits; the public API
+    casts it."""
+    lse, wa, wb = _merge_weights(lse_a, lse_b)
+    out_acc = torch.promote_types(lse.dtype, out_a.dtype)
     out = wa * out_a.to(out_acc) + wb * out_b.to(out_acc)
-    # lse stays in the accumulation precision (float64 for float64 inputs) so the
-    # backends can chain merges without losing digits; the public API casts it.
     return out.to(out_a.dtype), lse
 
 
@@ -212,13 +219,8 @@ def merge_states_(out_a, lse_a, out_b, lse_b):
     """Memory-lean merge for fresh partial results: reuses ``out_a``/``out_b``'s
     storage when they are already in the accumulation dtype (they are consumed).
     Returns ``(out, lse)`` with ``out`` in the accumulation dtype."""
-    acc = torch.promote_types(torch.float32, lse_a.dtype)
-    la, lb = lse_a.to(acc), lse_b.to(acc)
-    lse = torch.logaddexp(la, lb)
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    wa = torch.exp(la - safe).transpose(1, 2).unsqueeze(-1)
-    wb = torch.exp(lb - safe).transpose(1, 2).unsqueeze(-1)
-    out_acc = torch.promote_types(acc, out_a.dtype)
+    lse, wa, wb = _merge_weights(lse_a, lse_b)
+    out_acc = torch.promote_types(lse.dtype, out_a.dtype)
     oa = out_a.to(out_acc).mul_(wa)
     oa.add_(out_b.to(out_acc).mul_(wb))
     return oa, lse

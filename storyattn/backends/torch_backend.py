@@ -14,8 +14,6 @@ flash-style backward is run with the *merged* output and lse.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import Backend, SegmentInputs, register
