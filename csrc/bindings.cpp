@@ -9,12 +9,19 @@
 // qk_norm_rope (outputs are passed in), so both can be captured in a CUDA
 // graph; segment_attn_fwd allocates its outputs through torch's caching
 // allocator, which is graph-safe as well.
+//
+// With -DSTORYATTN_EMULATE_CUDA (tests only: tests/_cuda_emu.py) the same glue
+// is built against the host emulation of tests/cuda_emu: tensors are CPU
+// tensors, the device is reported as sm_90, and a fault the emulator recorded
+// (misaligned ldmatrix/cp.async, partial-warp collective) is raised here.
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
+#ifndef STORYATTN_EMULATE_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <sstream>
 #include <string>
@@ -45,7 +52,12 @@ DType to_dtype(const Tensor& t, const char* name) {
 }
 
 void check_cuda(const Tensor& t, const char* name, const Tensor& ref) {
+#ifdef STORYATTN_EMULATE_CUDA
+  TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor in the host emulation, got device ",
+              t.device());
+#else
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+#endif
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the other inputs are on ",
               ref.device());
 }
@@ -67,6 +79,21 @@ void check_pairs_aligned(const Tensor& t, const char* name) {
               "tensor");
 }
 
+#ifdef STORYATTN_EMULATE_CUDA
+void check_launch(const char* err) {
+  TORCH_CHECK(err == nullptr, err);
+  const std::string fault = storyattn_emu::take_error();
+  TORCH_CHECK(fault.empty(), "kernel fault (host emulation): ", fault);
+}
+
+int compute_capability_major(int) { return 9; }
+
+// Device guard and current stream of the launch (nothing to guard on the host).
+struct LaunchContext {
+  explicit LaunchContext(const Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+};
+#else
 void check_launch(const char* err) {
   TORCH_CHECK(err == nullptr, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -77,6 +104,16 @@ int compute_capability_major(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   return major;
 }
+
+// Device guard and current stream of the launch.
+struct LaunchContext {
+  explicit LaunchContext(const Tensor& t)
+      : guard(t.device()), current(c10::cuda::getCurrentCUDAStream(t.get_device())) {}
+  cudaStream_t stream() const { return current.stream(); }
+  c10::cuda::CUDAGuard guard;
+  c10::cuda::CUDAStream current;
+};
+#endif
 
 // ---------------------------------------------------------------------------
 void merge_states_(Tensor out_a, Tensor lse_a, const Tensor& out_b, const Tensor& lse_b,
@@ -132,8 +169,8 @@ void merge_states_(Tensor out_a, Tensor lse_a, const Tensor& out_b, const Tensor
     p.mask_sb = m.stride(0);
     p.mask_sl = m.dim() == 2 ? m.stride(1) : 0;
   }
-  const c10::cuda::CUDAGuard guard(out_a.device());
-  check_launch(launch_merge_states(p, c10::cuda::getCurrentCUDAStream(out_a.get_device())));
+  const LaunchContext ctx(out_a);
+  check_launch(launch_merge_states(p, ctx.stream()));
 }
 
 // ---------------------------------------------------------------------------
@@ -276,8 +313,8 @@ void qk_norm_rope(const optional<Tensor>& q, const optional<Tensor>& k,
     TORCH_CHECK(!entry_ids.has_value() && !extra_cos.has_value() && !extra_sin.has_value(),
                 "entry_ids / extra_cos / extra_sin only make sense with pool_k and pool_v");
   }
-  const c10::cuda::CUDAGuard guard(ref.device());
-  check_launch(launch_qk_norm_rope(p, c10::cuda::getCurrentCUDAStream(ref.get_device())));
+  const LaunchContext ctx(ref);
+  check_launch(launch_qk_norm_rope(p, ctx.stream()));
 }
 
 // ---------------------------------------------------------------------------
@@ -352,8 +389,8 @@ std::vector<Tensor> segment_attn_fwd(const Tensor& q, const Tensor& k, const Ten
   p.o_sb = out.stride(0); p.o_sl = out.stride(1); p.o_sh = out.stride(2);
   p.lse_sb = lse.stride(0); p.lse_sh = lse.stride(1); p.lse_sl = lse.stride(2);
 
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_launch(launch_segment_attn_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device())));
+  const LaunchContext ctx(q);
+  check_launch(launch_segment_attn_fwd(p, ctx.stream()));
   return {out, lse};
 }
 

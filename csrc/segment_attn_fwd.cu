@@ -30,6 +30,9 @@
 //
 // The lse is returned in natural log: the loop works in log2 units
 // (exp2 is one instruction) and converts once at the end.
+//
+// Each PTX wrapper below also has a STORYATTN_EMULATE_CUDA branch: the
+// test-only host emulation (tests/cuda_emu) that runs this file on the CPU.
 #include "common.cuh"
 #include "storyattn_kernels.h"
 
@@ -57,7 +60,9 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                         uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -68,7 +73,9 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                  uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::mma_m16n8k16<__half>(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -81,7 +88,9 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
 // (l / 8) and receives in reg i the (row l/4, cols 2(l%4), +1) pair of matrix
 // i (transposed: the (rows 2(l%4), +1, col l/4) pair).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::ldmatrix_x4(r, smem, /*trans=*/false);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -89,7 +98,9 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 #endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::ldmatrix_x4(r, smem, /*trans=*/true);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -100,20 +111,26 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // 16-byte global -> shared copy; src_bytes = 0 zero-fills (rows past the end
 // of a segment), which keeps garbage (possibly NaN) out of P*V.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::cp_async16(smem, gmem, src_bytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem),
                "r"(src_bytes));
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(STORYATTN_EMULATE_CUDA)
+  storyattn_emu::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
@@ -333,7 +350,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 segment_attn_fwd_kernel(SegmentAttnParams p) {
   static_assert(D % 32 == 0, "head dim must be a multiple of 32 (ldmatrix.x4 pairs)");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(STORYATTN_EMULATE_CUDA)
   __shared__ Smem<T, D> sm;
   const float NEG_INF = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x & 31;
