@@ -5,15 +5,20 @@ CPU (run everywhere):
     skipped with a message where there is no nvcc);
   * without the extension the ``cuda`` backend reports itself unavailable with
     the real import error and the build hint, and is not listed;
-  * the FA3 split + masked-merge orchestration of the backend, with FA3 and the
-    merge kernel replaced by float64 torch stand-ins;
-  * an emulation of the attention kernel's warp-level tiling (mma.m16n8k16 and
-    ldmatrix fragment layouts as the PTX ISA documents them), transliterated
-    from csrc/segment_attn_fwd.cu, against the float64 reference.
+  * the FA3 split + masked-merge orchestration of the backend, with FA3
+    replaced by a float64 stand-in.
 
-GPU (``@pytest.mark.gpu``; also skipped when the extension is not built): the
-kernels against float64 references written here and against the ``torch``
-backend, with tolerances relative to what the same dtype achieves in torch.
+Kernel tests run on two targets (fixture ``kern``):
+  * ``emu`` -- everywhere: the real csrc/*.cu kernels and csrc/bindings.cpp
+    built against the host emulation of tests/cuda_emu (CPU tensors; every CUDA
+    thread an OS thread, mma.sync / ldmatrix / cp.async emulated from the PTX
+    ISA's fragment layouts and completion rules, misaligned accesses caught by
+    UBSan);
+  * ``gpu`` (``@pytest.mark.gpu``; skipped when ``storyattn._C`` is not built):
+    the same tests on the device.
+Both compare against float64 references written here and against what the
+same dtype achieves in torch.  Inputs are views into NaN-padded buffers, so a
+read past a segment's end or of an unreferenced pool entry shows up as NaN.
 """
 from __future__ import annotations
 
@@ -23,13 +28,14 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
 import storyattn
 from storyattn import _cuda_ops
 from storyattn.backends import SegmentInputs
+
+import _cuda_emu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HINT = "pip install -e . --no-build-isolation"
@@ -171,7 +177,7 @@ def test_check_refuses_grad_and_cpu():
 
 
 # ----------------------------------------------------------------------------
-# CPU: FA3 path orchestration with float64 stand-ins
+# CPU: FA3 path orchestration with float64 stand-ins (FA3 and the merge)
 # ----------------------------------------------------------------------------
 def _torch_merge_(oa, la, ob, lb, mask=None):
     o, l = ref_merge(oa, la, ob, lb, mask)
@@ -205,217 +211,62 @@ def test_fa3_split_merge_orchestration(monkeypatch, indexed):
 
 
 # ----------------------------------------------------------------------------
-# CPU: warp-level emulation of csrc/segment_attn_fwd.cu
-# ----------------------------------------------------------------------------
-class _Warp:
-    """32 lanes of one warp; register arrays carry a leading lane axis.
-
-    Fragment layouts (PTX ISA, mma.m16n8k16, 16-bit A/B, f32 C; g = lane // 4,
-    t = lane % 4): A reg0 = A[g, 2t:2t+2], reg1 = A[g+8, 2t:2t+2],
-    reg2 = A[g, 2t+8:2t+10], reg3 = A[g+8, 2t+8:2t+10]; B reg0 = B[2t:2t+2, g],
-    reg1 = B[2t+8:2t+10, g]; C c0,c1 = C[g, 2t:2t+2], c2,c3 = C[g+8, 2t:2t+2].
-    ldmatrix.x4: lane l gives the row address of row l % 8 of matrix l // 8 and
-    receives reg i = M_i[l // 4, 2(l%4):2(l%4)+2] (.trans: M_i[2(l%4):+2, l // 4]).
-    """
-    lane = np.arange(32)
-    g = lane // 4
-    t = lane % 4
-
-    @classmethod
-    def mma(cls, d, a, b0, b1):
-        """d [32, 4] += A @ B with a [32, 4, 2], b0/b1 [32, 2]."""
-        A = np.zeros((16, 16))
-        B = np.zeros((16, 8))
-        g, t = cls.g, cls.t
-        for j in range(2):
-            A[g, 2 * t + j] = a[:, 0, j]
-            A[g + 8, 2 * t + j] = a[:, 1, j]
-            A[g, 2 * t + 8 + j] = a[:, 2, j]
-            A[g + 8, 2 * t + 8 + j] = a[:, 3, j]
-            B[2 * t + j, g] = b0[:, j]
-            B[2 * t + 8 + j, g] = b1[:, j]
-        C = A @ B
-        d[:, 0] += C[g, 2 * t]
-        d[:, 1] += C[g, 2 * t + 1]
-        d[:, 2] += C[g + 8, 2 * t]
-        d[:, 3] += C[g + 8, 2 * t + 1]
-
-    @classmethod
-    def ldmatrix_x4(cls, smem, addr, trans=False):
-        """addr [32] element offsets of row starts; returns [4 regs, 32 lanes, 2]."""
-        regs = np.zeros((4, 32, 2))
-        for i in range(4):
-            M = np.stack([smem[addr[8 * i + r]: addr[8 * i + r] + 8] for r in range(8)])
-            if trans:
-                M = M.T
-            regs[i, :, 0] = M[cls.g, 2 * cls.t]
-            regs[i, :, 1] = M[cls.g, 2 * cls.t + 1]
-        return regs
-
-
-def _emulate_cta(q, k, v, rk, rv, idx, b, h, m0, scale, D, out, lse):
-    """One CTA of segment_attn_fwd_kernel: 4 warps x 16 rows, 64-key tiles."""
-    BN, LDS = 64, D + 8
-    W = _Warp
-    lane, g, t = W.lane, W.g, W.t
-    lm_mat, lm_row = lane >> 3, lane & 7
-    Lq = q.shape[1]
-    warps = []
-    for warp in range(4):
-        r0 = m0 + warp * 16 + g
-        r1 = r0 + 8
-        qf = np.zeros((D // 16, 4, 32, 2))
-        for ks in range(D // 16):
-            c = ks * 16 + 2 * t
-            for reg, (rows, off) in enumerate([(r0, 0), (r1, 0), (r0, 8), (r1, 8)]):
-                for j in range(2):
-                    ok = rows < Lq
-                    qf[ks, reg, :, j] = np.where(ok, q[b, np.minimum(rows, Lq - 1), h, c + off + j], 0)
-        warps.append(dict(r0=r0, r1=r1, qf=qf, o=np.zeros((D // 8, 32, 4)),
-                          m=np.full((2, 32), -np.inf), l=np.zeros((2, 32))))
-
-    P = 0 if rk is None else rk.shape[0]
-    nref = P if idx is None else len(idx[b])
-
-    def open_segment(c):
-        """csrc open_segment: first non-empty segment at or after c['seg']."""
-        while c["seg"] < nref:
-            c["n0"] = 0
-            if c["seg"] < 0:
-                if k.shape[1] > 0:
-                    c.update(n=k.shape[1], K=k[b, :, h], V=v[b, :, h])
-                    return True
-            else:
-                e = c["seg"] if idx is None else idx[b][c["seg"]]
-                if 0 <= e < P and rk.shape[1] > 0:
-                    c.update(n=rk.shape[1], K=rk[e, :, h], V=rv[e, :, h])
-                    return True
-            c["seg"] += 1
-        return False
-
-    def advance(c):
-        c["n0"] += BN
-        if c["n0"] < c["n"]:
-            return True
-        c["seg"] += 1
-        return open_segment(c)
-
-    def load(c):  # cp.async of one tile, zero-filled past the segment end
-        ksm = np.zeros(BN * LDS)
-        vsm = np.zeros(BN * LDS)
-        for r in range(BN):
-            if c["n0"] + r < c["n"]:
-                ksm[r * LDS: r * LDS + D] = c["K"][c["n0"] + r]
-                vsm[r * LDS: r * LDS + D] = c["V"][c["n0"] + r]
-        return ksm, vsm
-
-    cur = {"seg": -1}
-    have = open_segment(cur)
-    while have:
-        nxt = dict(cur)
-        more = advance(nxt)
-        ksm, vsm = load(cur)
-        n0, n = cur["n0"], cur["n"]
-        for w in warps:
-            s = np.zeros((BN // 8, 32, 4))
-            for nt in range(BN // 8):
-                for ks in range(0, D // 16, 2):
-                    kb = W.ldmatrix_x4(ksm, (nt * 8 + lm_row) * LDS + ks * 16 + lm_mat * 8)
-                    W.mma(s[nt], np.moveaxis(w["qf"][ks], 0, 1), kb[0], kb[1])
-                    W.mma(s[nt], np.moveaxis(w["qf"][ks + 1], 0, 1), kb[2], kb[3])
-            scale_log2 = scale * 1.4426950408889634
-            mx = w["m"].copy()
-            for nt in range(BN // 8):
-                for i in range(4):
-                    x = s[nt, :, i] * scale_log2
-                    x = np.where(n0 + nt * 8 + 2 * t + (i & 1) >= n, -np.inf, x)
-                    s[nt, :, i] = x
-                    mx[i >> 1] = np.maximum(mx[i >> 1], x)
-            for r in range(2):  # quad reduction: shfl_xor 1 and 2
-                for o in (1, 2):
-                    mx[r] = np.maximum(mx[r], mx[r][lane ^ o])
-            base = np.where(mx == -np.inf, 0.0, mx)
-            alpha = np.exp2(w["m"] - base)
-            w["m"] = mx
-            w["l"] *= alpha
-            for nt in range(BN // 8):
-                for i in range(4):
-                    p = np.exp2(s[nt, :, i] - base[i >> 1])
-                    s[nt, :, i] = p
-                    w["l"][i >> 1] += p
-            w["o"][:, :, 0:2] *= alpha[0][None, :, None]
-            w["o"][:, :, 2:4] *= alpha[1][None, :, None]
-            for kk in range(BN // 16):
-                pa = np.stack([s[2 * kk][:, 0:2], s[2 * kk][:, 2:4],
-                               s[2 * kk + 1][:, 0:2], s[2 * kk + 1][:, 2:4]], axis=1)
-                for dt in range(0, D // 8, 2):
-                    vb = W.ldmatrix_x4(vsm, (kk * 16 + (lm_mat & 1) * 8 + lm_row) * LDS
-                                       + (dt + (lm_mat >> 1)) * 8, trans=True)
-                    W.mma(w["o"][dt], pa, vb[0], vb[1])
-                    W.mma(w["o"][dt + 1], pa, vb[2], vb[3])
-        cur, have = nxt, more
-
-    for w in warps:
-        for r, rows in ((0, w["r0"]), (1, w["r1"])):
-            l = w["l"][r].copy()
-            for o in (1, 2):
-                l = l + l[lane ^ o]
-            inv = np.where(l > 0, 1.0 / np.where(l > 0, l, 1.0), 0.0)
-            ls = np.where(l > 0, (w["m"][r] + np.log2(np.where(l > 0, l, 1.0))) * math.log(2),
-                          -np.inf)
-            for ln in range(32):
-                if rows[ln] < Lq:
-                    for dt in range(D // 8):
-                        for j in range(2):
-                            out[b, rows[ln], h, dt * 8 + 2 * t[ln] + j] = \
-                                w["o"][dt, ln, 2 * r + j] * inv[ln]
-                    if t[ln] == 0:
-                        lse[b, h, rows[ln]] = ls[ln]
-
-
-EMU_CASES = [
-    # B, Lq, Lk, H, D, P, Lr, ref_index: partial tiles, duplicates, -1, a target
-    # with no entries, several heads, an own-only call at D = 128
-    (2, 70, 67, 2, 64, 3, 10, [[2, -1, 2], [-1, -1, -1]]),
-    (1, 3, 130, 1, 128, 0, 1, None),
-    (2, 64, 64, 1, 64, 2, 64, None),
-]
-
-
-@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "x".join(map(str, c[:7])))
-def test_attention_kernel_tiling_emulated(case):
-    """Index math, masking, page-table walk and online softmax of the CUDA kernel,
-    with the documented fragment layouts (not the hardware: that is the GPU test)."""
-    B, Lq, Lk, H, D, P, Lr, idx = case
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((B, L, H, D)) for L in (Lq, Lk, Lk))
-    rk = rng.standard_normal((P, Lr, H, D)) if P else None
-    rv = rng.standard_normal((P, Lr, H, D)) if P else None
-    out = np.full((B, Lq, H, D), np.nan)
-    lse = np.full((B, H, Lq), np.nan)
-    scale = 0.37
-    for b in range(B):
-        for h in range(H):
-            for m0 in range(0, Lq, 64):
-                _emulate_cta(q, k, v, rk, rv, idx, b, h, m0, scale, D, out, lse)
-    T = torch.from_numpy
-    ro, rl = ref_segment(T(q), T(k), T(v), T(rk) if P else None, T(rv) if P else None,
-                         None if idx is None else torch.tensor(idx), scale=scale)
-    report(T(out), ro, 1e-9, "out")
-    report(T(lse), rl, 1e-9, "lse")
-
-
-# ----------------------------------------------------------------------------
-# GPU: the kernels themselves
+# Kernel targets: the host emulation everywhere, the device where built
 # ----------------------------------------------------------------------------
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 
 
-def _poison_allocator(nbytes=1 << 26):
+class Target:
+    def __init__(self, name: str, device: str):
+        self.name, self.device = name, device
+        self.emulated = name == "emu"
+
+
+@pytest.fixture(scope="module")
+def _emu_module():
+    why = _cuda_emu.why_unavailable()
+    if why is not None:
+        pytest.skip(f"the host emulation of csrc/ cannot be built here: {why}")
+    return _cuda_emu.load()  # a compile error fails the test: it is a csrc/ bug
+
+
+@pytest.fixture
+def emu(request, monkeypatch, capfd):
+    """The host emulation behind storyattn._cuda_ops; fails on any UBSan report."""
+    mod = request.getfixturevalue("_emu_module")
+    monkeypatch.setattr(_cuda_ops, "_load", lambda: (mod, None))
+    yield Target("emu", "cpu")
+    err = capfd.readouterr().err
+    assert "runtime error" not in err, f"UBSan (misaligned access in csrc/):\n{err[-4000:]}"
+
+
+@pytest.fixture(params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def kern(request):
+    if request.param == "gpu":
+        if not _ext_built():
+            pytest.skip("storyattn._C is not built here (needs a CUDA toolchain and a CUDA "
+                        "build of torch)")
+        return Target("gpu", "cuda")
+    return request.getfixturevalue("emu")
+
+
+def _poison_allocator(kern, nbytes=1 << 26):
     """Fill a freed block with NaN so a kernel output that reuses it and misses an
-    element shows NaN instead of a lucky zero."""
+    element shows NaN instead of a lucky zero (the device's caching allocator)."""
+    if kern.emulated:
+        return
     torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
     torch.cuda.synchronize()
+
+
+def _padded(shape, dtype, device, pad_tokens=0, pad_batch=0):
+    """Random data in ``shape`` viewed out of a NaN-filled buffer with extra
+    trailing tokens (axis 1) and batch rows / pool entries (axis 0)."""
+    full = torch.full((shape[0] + pad_batch, shape[1] + pad_tokens, *shape[2:]), float("nan"),
+                      dtype=dtype, device=device)
+    view = full[: shape[0], : shape[1]]
+    view.copy_(torch.randn(*shape, dtype=dtype, device=device))
+    return view
 
 
 def _naive_same_dtype(q, k, v, rk, rv, idx, scale):
@@ -434,64 +285,118 @@ def _naive_same_dtype(q, k, v, rk, rv, idx, scale):
     return torch.stack(outs)
 
 
+# B, Lq, Lk, H, D, P, Lr: single row; partial q and key tiles; exact tiles; several
+# entries at D = 128; long segments.  The last one is too slow for the emulation.
 SEG_SHAPES = [
-    # B, Lq, Lk, H, D, P, Lr
     (1, 1, 1, 1, 64, 0, 1),
     (2, 97, 33, 3, 64, 2, 17),
     (2, 64, 64, 2, 128, 1, 64),
-    (3, 130, 70, 2, 128, 5, 40),
+    (3, 70, 70, 2, 128, 5, 40),
+    (1, 65, 200, 1, 64, 2, 130),
     (1, 1025, 513, 2, 128, 2, 1030),
 ]
+EMU_MAX_KEYS_X_QUERIES = 200_000
 
 
-def _seg_case(shape, dtype, indexed):
+def _seg_case(shape, dtype, indexed, device):
     B, Lq, Lk, H, D, P, Lr = shape
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
-    q, k, v = mk(B, Lq, H, D), mk(B, Lk, H, D), mk(B, Lk, H, D)
-    rk = mk(P, Lr, H, D) if P else None
-    rv = mk(P, Lr, H, D) if P else None
+    q = _padded((B, Lq, H, D), dtype, device, pad_tokens=3)
+    k = _padded((B, Lk, H, D), dtype, device, pad_tokens=8)
+    v = _padded((B, Lk, H, D), dtype, device, pad_tokens=8)
+    # one more NaN pool entry after the last, and NaN tokens after each entry's Lr
+    rk = _padded((P, Lr, H, D), dtype, device, pad_tokens=8, pad_batch=1) if P else None
+    rv = _padded((P, Lr, H, D), dtype, device, pad_tokens=8, pad_batch=1) if P else None
     idx = None
     if indexed and P:
         # duplicates, -1 and a target with no entries at all
-        idx = torch.randint(-1, P, (B, P + 1), device="cuda")
+        idx = torch.randint(-1, P, (B, P + 1), device=device)
         idx[0, :2] = P - 1
         if B > 1:
             idx[-1] = -1
+        if P > 2:
+            rk[1].fill_(float("nan"))  # an entry no target names is never read
+            rv[1].fill_(float("nan"))
+            idx[idx == 1] = 0
     return q, k, v, rk, rv, idx
 
 
-@pytest.mark.gpu
-@needs_ext
+def _emu_too_big(kern, shape):
+    B, Lq, Lk, H, D, P, Lr = shape
+    if kern.emulated and B * H * Lq * (Lk + P * Lr) > EMU_MAX_KEYS_X_QUERIES:
+        pytest.skip("too large for the host emulation (runs on the gpu target)")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SEG_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("indexed", [False, True])
-def test_fused_kernel_vs_float64(dtype, shape, indexed):
-    q, k, v, rk, rv, idx = _seg_case(shape, dtype, indexed)
+def test_fused_kernel_vs_float64(kern, dtype, shape, indexed):
+    _emu_too_big(kern, shape)
+    q, k, v, rk, rv, idx = _seg_case(shape, dtype, indexed, kern.device)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    _poison_allocator()
+    _poison_allocator(kern)
     out, lse = _cuda_ops.segment_attn_fwd_cuda(q, k, v, rk, rv, idx, scale)
     ro, rl = ref_segment(q, k, v, rk, rv, idx, scale)
     base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, scale), ro)
     err = max_err(out, ro)
+    assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert err <= 2 * base + ATOL[dtype], f"err {err:.3g} vs torch same-dtype {base:.3g}"
     report(lse, rl, 2e-3, "lse")
 
 
-@pytest.mark.gpu
-@needs_ext
+@pytest.mark.parametrize("shape", [SEG_SHAPES[1], SEG_SHAPES[3]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_kernel_cp_async_landing_early(emu, monkeypatch, shape):
+    """The other end of cp.async's landing window: copies land when issued, so a
+    tile reload that is not fenced off from the warps still reading the old tile
+    corrupts their scores (the default run lands them as late as possible)."""
+    monkeypatch.setenv("STORYATTN_EMU_CP_ASYNC", "early")
+    q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, True, emu.device)
+    out, lse = _cuda_ops.segment_attn_fwd_cuda(q, k, v, rk, rv, idx)
+    ro, rl = ref_segment(q, k, v, rk, rv, idx)
+    base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, 1.0 / math.sqrt(q.shape[-1])), ro)
+    assert max_err(out, ro) <= 2 * base + ATOL[torch.bfloat16]
+    report(lse, rl, 2e-3, "lse")
+
+
+def test_fused_kernel_row_without_keys(kern):
+    """No own keys and no entries for one target: out = 0, lse = -inf, no NaN."""
+    dt = torch.bfloat16
+    q = torch.randn(2, 5, 1, 64, dtype=dt, device=kern.device)
+    k = torch.randn(2, 0, 1, 64, dtype=dt, device=kern.device)
+    rk = torch.randn(2, 9, 1, 64, dtype=dt, device=kern.device)
+    idx = torch.tensor([[1, -1], [-1, -1]], device=kern.device)
+    out, lse = _cuda_ops.segment_attn_fwd_cuda(q, k, k, rk, rk, idx)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    ro, rl = ref_segment(q[:1], k[:1], k[:1], rk, rk, idx[:1])
+    assert max_err(out[:1], ro) <= 2 * ATOL[dt]
+    report(lse[:1], rl, 2e-3, "lse")
+
+
 @pytest.mark.parametrize("shape", SEG_SHAPES[1:4], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("indexed", [False, True])
-def test_cuda_backend_vs_torch_backend(shape, indexed):
-    q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, indexed)
-    o1, l1 = storyattn.segment_attention(q, k, v, rk, rv, ref_index=idx, return_lse=True,
-                                         backend="cuda")
-    o2, l2 = storyattn.segment_attention(q, k, v, rk, rv, ref_index=idx, return_lse=True,
+def test_cuda_backend_kernel_path_vs_torch_backend(kern, shape, indexed):
+    """The backend's kernel path, fed views the kernel cannot take as they are
+    (misaligned base, odd strides): ``_kernel_ready`` copies them."""
+    from storyattn.backends import cuda_backend
+    q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, indexed, kern.device)
+    B, Lq, H, D = q.shape
+    # q as a slice of a fused qkv row that starts one element in: 2-byte aligned only
+    qkv = torch.randn(B, Lq, H, 3 * D + 1, dtype=q.dtype, device=kern.device)
+    qkv[..., 1:D + 1] = q
+    q_view = qkv[..., 1:D + 1]
+    inputs = SegmentInputs(q_view, k, v, rk, rv, idx, 1.0 / math.sqrt(D))
+    o1, l1 = cuda_backend.forward_kernel(inputs)
+    o2, l2 = storyattn.segment_attention(q_view, k, v, rk, rv, ref_index=idx, return_lse=True,
                                          backend="torch")
     ro, _ = ref_segment(q, k, v, rk, rv, idx)
     # both are bf16 results of the same math: each within 2x torch's own error
     assert max_err(o1, ro) <= 2 * max_err(o2, ro) + ATOL[torch.bfloat16]
     report(l1, l2, 2e-3, "lse vs torch backend")
+    if not kern.emulated:
+        o3, l3 = storyattn.segment_attention(q_view, k, v, rk, rv, ref_index=idx,
+                                             return_lse=True, backend="cuda")
+        assert max_err(o3, ro) <= 2 * max_err(o2, ro) + ATOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
@@ -503,7 +408,7 @@ def test_fa3_path_vs_float64(indexed):
         pytest.skip(cuda_backend.fa3_error())
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("FA3 needs sm_90")
-    q, k, v, rk, rv, idx = _seg_case((2, 97, 33, 3, 128, 3, 50), torch.bfloat16, indexed)
+    q, k, v, rk, rv, idx = _seg_case((2, 97, 33, 3, 128, 3, 50), torch.bfloat16, indexed, "cuda")
     inputs = SegmentInputs(q, k, v, rk, rv, idx, 1.0 / math.sqrt(128))
     out, lse = cuda_backend.forward_fa3(inputs)
     ro, rl = ref_segment(q, k, v, rk, rv, idx)
@@ -513,33 +418,86 @@ def test_fa3_path_vs_float64(indexed):
     report(lse, rl, 2e-3, "lse")
 
 
-@pytest.mark.gpu
-@needs_ext
+@pytest.mark.parametrize("indexed", [False, True])
+def test_fa3_orchestration_with_merge_kernel(kern, monkeypatch, indexed):
+    """forward_fa3 with a float64 FA3 stand-in (bf16 out, fp32 lse, as FA3 returns)
+    and the real merge kernel, including its device-side mask for -1 entries."""
+    from storyattn.backends import cuda_backend
+
+    def fa3(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
+        o, l = ref_segment(q, k, v, scale=softmax_scale)
+        return o.to(q.dtype), l.float()
+
+    monkeypatch.setattr(cuda_backend, "_fa3", lambda: (fa3, None))
+    shape = (3, 21, 13, 2, 64, 4, 11)
+    q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, indexed, kern.device)
+    inputs = SegmentInputs(q, k, v, rk, rv, idx, 0.125)
+    out, lse = cuda_backend.forward_fa3(inputs)
+    ro, rl = ref_segment(q, k, v, rk, rv, idx, scale=0.125)
+    base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, 0.125), ro)
+    assert torch.isfinite(out).all()
+    assert max_err(out, ro) <= 3 * base + 2 * ATOL[torch.bfloat16]
+    report(lse, rl, 1e-5, "lse")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [72, 128])
 @pytest.mark.parametrize("mask_kind", [None, "batch", "row"])
-def test_merge_states_vs_float64(dtype, D, mask_kind):
+def test_merge_states_vs_float64(kern, dtype, D, mask_kind):
+    dev = kern.device
     B, L, H = 3, 37, 4
-    oa = torch.randn(B, L, H, D, device="cuda", dtype=dtype)
-    ob = torch.randn(B, L, H, D, device="cuda", dtype=dtype)
-    la = torch.randn(B, H, L, device="cuda") * 3
+    oa = torch.randn(B, L, H, D, device=dev, dtype=dtype)
+    ob = torch.randn(B, L, H, D, device=dev, dtype=dtype)
+    la = torch.randn(B, H, L, device=dev) * 3
     # lse_b as a strided (permuted) view, the way a folded pool call returns it
-    lb = (torch.randn(H, B, L, device="cuda") * 3).permute(1, 0, 2)
+    lb = (torch.randn(H, B, L, device=dev) * 3).permute(1, 0, 2)
     la[0, :, :5] = -math.inf      # a side with no keys ...
     lb[0, :, :3] = -math.inf      # ... and rows with none on either side
     ob[0, :3] = float("nan")      # never read: zero weight
     mask = None
     if mask_kind == "batch":
-        mask = torch.tensor([True, False, True], device="cuda")
+        mask = torch.tensor([True, False, True], device=dev)
         ob[1] = float("nan")      # masked out entirely: must not leak
     elif mask_kind == "row":
-        mask = torch.rand(B, L, device="cuda") > 0.5
+        mask = torch.rand(B, L, device=dev) > 0.5
     ro, rl = ref_merge(oa, la, ob, lb, mask)
     _cuda_ops.merge_states_(oa, la, ob, lb, mask)
     assert torch.isfinite(oa).all()
     assert (oa[0, :3] == 0).all() and torch.isneginf(la[0, :, :3]).all()
     report(oa, ro, ATOL[dtype], "out")
     report(la, rl, 1e-5, "lse")
+
+
+@pytest.mark.parametrize("layout", ["offset", "narrow"])
+def test_merge_states_strided_out(kern, layout):
+    """out_a / out_b as views of wider rows.  offset: one element in (strides
+    fit 8-wide vectors, the address does not): the scalar path.  narrow: the first 36
+    of 40 bf16 columns -- strides fit 8-wide vectors but D does not: still the
+    scalar path.  Answers as for contiguous tensors, and the columns outside the
+    view are never written."""
+    dev = kern.device
+    B, L, H = 2, 9, 3
+    if layout == "offset":
+        D, dt = 40, torch.bfloat16
+        big_a = torch.randn(B, L, H, 48, device=dev, dtype=dt)
+        big_b = torch.randn(B, L, H, 48, device=dev, dtype=dt)
+        oa, ob = big_a[..., 1:D + 1], big_b[..., :D]
+        outside = torch.cat([big_a[..., :1], big_a[..., D + 1:]], -1)
+    else:
+        D, dt = 36, torch.bfloat16
+        big_a = torch.randn(B, L, H, 40, device=dev, dtype=dt)
+        big_b = torch.randn(B, L, H, 40, device=dev, dtype=dt)
+        oa, ob = big_a[..., :D], big_b[..., :D]
+        outside = big_a[..., D:]
+    la, lb = torch.randn(B, H, L, device=dev), torch.randn(B, H, L, device=dev)
+    ro, rl = ref_merge(oa.clone(), la.clone(), ob, lb)
+    untouched = outside.clone()
+    _cuda_ops.merge_states_(oa, la, ob, lb)
+    report(oa, ro, ATOL[dt], "out")
+    report(la, rl, 1e-5, "lse")
+    if layout == "offset":
+        outside = torch.cat([big_a[..., :1], big_a[..., D + 1:]], -1)
+    assert torch.equal(outside, untouched)
 
 
 @pytest.mark.gpu
@@ -582,25 +540,24 @@ def _qk_ref(x, weight, cos, sin, eps, round_before_w=False):
     return (y * c + rot * s).to(x.dtype)
 
 
-def _rope_tables(L, D, theta=10000.0, offset=0.0):
+def _rope_tables(L, D, device, theta=10000.0, offset=0.0):
     pos = torch.arange(L, dtype=torch.float64) + offset
     freqs = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
     ang = torch.outer(pos, freqs).repeat_interleave(2, dim=-1)
-    return ang.cos().float().cuda(), ang.sin().float().cuda()
+    return ang.cos().float().to(device), ang.sin().float().to(device)
 
 
-@pytest.mark.gpu
-@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [40, 64, 128, 256])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_qk_norm_rope_vs_torch_chain(dtype, D, inplace):
+def test_qk_norm_rope_vs_torch_chain(kern, dtype, D, inplace):
+    dev = kern.device
     B, L, H = 2, 33, 3
-    q = torch.randn(B, L, H, D, device="cuda", dtype=dtype) * 3
-    k = torch.randn(B, L, H, D, device="cuda", dtype=dtype)
-    wq = torch.rand(D, device="cuda", dtype=dtype) + 0.5
-    wk = torch.rand(D, device="cuda", dtype=torch.float32) + 0.5
-    cos, sin = _rope_tables(L, D)
+    q = torch.randn(B, L, H, D, device=dev, dtype=dtype) * 3
+    k = torch.randn(B, L, H, D, device=dev, dtype=dtype)
+    wq = torch.rand(D, device=dev, dtype=dtype) + 0.5
+    wk = torch.rand(D, device=dev, dtype=torch.float32) + 0.5
+    cos, sin = _rope_tables(L, D, dev)
     rq, rk = _qk_ref(q, wq, cos, sin, 1e-6), _qk_ref(k, wk, cos, sin, 1e-6)
     qo, ko = _cuda_ops.qk_norm_rope_cuda(q.clone() if inplace else q, k.clone() if inplace else k,
                                          wq, wk, cos, sin, 1e-6, inplace=inplace)
@@ -613,28 +570,46 @@ def test_qk_norm_rope_vs_torch_chain(dtype, D, inplace):
         assert (qo != rq).float().mean() < 0.01 and (ko != rk).float().mean() < 0.01
 
 
-@pytest.mark.gpu
-@needs_ext
+def test_qk_norm_rope_round_before_weight_and_strided(kern):
+    """diffusers' RMSNorm with a half weight (round, then multiply), no k, and q
+    as a head-sliced view of a fused projection (strided rows)."""
+    dev, dt = kern.device, torch.float16
+    B, L, H, D = 2, 7, 2, 64
+    fused = torch.randn(B, L, H, 3 * D, device=dev, dtype=dt)
+    q = fused[..., D:2 * D]
+    w = torch.rand(D, device=dev, dtype=dt) + 0.5
+    cos, sin = _rope_tables(L, D, dev)
+    want = _qk_ref(q, w, cos, sin, 1e-6, round_before_w=True)
+    others = fused[..., :D].clone(), fused[..., 2 * D:].clone()
+    qo, ko = _cuda_ops.qk_norm_rope_cuda(q, None, w, None, cos, sin, 1e-6, inplace=True,
+                                         q_round_before_weight=True)
+    assert ko is None and qo.data_ptr() == q.data_ptr()
+    report(qo, want, 2 ** -9 * 8, "q")
+    assert torch.equal(fused[..., :D], others[0]) and torch.equal(fused[..., 2 * D:], others[1])
+
+
 @pytest.mark.parametrize("extra", [False, True])
-def test_qk_norm_rope_pool_write(extra):
+def test_qk_norm_rope_pool_write(kern, extra):
+    dev = kern.device
     B, Ltxt, Limg, H, D, P = 3, 5, 12, 2, 64, 4
     L = Ltxt + Limg
     dt = torch.bfloat16
-    q = torch.randn(B, L, H, D, device="cuda", dtype=dt)
-    k = torch.randn(B, L, H, D, device="cuda", dtype=dt)
-    v = torch.randn(B, L, H, D, device="cuda", dtype=dt)
-    w = torch.rand(D, device="cuda", dtype=dt) + 0.5
-    cos, sin = _rope_tables(L, D)
-    pool_k = torch.full((P, Limg, H, D), float("nan"), device="cuda", dtype=dt)
+    q = torch.randn(B, L, H, D, device=dev, dtype=dt)
+    k = torch.randn(B, L, H, D, device=dev, dtype=dt)
+    v = torch.randn(B, L, H, D, device=dev, dtype=dt)
+    w = torch.rand(D, device=dev, dtype=dt) + 0.5
+    cos, sin = _rope_tables(L, D, dev)
+    pool_k = torch.full((P, Limg, H, D), float("nan"), device=dev, dtype=dt)
     pool_v = torch.full_like(pool_k, float("nan"))
-    ids = torch.tensor([2, -1, 0], device="cuda")
+    ids = torch.tensor([2, -1, 0], device=dev)
     ec = es = None
     if extra:
-        c1, s1 = _rope_tables(B, D, offset=1.0)  # row b placed at index position b + 1
+        c1, s1 = _rope_tables(B, D, dev, offset=1.0)  # row b placed at index position b + 1
         ec, es = c1, s1
     qo, ko = _cuda_ops.qk_norm_rope_cuda(q, k, w, w, cos, sin, 1e-6, v=v, pool_k=pool_k,
                                          pool_v=pool_v, entry_ids=ids, img_start=Ltxt,
                                          extra_cos=ec, extra_sin=es)
+    report(ko, _qk_ref(k, w, cos, sin, 1e-6), 2 ** -6 * 4, "k")
     for b, e in ((0, 2), (2, 0)):
         want_k = ko[b, Ltxt:]
         if extra:
@@ -648,20 +623,31 @@ def test_qk_norm_rope_pool_write(extra):
     assert torch.isnan(pool_v[1]).all()
 
 
-@pytest.mark.gpu
-@needs_ext
-def test_bad_inputs_raise_clear_errors():
-    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+def test_bad_inputs_raise_clear_errors(kern):
+    dev = kern.device
+    q = torch.randn(1, 8, 2, 64, device=dev, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
         _cuda_ops.segment_attn_fwd_cuda(q[..., :32].contiguous(), q[..., :32].contiguous(),
                                         q[..., :32].contiguous())
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         _cuda_ops.segment_attn_fwd_cuda(q.float(), q.float(), q.float())
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
-        _cuda_ops.segment_attn_fwd_cuda(q, q.cpu(), q)
-    lse = torch.zeros(1, 2, 8, device="cuda")
+    other = q.to("meta") if kern.emulated else q.cpu()
+    with pytest.raises(RuntimeError, match="CPU tensor" if kern.emulated else "CUDA tensor"):
+        _cuda_ops.segment_attn_fwd_cuda(q, other, q)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        buf = torch.randn(1 * 8 * 2 * 64 + 1, device=dev, dtype=torch.bfloat16)
+        _cuda_ops.segment_attn_fwd_cuda(q, buf[1:].view(1, 8, 2, 64), q)
+    with pytest.raises(RuntimeError, match="ref_index was given but there is no reference pool"):
+        _cuda_ops.segment_attn_fwd_cuda(q, q, q, ref_index=torch.zeros(1, 1, dtype=torch.long,
+                                                                       device=dev))
+    lse = torch.zeros(1, 2, 8, device=dev)
     with pytest.raises(RuntimeError, match="lse_b must be"):
         _cuda_ops.merge_states_(q.clone(), lse, q, lse[:, :1])
     with pytest.raises(RuntimeError, match="mask must be"):
         _cuda_ops.merge_states_(q.clone(), lse, q, lse, torch.ones(3, 3, dtype=torch.bool,
-                                                                   device="cuda"))
+                                                                   device=dev))
+    cos = torch.zeros(8, 64, device=dev)
+    with pytest.raises(RuntimeError, match="cos must be"):
+        _cuda_ops.qk_norm_rope_cuda(q, q, None, None, cos[:4], cos[:4])
+    with pytest.raises(RuntimeError, match="a pool write needs"):
+        _cuda_ops.qk_norm_rope_cuda(q, q, None, None, cos, cos, pool_k=q)
