@@ -423,4 +423,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("ref_k") = py::none(),
         py::arg("ref_v") = py::none(), py::arg("ref_index") = py::none());
   m.attr("segment_attn_head_dims") = py::make_tuple(64, 128);
+#ifdef STORYATTN_EMULATE_CUDA
+  m.attr("device_type") = "cpu";  // the host emulation takes CPU tensors
+#else
+  m.attr("device_type") = "cuda";
+#endif
 }

@@ -47,6 +47,13 @@ def extension_error() -> Optional[str]:
     return _load()[1]
 
 
+def kernel_device_type() -> str:
+    """Device type of the tensors the extension's kernels take: ``"cuda"``; the
+    test-only host emulation of ``csrc/`` (tests/_cuda_emu.py) says ``"cpu"``."""
+    mod = _load()[0]
+    return getattr(mod, "device_type", "cuda") if mod is not None else "cuda"
+
+
 def _ext():
     mod, why = _load()
     if mod is None:

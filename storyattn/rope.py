@@ -12,8 +12,10 @@ with ``image_rotary_emb = (cos, sin)``, each ``[L, D]`` fp32 from ``FluxPosEmbed
 :func:`qk_norm_rope` computes exactly that, with the same dtype behaviour: the
 norm runs in fp32 and its output is rounded to the input dtype, the rotation runs
 in fp32 from that rounded value and is rounded again. The ``triton`` backend does
-q and k in one pass; the ``torch`` backend calls the norm modules themselves and
-the same rotation formula (differentiable, any device).
+q and k in one pass, as does the ``cuda`` backend (the precompiled kernel of
+``csrc/qk_norm_rope.cu``, when ``storyattn._C`` is built); the ``torch`` backend
+calls the norm modules themselves and the same rotation formula
+(differentiable, any device).
 
 :func:`qk_norm_rope_into_cache` also writes the image tokens' keys (optionally
 rotated once more, see DESIGN.md "Position ids of references") and values into a
@@ -38,7 +40,7 @@ __all__ = [
     "QK_NORM_ROPE_BACKENDS",
 ]
 
-QK_NORM_ROPE_BACKENDS = ("torch", "triton")
+QK_NORM_ROPE_BACKENDS = ("torch", "triton", "cuda")
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_HEAD_DIM = 256
@@ -265,7 +267,42 @@ def _triton_reason(q, k, norm_q, norm_k, extra=()) -> Optional[str]:
     return None
 
 
-def _pick_backend(backend, q, k, norm_q, norm_k, extra=()) -> str:
+def _cuda_reason(q, k, norm_q, norm_k, rotary, extra=()) -> Optional[str]:
+    """Why the ``csrc`` kernel cannot run these inputs, or None when it can."""
+    from . import _cuda_ops
+
+    why = _cuda_ops.extension_error()
+    if why is not None:
+        return why
+    want = _cuda_ops.kernel_device_type()
+    if q.device.type != want:
+        return f"tensors are on {q.device}; the cuda kernel needs {want} tensors"
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
+    if q.shape[-1] > _cuda_ops.QK_NORM_ROPE_MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {_cuda_ops.QK_NORM_ROPE_MAX_HEAD_DIM}"
+    if rotary is None:
+        return "no image_rotary_emb: the cuda kernel always rotates (use 'torch' or 'triton')"
+    eps = set()
+    for norm, name in ((norm_q, "norm_q"), (norm_k, "norm_k")):
+        if norm is None:
+            return f"{name} is None: the cuda kernel always normalises (use 'torch' or 'triton')"
+        p = _norm_params(norm, q.dtype)
+        if isinstance(p, str):
+            return f"{name}: {p}"
+        if p[0] is not None and p[0].device != q.device:
+            return f"{name} weight is on {p[0].device} but q is on {q.device}"
+        eps.add(p[1])
+    if len(eps) > 1:
+        return f"norm_q and norm_k use different eps {sorted(eps)}; the cuda kernel takes one"
+    weights = [getattr(n, "weight", None) for n in (norm_q, norm_k)]
+    if _grad_needed(q, k, *weights, *extra):
+        return ("gradients are required and the cuda kernel is forward only; use "
+                "backend='torch' or run under torch.no_grad()")
+    return None
+
+
+def _pick_backend(backend, q, k, norm_q, norm_k, extra=(), rotary=None) -> str:
     if backend is None:
         if q.device.type == "cuda" and _triton_reason(q, k, norm_q, norm_k, extra) is None:
             return "triton"
@@ -276,6 +313,10 @@ def _pick_backend(backend, q, k, norm_q, norm_k, extra=()) -> str:
         why = _triton_reason(q, k, norm_q, norm_k, extra)
         if why is not None:
             raise ValueError(f"qk_norm_rope backend 'triton' cannot run here: {why}")
+    if backend == "cuda":
+        why = _cuda_reason(q, k, norm_q, norm_k, rotary, extra)
+        if why is not None:
+            raise ValueError(f"qk_norm_rope backend 'cuda' cannot run here: {why}")
     return backend
 
 
@@ -313,6 +354,42 @@ def _triton_call(q, k, norm_q, norm_k, rotary, **pool):
                             normalize=(nq, nk), **pool)
 
 
+def _pair_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The cuda kernel moves RoPE pairs as one access: unit stride on the last
+    dim, even other strides, pair-aligned address.  Copy only when that fails."""
+    if t is None:
+        return None
+    ok = (t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:-1])
+          and t.data_ptr() % (2 * t.element_size()) == 0)
+    return t if ok else t.contiguous()
+
+
+def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else _pair_ready(t.float())
+
+
+def _cuda_call(q, k, norm_q, norm_k, rotary, *, v=None, pool_k=None, pool_v=None,
+               pool_index=None, pool_start=0, pool_cos=None, pool_sin=None):
+    from ._cuda_ops import qk_norm_rope_cuda
+
+    wq, eps, rq = _norm_params(norm_q, q.dtype)
+    wk, _, rk = _norm_params(norm_k, q.dtype)
+    cos, sin = rotary
+    for pool, name in ((pool_k, "pool_k"), (pool_v, "pool_v")):
+        if pool is not None and _pair_ready(pool) is not pool:
+            raise ValueError(f"{name} must have a unit-stride head dim, even strides and a "
+                             "pair-aligned address for the cuda backend (it is written in place)")
+    return qk_norm_rope_cuda(
+        _pair_ready(q), _pair_ready(k),
+        None if wq is None else _pair_ready(wq.detach()),
+        None if wk is None else _pair_ready(wk.detach()),
+        _table(cos), _table(sin), eps, round_norm=True,
+        q_round_before_weight=rq, k_round_before_weight=rk,
+        v=_pair_ready(v), pool_k=pool_k, pool_v=pool_v,
+        entry_ids=None if pool_index is None else pool_index.contiguous(),
+        img_start=pool_start, extra_cos=_table(pool_cos), extra_sin=_table(pool_sin))
+
+
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
                  norm_q: Optional[torch.nn.Module], norm_k: Optional[torch.nn.Module],
                  image_rotary_emb: Optional[Rotary], *,
@@ -329,9 +406,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
         image_rotary_emb: ``(cos, sin)``, each ``[L, D]`` (from ``FluxPosEmbed``), or
             ``None`` to skip the rotation.
         backend: ``"torch"`` (any device, differentiable), ``"triton"`` (one fused
-            pass; CUDA, or CPU under ``TRITON_INTERPRET=1``; forward only) or
-            ``None``: triton on CUDA when no gradient is needed and the kernel can
-            reproduce the norms, else torch.
+            pass; CUDA, or CPU under ``TRITON_INTERPRET=1``; forward only),
+            ``"cuda"`` (the precompiled ``csrc`` kernel of ``storyattn._C``; forward
+            only, both norms and the rotation present, one eps) or ``None``: triton
+            on CUDA when no gradient is needed and the kernel can reproduce the
+            norms, else torch.
 
     Returns:
         New ``(q, k)``, ``[B, L, H, D]``, in the dtype diffusers would give (the input
@@ -351,8 +430,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
     D = q.shape[-1]
     _check_norm(norm_q, "norm_q", D)
     _check_norm(norm_k, "norm_k", D)
-    if _pick_backend(backend, q, k, norm_q, norm_k) == "triton":
+    chosen = _pick_backend(backend, q, k, norm_q, norm_k, rotary=rotary)
+    if chosen == "triton":
         return _triton_call(q, k, norm_q, norm_k, rotary)
+    if chosen == "cuda":
+        return _cuda_call(q, k, norm_q, norm_k, rotary)
     return _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary)
 
 
@@ -455,9 +537,11 @@ def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
-    if _pick_backend(backend, q, k, norm_q, norm_k) == "triton":
-        return _triton_call(q, k, norm_q, norm_k, rotary, v=v, pool_k=pool_k, pool_v=pool_v,
-                            pool_index=idx, pool_start=pool_start, pool_cos=pcos, pool_sin=psin)
+    chosen = _pick_backend(backend, q, k, norm_q, norm_k, rotary=rotary)
+    if chosen in ("triton", "cuda"):
+        call = _triton_call if chosen == "triton" else _cuda_call
+        return call(q, k, norm_q, norm_k, rotary, v=v, pool_k=pool_k, pool_v=pool_v,
+                    pool_index=idx, pool_start=pool_start, pool_cos=pcos, pool_sin=psin)
 
     q_out, k_out = _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary)
     rows = (idx_host >= 0).nonzero().flatten().to(q.device)

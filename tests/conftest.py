@@ -5,6 +5,7 @@ Markers:
   slow  -- too slow for the default CPU run; enabled with ``--runslow``.
 """
 import os
+import types
 
 import pytest
 import torch
@@ -45,3 +46,27 @@ def _seed():
 
 def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(scope="session")
+def cuda_emu_module():
+    """csrc/ built against the host emulation of tests/cuda_emu (see tests/_cuda_emu.py).
+    Skipped where it cannot be built (no C++ compiler or ninja); a compile error
+    of the sources themselves fails the test."""
+    import _cuda_emu
+    why = _cuda_emu.why_unavailable()
+    if why is not None:
+        pytest.skip(f"the host emulation of csrc/ cannot be built here: {why}")
+    return _cuda_emu.load()
+
+
+@pytest.fixture
+def emu(request, monkeypatch, capfd):
+    """storyattn._cuda_ops (and every backend built on it) served by the host
+    emulation for this test, on CPU tensors; fails on any UBSan report."""
+    from storyattn import _cuda_ops
+    mod = request.getfixturevalue("cuda_emu_module")
+    monkeypatch.setattr(_cuda_ops, "_load", lambda: (mod, None))
+    yield types.SimpleNamespace(name="emu", device="cpu", emulated=True)
+    err = capfd.readouterr().err
+    assert "runtime error" not in err, f"UBSan (misaligned access in csrc/):\n{err[-4000:]}"

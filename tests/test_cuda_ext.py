@@ -35,7 +35,6 @@ import storyattn
 from storyattn import _cuda_ops
 from storyattn.backends import SegmentInputs
 
-import _cuda_emu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HINT = "pip install -e . --no-build-isolation"
@@ -216,37 +215,14 @@ def test_fa3_split_merge_orchestration(monkeypatch, indexed):
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 
 
-class Target:
-    def __init__(self, name: str, device: str):
-        self.name, self.device = name, device
-        self.emulated = name == "emu"
-
-
-@pytest.fixture(scope="module")
-def _emu_module():
-    why = _cuda_emu.why_unavailable()
-    if why is not None:
-        pytest.skip(f"the host emulation of csrc/ cannot be built here: {why}")
-    return _cuda_emu.load()  # a compile error fails the test: it is a csrc/ bug
-
-
-@pytest.fixture
-def emu(request, monkeypatch, capfd):
-    """The host emulation behind storyattn._cuda_ops; fails on any UBSan report."""
-    mod = request.getfixturevalue("_emu_module")
-    monkeypatch.setattr(_cuda_ops, "_load", lambda: (mod, None))
-    yield Target("emu", "cpu")
-    err = capfd.readouterr().err
-    assert "runtime error" not in err, f"UBSan (misaligned access in csrc/):\n{err[-4000:]}"
-
-
 @pytest.fixture(params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def kern(request):
+    """The kernels on the host emulation (fixture ``emu``, conftest.py) or the device."""
     if request.param == "gpu":
         if not _ext_built():
             pytest.skip("storyattn._C is not built here (needs a CUDA toolchain and a CUDA "
                         "build of torch)")
-        return Target("gpu", "cuda")
+        return types.SimpleNamespace(name="gpu", device="cuda", emulated=False)
     return request.getfixturevalue("emu")
 
 

@@ -589,6 +589,42 @@ def test_triton_backends_match_torch():
     assert rel_err(res["triton"][0], res["triton"][2][:1]) <= TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_rope_kernel_in_the_modes(emu, dtype):
+    """rope_backend="cuda": csrc/qk_norm_rope.cu (here through the host emulation)
+    does the q/k norm + RoPE of every FLUX block in record, replay and in-batch
+    mode, writing the reference K/V into the cache in the record pass.  Same
+    results as the torch path, to the fused kernel's ulp-level differences."""
+    m = tiny_flux(dtype=dtype)
+    x = zero_ref_timesteps(flux_inputs(3, seed=4), [1, 2])
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+    res, caches = {}, {}
+    for rb in ("torch", "cuda"):
+        gsa = GroupSharedAttention(m, rope_backend=rb)
+        with torch.no_grad():
+            cache = ReferenceKVCache()
+            with gsa.record(cache):
+                m(**rows(x, [1, 2]))
+            with gsa.replay(cache):
+                rp = m(**rows(x, [0])).sample
+            with gsa.in_batch(3, 1):
+                ib = m(**x).sample
+        res[rb], caches[rb] = (rp.float(), ib.float()), cache
+        gsa.remove()
+    tol = TOL if dtype == torch.float32 else 2e-2
+    for a, b in zip(res["torch"], res["cuda"]):
+        assert rel_err(b, a) <= tol, rel_err(b, a)
+    # the record pass wrote the same reference keys/values through the kernel
+    assert len(caches["cuda"]) == len(caches["torch"]) == 2
+    for layer in range(caches["torch"].num_layers):
+        kt, vt = caches["torch"].layer(layer)
+        kc, vc = caches["cuda"].layer(layer)
+        if layer == 0:  # later layers' inputs carry the earlier layers' ulp differences
+            assert torch.equal(vt, vc)
+        assert rel_err(vc.float(), vt.float()) <= tol
+        assert rel_err(kc.float(), kt.float()) <= tol
+
+
 def test_load_lora_weights_into_installed_pipeline(tiny_pipe, tmp_path):
     """A LoRA file loaded with diffusers' load_lora_weights after GSA is installed:
     the processors stay, the adapter is live in every mode."""

@@ -126,7 +126,8 @@ class GroupSharedFluxAttnProcessor:
             single blocks, in model order).
         backend: :func:`storyattn.segment_attention` backend (None = best available).
         rope_backend: :func:`storyattn.rope.qk_norm_rope` backend used in the modes
-            (None = fused Triton on CUDA without gradients, else torch).
+            (None = fused Triton on CUDA without gradients, else torch; "cuda" =
+            the precompiled csrc kernel, inference).
 
     Install it with :class:`storyattn.GroupSharedAttention`, which also builds the
     per-forward :class:`GSAForwardContext`.  Called without ``gsa_context`` it is
