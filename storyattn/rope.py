@@ -241,19 +241,14 @@ def _grad_needed(*tensors) -> bool:
         t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _triton_reason(q, k, norm_q, norm_k, extra=()) -> Optional[str]:
-    """Why the triton backend cannot run these inputs, or None when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not importable ({e}); pip install triton"
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return (f"tensors are on {q.device}; the triton kernel needs CUDA "
-                "(or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
+def _fused_reason(q, k, norm_q, norm_k, extra, kernel: str, max_head_dim: int
+                  ) -> Optional[str]:
+    """What both fused kernels (triton, cuda) need: a supported dtype and head dim,
+    norms they can reproduce, on q's device, and no gradients."""
     if q.dtype not in _TRITON_DTYPES:
         return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} > {_TRITON_MAX_HEAD_DIM}"
+    if q.shape[-1] > max_head_dim:
+        return f"head dim {q.shape[-1]} > {max_head_dim}"
     for norm, name in ((norm_q, "norm_q"), (norm_k, "norm_k")):
         p = _norm_params(norm, q.dtype)
         if isinstance(p, str):
@@ -262,12 +257,24 @@ def _triton_reason(q, k, norm_q, norm_k, extra=()) -> Optional[str]:
             return f"{name} weight is on {p[0].device} but q is on {q.device}"
     weights = [getattr(n, "weight", None) for n in (norm_q, norm_k) if n is not None]
     if _grad_needed(q, k, *weights, *extra):
-        return ("gradients are required and the triton kernel is forward only; use "
+        return (f"gradients are required and the {kernel} kernel is forward only; use "
                 "backend='torch' or run under torch.no_grad()")
     return None
 
 
-def _cuda_reason(q, k, norm_q, norm_k, rotary, extra=()) -> Optional[str]:
+def _triton_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
+    """Why the triton backend cannot run these inputs, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e}); pip install triton"
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return (f"tensors are on {q.device}; the triton kernel needs CUDA "
+                "(or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
+    return _fused_reason(q, k, norm_q, norm_k, extra, "triton", _TRITON_MAX_HEAD_DIM)
+
+
+def _cuda_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
     """Why the ``csrc`` kernel cannot run these inputs, or None when it can."""
     from . import _cuda_ops
 
@@ -277,29 +284,22 @@ def _cuda_reason(q, k, norm_q, norm_k, rotary, extra=()) -> Optional[str]:
     want = _cuda_ops.kernel_device_type()
     if q.device.type != want:
         return f"tensors are on {q.device}; the cuda kernel needs {want} tensors"
-    if q.dtype not in _TRITON_DTYPES:
-        return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
-    if q.shape[-1] > _cuda_ops.QK_NORM_ROPE_MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} > {_cuda_ops.QK_NORM_ROPE_MAX_HEAD_DIM}"
     if rotary is None:
         return "no image_rotary_emb: the cuda kernel always rotates (use 'torch' or 'triton')"
-    eps = set()
     for norm, name in ((norm_q, "norm_q"), (norm_k, "norm_k")):
         if norm is None:
             return f"{name} is None: the cuda kernel always normalises (use 'torch' or 'triton')"
-        p = _norm_params(norm, q.dtype)
-        if isinstance(p, str):
-            return f"{name}: {p}"
-        if p[0] is not None and p[0].device != q.device:
-            return f"{name} weight is on {p[0].device} but q is on {q.device}"
-        eps.add(p[1])
+    why = _fused_reason(q, k, norm_q, norm_k, extra, "cuda",
+                        _cuda_ops.QK_NORM_ROPE_MAX_HEAD_DIM)
+    if why is not None:
+        return why
+    eps = {_norm_params(n, q.dtype)[1] for n in (norm_q, norm_k)}
     if len(eps) > 1:
         return f"norm_q and norm_k use different eps {sorted(eps)}; the cuda kernel takes one"
-    weights = [getattr(n, "weight", None) for n in (norm_q, norm_k)]
-    if _grad_needed(q, k, *weights, *extra):
-        return ("gradients are required and the cuda kernel is forward only; use "
-                "backend='torch' or run under torch.no_grad()")
     return None
+
+
+_FUSED_REASONS = {"triton": _triton_reason, "cuda": _cuda_reason}
 
 
 def _pick_backend(backend, q, k, norm_q, norm_k, extra=(), rotary=None) -> str:
@@ -309,14 +309,10 @@ def _pick_backend(backend, q, k, norm_q, norm_k, extra=(), rotary=None) -> str:
         return "torch"
     if backend not in QK_NORM_ROPE_BACKENDS:
         raise ValueError(f"backend must be one of {QK_NORM_ROPE_BACKENDS} or None, got {backend!r}")
-    if backend == "triton":
-        why = _triton_reason(q, k, norm_q, norm_k, extra)
+    if backend in _FUSED_REASONS:
+        why = _FUSED_REASONS[backend](q, k, norm_q, norm_k, extra, rotary)
         if why is not None:
-            raise ValueError(f"qk_norm_rope backend 'triton' cannot run here: {why}")
-    if backend == "cuda":
-        why = _cuda_reason(q, k, norm_q, norm_k, rotary, extra)
-        if why is not None:
-            raise ValueError(f"qk_norm_rope backend 'cuda' cannot run here: {why}")
+            raise ValueError(f"qk_norm_rope backend {backend!r} cannot run here: {why}")
     return backend
 
 

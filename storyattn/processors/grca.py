@@ -351,10 +351,7 @@ class GRCAHandle:
         :func:`storyattn.segment_attention` backend (None = best available), or ``"sdpa"``
         for torch's SDPA on the same folded problem without the op's dispatch.
         """
-        if self._removed:
-            raise RuntimeError("this GRCA handle was removed")
-        if self.state.active:
-            raise RuntimeError("a GRCA round is already open on this handle")
+        self._check_can_open()
         if tokens is None:
             if image_embeds is None:
                 raise ValueError("give image_embeds or tokens")
@@ -376,42 +373,46 @@ class GRCAHandle:
             attn = modules[name[: -len(".processor")]]
             kv[name] = proc.compute_kv(attn, tokens, null_tokens if guidance else None)
             self.kv_fills += 1
-        saved_proj = self.unet.encoder_hid_proj
         st = self.state
         st.kv, st.scale, st.guidance = kv, float(scale), bool(guidance)
         st.num_refs, st.ref_index, st.backend = int(tokens.shape[0]), None, backend
-        st.active = True
-        self.unet.encoder_hid_proj = None
-        try:
+        with self._open_round():
             yield st
-        finally:
-            self.unet.encoder_hid_proj = saved_proj
-            st.active = False
-            st.kv = {}
-            st.ref_index = None
-            st.num_refs = 0
 
     @contextlib.contextmanager
     def text_only(self) -> Iterator[GRCAState]:
         """Open a round without references (Story-Iter round 0): the pipeline is called with
         prompts only and the layers compute text attention alone, which is what diffusers'
         IP-Adapter processor computes at scale 0."""
+        self._check_can_open()
+        st = self.state
+        st.kv = {name: None for name in self.processors}
+        st.scale, st.num_refs, st.ref_index, st.guidance = 0.0, 0, None, False
+        with self._open_round():
+            yield st
+
+    def _check_can_open(self) -> None:
         if self._removed:
             raise RuntimeError("this GRCA handle was removed")
         if self.state.active:
             raise RuntimeError("a GRCA round is already open on this handle")
+
+    @contextlib.contextmanager
+    def _open_round(self) -> Iterator[None]:
+        """Mark the state active and detach the UNet's image projection (the pipeline
+        is called with prompts only); on exit restore it and clear the round."""
         saved_proj = self.unet.encoder_hid_proj
         st = self.state
-        st.kv = {name: None for name in self.processors}
-        st.scale, st.num_refs, st.ref_index, st.guidance = 0.0, 0, None, False
         st.active = True
         self.unet.encoder_hid_proj = None
         try:
-            yield st
+            yield
         finally:
             self.unet.encoder_hid_proj = saved_proj
             st.active = False
             st.kv = {}
+            st.ref_index = None
+            st.num_refs = 0
 
     @contextlib.contextmanager
     def select(self, ref_index: Optional[Sequence[Sequence[int]]]) -> Iterator[None]:
