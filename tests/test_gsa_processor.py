@@ -75,6 +75,14 @@ def cat_rows(*parts: dict) -> dict:
     return out
 
 
+def record_refs(gsa, model, x, ref_rows):
+    """A new ReferenceKVCache holding rows ``ref_rows`` of ``x`` (one record pass)."""
+    cache = ReferenceKVCache()
+    with gsa.record(cache):
+        model(**rows(x, ref_rows))
+    return cache
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     assert torch.isfinite(a).all(), "non-finite values in the result"
@@ -143,9 +151,7 @@ def test_replay_after_record_equals_in_batch(G, T, ng):
             ib = m(**x).sample
         alone = m(**x).sample  # off mode: every row on its own
         for g in range(ng):
-            cache = ReferenceKVCache()
-            with gsa.record(cache):
-                m(**rows(x, refs[g]))
+            cache = record_refs(gsa, m, x, refs[g])
             assert len(cache) == G - T
             t_rows = tgt[g * T:(g + 1) * T]
             with gsa.replay(cache):
@@ -170,9 +176,7 @@ def test_replay_with_ref_index_equals_in_batch(G, T):
     with torch.no_grad():
         with gsa.in_batch(G, T):
             ib = m(**x).sample
-        cache = ReferenceKVCache()
-        with gsa.record(cache):
-            m(**rows(x, range(T, G)))
+        cache = record_refs(gsa, m, x, range(T, G))
         with gsa.record(cache):  # appended: entry K
             m(**distractor)
         assert len(cache) == K + 1
@@ -203,9 +207,7 @@ def test_bf16_replay_error_within_bf16_in_batch_error():
             gsa = GroupSharedAttention(m)
             with gsa.in_batch(4, 2):
                 ib = m(**xx).sample
-            cache = ReferenceKVCache()
-            with gsa.record(cache):
-                m(**rows(xx, [2, 3]))
+            cache = record_refs(gsa, m, xx, [2, 3])
             assert cache.dtype == m.dtype
             with gsa.replay(cache):
                 rp = m(**rows(xx, [0, 1])).sample
@@ -227,9 +229,7 @@ def test_ref_index_multi_group_shared_cache_placement_none():
     with torch.no_grad():
         with gsa.in_batch(G, T):
             ib = m(**x).sample
-        cache = ReferenceKVCache()
-        with gsa.record(cache):
-            m(**rows(x, sum(refs, [])))
+        cache = record_refs(gsa, m, x, sum(refs, []))
         ref_index = torch.tensor([[g * K + j for j in range(K)] for g in range(ng)])
         with gsa.replay(cache, ref_index=ref_index):
             rp = m(**rows(x, tgt)).sample
@@ -243,9 +243,7 @@ def test_custom_placement_callable():
     with torch.no_grad():
         with gsa.in_batch(3, 1):
             ib = m(**x).sample
-        cache = ReferenceKVCache()
-        with gsa.record(cache):
-            m(**rows(x, [1, 2]))
+        cache = record_refs(gsa, m, x, [1, 2])
         assert cache.signature.placement.startswith("custom:")
         with gsa.replay(cache):
             rp = m(**rows(x, [0])).sample
@@ -437,9 +435,7 @@ def test_peft_lora_replay_equals_in_batch():
     with torch.no_grad():
         with gsa.in_batch(4, 2):
             ib = m(**x).sample
-        cache = ReferenceKVCache()
-        with gsa.record(cache):
-            m(**rows(x, [2, 3]))
+        cache = record_refs(gsa, m, x, [2, 3])
         with gsa.replay(cache):
             rp = m(**rows(x, [0, 1])).sample
         m.disable_adapters()
@@ -573,9 +569,7 @@ def test_triton_backends_match_torch():
     for be in ("torch", "triton"):
         gsa = GroupSharedAttention(m, backend=be, rope_backend=be)
         with torch.no_grad():
-            cache = ReferenceKVCache()
-            with gsa.record(cache):
-                m(**rows(x, [1, 2]))
+            cache = record_refs(gsa, m, x, [1, 2])
             with gsa.replay(cache):
                 rp = m(**rows(x, [0])).sample
             with gsa.replay(cache, ref_index=torch.tensor([[1, -1]])):
@@ -602,9 +596,7 @@ def test_cuda_rope_kernel_in_the_modes(emu, dtype):
     for rb in ("torch", "cuda"):
         gsa = GroupSharedAttention(m, rope_backend=rb)
         with torch.no_grad():
-            cache = ReferenceKVCache()
-            with gsa.record(cache):
-                m(**rows(x, [1, 2]))
+            cache = record_refs(gsa, m, x, [1, 2])
             with gsa.replay(cache):
                 rp = m(**rows(x, [0])).sample
             with gsa.in_batch(3, 1):
@@ -661,9 +653,7 @@ def test_load_lora_weights_into_installed_pipeline(tiny_pipe, tmp_path):
             assert {type(p) for p in tr.attn_processors.values()} == {GroupSharedFluxAttnProcessor}
             with gsa.in_batch(3, 1):
                 ib = tr(**x).sample
-            cache = ReferenceKVCache()
-            with gsa.record(cache):
-                tr(**rows(x, [1, 2]))
+            cache = record_refs(gsa, tr, x, [1, 2])
             with gsa.replay(cache):
                 rp = tr(**rows(x, [0])).sample
             plain_lora = tr(**rows(x, [0])).sample
