@@ -175,22 +175,29 @@ def _check_qk(q, k, image_rotary_emb) -> Optional[Rotary]:
         raise ValueError(f"q and k must be on one device: q {q.device}, k {k.device}")
     if image_rotary_emb is None:
         return None
-    if not isinstance(image_rotary_emb, (tuple, list)) or len(image_rotary_emb) != 2:
-        raise TypeError("image_rotary_emb must be a (cos, sin) pair of [L, D] tensors or None, "
-                        f"got {type(image_rotary_emb).__name__}")
     _, L, _, D = q.shape
-    cos, sin = image_rotary_emb
-    for t, name in ((cos, "cos"), (sin, "sin")):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"image_rotary_emb {name} must be a floating tensor")
-        if tuple(t.shape) != (L, D):
-            raise ValueError(f"image_rotary_emb {name} must be [L, D] = {(L, D)} for q of shape "
-                             f"{tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"image_rotary_emb {name} is on {t.device} but q is on {q.device}")
+    cos, sin = _check_rotary_pair(image_rotary_emb, "image_rotary_emb", "[L, D]", (L, D),
+                                  f"for q of shape {tuple(q.shape)}", q)
     if D % 2:
         raise ValueError(f"head dim must be even to rotate pairs, got D = {D}")
     return cos, sin
+
+
+def _check_rotary_pair(pair, name: str, layout: str, shape, hint: str, q) -> Rotary:
+    """A ``(cos, sin)`` pair of floating tensors of ``shape`` on q's device."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name} must be a (cos, sin) pair of {layout} tensors or None, "
+                        f"got {type(pair).__name__}")
+    for t, part in zip(pair, ("cos", "sin")):
+        label = f"{name} {part}"
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{label} must be a floating tensor")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{label} must be {layout} = {tuple(shape)} {hint}, got "
+                             f"{tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{label} is on {t.device} but q is on {q.device}")
+    return pair[0], pair[1]
 
 
 def _check_norm(norm, name: str, head_dim: int):
@@ -521,17 +528,8 @@ def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"pool_index has duplicate entries: {idx_host.tolist()}")
     pcos = psin = None
     if pool_rotary is not None:
-        if not isinstance(pool_rotary, (tuple, list)) or len(pool_rotary) != 2:
-            raise TypeError("pool_rotary must be a (cos, sin) pair of [B, D] tensors or None")
-        pcos, psin = pool_rotary
-        for t, name in ((pcos, "pool_rotary cos"), (psin, "pool_rotary sin")):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating tensor")
-            if tuple(t.shape) != (B, D):
-                raise ValueError(f"{name} must be [B, D] = {(B, D)} (one row per row of k), got "
-                                 f"{tuple(t.shape)}")
-            if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        pcos, psin = _check_rotary_pair(pool_rotary, "pool_rotary", "[B, D]", (B, D),
+                                        "(one row per row of k)", q)
 
     chosen = _pick_backend(backend, q, k, norm_q, norm_k, rotary=rotary)
     if chosen in ("triton", "cuda"):
