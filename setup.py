@@ -16,7 +16,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,8 +81,8 @@ setup(
     python_requires=">=3.9",
     # kernels/ is installed as storyattn.kernels, never as a top-level "kernels"
     # package: that name belongs to the Hugging Face `kernels` distribution.
-    packages=["storyattn", "storyattn.backends", "storyattn.processors",
-              "storyattn.kernels", "pipelines"],
+    packages=["storyattn", "storyattn.backends", "storyattn.processors", "storyattn.kernels"]
+    + find_packages(include=["pipelines", "pipelines.*"]),
     package_dir={"storyattn.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

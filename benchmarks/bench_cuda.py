@@ -41,7 +41,7 @@ from _common import (RESULTS_DIR, attn_flops, environment, markdown_table,  # no
                      text_table, time_fn, write_results)
 
 import storyattn  # noqa: E402
-from storyattn import _cuda_ops  # noqa: E402
+from storyattn import _cuda_ext  # noqa: E402
 from storyattn.backends import SegmentInputs  # noqa: E402
 
 HEADS, HEAD_DIM, TXT, IMG = 24, 128, 512, 4096
@@ -67,7 +67,7 @@ def _attention_methods(inputs: SegmentInputs) -> Dict[str, Optional[Callable[[],
     if "cuda" in avail and get("cuda").check(inputs) is None:
         methods["cuda"] = lambda: storyattn.segment_attention(q, k, v, rk, rv, scale=scale,
                                                               backend="cuda")
-        if inputs.head_dim in _cuda_ops.SEGMENT_ATTN_HEAD_DIMS:
+        if inputs.head_dim in _cuda_ext.SEGMENT_ATTN_HEAD_DIMS:
             methods["cuda-kernel"] = lambda: cuda_backend.forward_kernel(inputs)
         if cuda_backend.fa3_error() is None and torch.cuda.get_device_capability()[0] == 9:
             methods["cuda-fa3"] = lambda: cuda_backend.forward_fa3(inputs)
@@ -122,16 +122,16 @@ def bench_memory_bound(txt: int, img: int) -> List[Dict]:
     L = txt + img
     shape = (1, L, HEADS, HEAD_DIM)
     esz = torch.finfo(dt).bits // 8
-    if _cuda_ops.extension_error() is not None:
-        print(f"  (memory-bound kernels skipped: {_cuda_ops.extension_error()})")
+    if _cuda_ext.extension_error() is not None:
+        print(f"  (memory-bound kernels skipped: {_cuda_ext.extension_error()})")
         return rows
 
     # merge: reads out_a, out_b, 2 lse; writes out_a, lse_a
     oa, ob = torch.randn(shape, device="cuda", dtype=dt), torch.randn(shape, device="cuda", dtype=dt)
     la, lb = torch.randn(1, HEADS, L, device="cuda"), torch.randn(1, HEADS, L, device="cuda")
     nbytes = 3 * oa.numel() * esz + 4 * la.numel() * 4
-    from storyattn.ops import merge_states as torch_merge
-    for name, fn in (("cuda merge_states_", lambda: _cuda_ops.merge_states_(oa, la, ob, lb)),
+    from storyattn.api import merge_states as torch_merge
+    for name, fn in (("cuda merge_states_", lambda: _cuda_ext.merge_states_(oa, la, ob, lb)),
                      ("torch merge", lambda: torch_merge(oa, la, ob, lb))):
         ms = time_fn(fn, "cuda")
         rows.append({"op": "merge_states", "method": name, "L": L, "heads": HEADS,
@@ -147,7 +147,7 @@ def bench_memory_bound(txt: int, img: int) -> List[Dict]:
     cos, sin = ang.cos(), ang.sin()
     nbytes = 4 * q.numel() * esz
     from storyattn import rope
-    cands = [("cuda qk_norm_rope", lambda: _cuda_ops.qk_norm_rope_cuda(
+    cands = [("cuda qk_norm_rope", lambda: _cuda_ext.qk_norm_rope_cuda(
                  q, k, norm_q.weight, norm_k.weight, cos, sin, 1e-6)),
              ("torch chain", lambda: rope.qk_norm_rope(q, k, norm_q, norm_k, (cos, sin),
                                                        backend="torch"))]
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
 
     env = environment("cuda")
     env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    env["storyattn_C"] = _cuda_ops.extension_error() is None
+    env["storyattn_C"] = _cuda_ext.extension_error() is None
     from storyattn.backends import cuda_backend
     env["flash_attn_3"] = cuda_backend.fa3_error() is None
 

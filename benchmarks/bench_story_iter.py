@@ -49,7 +49,7 @@ def _load(args):
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from pipelines.story_sdxl import resolve_ip_adapter
+    from pipelines.story_iter.backbone_sdxl import resolve_ip_adapter
 
     model, ip, enc = args.model, args.ip_adapter, args.image_encoder
     if model is None:

@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import environment, markdown_table, peak_extra_bytes, text_table, write_results  # noqa: E402
 
-from pipelines import train_losses as L  # noqa: E402
-from pipelines import train_model as M  # noqa: E402
+from pipelines.train import losses as L  # noqa: E402
+from pipelines.train import model as M  # noqa: E402
 
 CONFIGS = {
     # name: (transformer config overrides, image tokens side, text tokens, refs, batch groups)

@@ -3,7 +3,7 @@
 Importing this package never touches a GPU and never needs triton, flash-attn
 or xformers; backends are looked up on first use.
 """
-from .ops import available_backends, merge_attention_states, segment_attention
+from .api import available_backends, merge_attention_states, segment_attention
 from .cache import ReferenceKVCache
 from .gsa import GroupSharedAttention
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor

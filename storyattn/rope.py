@@ -283,12 +283,12 @@ def _triton_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]
 
 def _cuda_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
     """Why the ``csrc`` kernel cannot run these inputs, or None when it can."""
-    from . import _cuda_ops
+    from . import _cuda_ext
 
-    why = _cuda_ops.extension_error()
+    why = _cuda_ext.extension_error()
     if why is not None:
         return why
-    want = _cuda_ops.kernel_device_type()
+    want = _cuda_ext.kernel_device_type()
     if q.device.type != want:
         return f"tensors are on {q.device}; the cuda kernel needs {want} tensors"
     if rotary is None:
@@ -297,7 +297,7 @@ def _cuda_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
         if norm is None:
             return f"{name} is None: the cuda kernel always normalises (use 'torch' or 'triton')"
     why = _fused_reason(q, k, norm_q, norm_k, extra, "cuda",
-                        _cuda_ops.QK_NORM_ROPE_MAX_HEAD_DIM)
+                        _cuda_ext.QK_NORM_ROPE_MAX_HEAD_DIM)
     if why is not None:
         return why
     eps = {_norm_params(n, q.dtype)[1] for n in (norm_q, norm_k)}
@@ -373,7 +373,7 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _cuda_call(q, k, norm_q, norm_k, rotary, *, v=None, pool_k=None, pool_v=None,
                pool_index=None, pool_start=0, pool_cos=None, pool_sin=None):
-    from ._cuda_ops import qk_norm_rope_cuda
+    from ._cuda_ext import qk_norm_rope_cuda
 
     wq, eps, rq = _norm_params(norm_q, q.dtype)
     wk, _, rk = _norm_params(norm_k, q.dtype)

@@ -62,11 +62,11 @@ def cuda_emu_module():
 
 @pytest.fixture
 def emu(request, monkeypatch, capfd):
-    """storyattn._cuda_ops (and every backend built on it) served by the host
+    """storyattn._cuda_ext (and every backend built on it) served by the host
     emulation for this test, on CPU tensors; fails on any UBSan report."""
-    from storyattn import _cuda_ops
+    from storyattn import _cuda_ext
     mod = request.getfixturevalue("cuda_emu_module")
-    monkeypatch.setattr(_cuda_ops, "_load", lambda: (mod, None))
+    monkeypatch.setattr(_cuda_ext, "_load", lambda: (mod, None))
     yield types.SimpleNamespace(name="emu", device="cpu", emulated=True)
     err = capfd.readouterr().err
     assert "runtime error" not in err, f"UBSan (misaligned access in csrc/):\n{err[-4000:]}"

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import storyattn
-from storyattn import _cuda_ops
+from storyattn import _cuda_ext
 from storyattn.backends import SegmentInputs
 
 
@@ -41,7 +41,7 @@ HINT = "pip install -e . --no-build-isolation"
 
 
 def _ext_built() -> bool:
-    return _cuda_ops.extension_error() is None
+    return _cuda_ext.extension_error() is None
 
 
 needs_ext = pytest.mark.skipif(not _ext_built(), reason="storyattn._C is not built here "
@@ -144,9 +144,9 @@ def test_cuda_not_listed_and_explicit_request_explains():
 def test_wrappers_raise_with_build_hint():
     t = torch.zeros(1, 1, 1, 2)
     lse = torch.zeros(1, 1, 1)
-    for call in (lambda: _cuda_ops.merge_states_(t, lse, t, lse),
-                 lambda: _cuda_ops.qk_norm_rope_cuda(t, t, None, None, t[0, :, 0], t[0, :, 0]),
-                 lambda: _cuda_ops.segment_attn_fwd_cuda(t, t, t)):
+    for call in (lambda: _cuda_ext.merge_states_(t, lse, t, lse),
+                 lambda: _cuda_ext.qk_norm_rope_cuda(t, t, None, None, t[0, :, 0], t[0, :, 0]),
+                 lambda: _cuda_ext.segment_attn_fwd_cuda(t, t, t)):
         with pytest.raises(RuntimeError, match="STORYATTN_FORCE_CUDA_BUILD=1"):
             call()
 
@@ -195,7 +195,7 @@ def _fake_fa3(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False
 def test_fa3_split_merge_orchestration(monkeypatch, indexed):
     from storyattn.backends import cuda_backend
     monkeypatch.setattr(cuda_backend, "_fa3", lambda: (_fake_fa3, None))
-    monkeypatch.setattr(_cuda_ops, "merge_states_", _torch_merge_)
+    monkeypatch.setattr(_cuda_ext, "merge_states_", _torch_merge_)
     B, Lq, Lk, H, D, P, Lr = 3, 5, 4, 2, 16, 4, 3
     g = torch.Generator().manual_seed(1)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -310,7 +310,7 @@ def test_fused_kernel_vs_float64(kern, dtype, shape, indexed):
     q, k, v, rk, rv, idx = _seg_case(shape, dtype, indexed, kern.device)
     scale = 1.0 / math.sqrt(q.shape[-1])
     _poison_allocator(kern)
-    out, lse = _cuda_ops.segment_attn_fwd_cuda(q, k, v, rk, rv, idx, scale)
+    out, lse = _cuda_ext.segment_attn_fwd_cuda(q, k, v, rk, rv, idx, scale)
     ro, rl = ref_segment(q, k, v, rk, rv, idx, scale)
     base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, scale), ro)
     err = max_err(out, ro)
@@ -328,7 +328,7 @@ def test_fused_kernel_cp_async_landing_early(emu, monkeypatch, shape):
     corrupts their scores (the default run lands them as late as possible)."""
     monkeypatch.setenv("STORYATTN_EMU_CP_ASYNC", "early")
     q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, True, emu.device)
-    out, lse = _cuda_ops.segment_attn_fwd_cuda(q, k, v, rk, rv, idx)
+    out, lse = _cuda_ext.segment_attn_fwd_cuda(q, k, v, rk, rv, idx)
     ro, rl = ref_segment(q, k, v, rk, rv, idx)
     base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, 1.0 / math.sqrt(q.shape[-1])), ro)
     assert max_err(out, ro) <= 2 * base + ATOL[torch.bfloat16]
@@ -342,7 +342,7 @@ def test_fused_kernel_row_without_keys(kern):
     k = torch.randn(2, 0, 1, 64, dtype=dt, device=kern.device)
     rk = torch.randn(2, 9, 1, 64, dtype=dt, device=kern.device)
     idx = torch.tensor([[1, -1], [-1, -1]], device=kern.device)
-    out, lse = _cuda_ops.segment_attn_fwd_cuda(q, k, k, rk, rk, idx)
+    out, lse = _cuda_ext.segment_attn_fwd_cuda(q, k, k, rk, rk, idx)
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
     ro, rl = ref_segment(q[:1], k[:1], k[:1], rk, rk, idx[:1])
     assert max_err(out[:1], ro) <= 2 * ATOL[dt]
@@ -437,7 +437,7 @@ def test_merge_states_vs_float64(kern, dtype, D, mask_kind):
     elif mask_kind == "row":
         mask = torch.rand(B, L, device=dev) > 0.5
     ro, rl = ref_merge(oa, la, ob, lb, mask)
-    _cuda_ops.merge_states_(oa, la, ob, lb, mask)
+    _cuda_ext.merge_states_(oa, la, ob, lb, mask)
     assert torch.isfinite(oa).all()
     assert (oa[0, :3] == 0).all() and torch.isneginf(la[0, :, :3]).all()
     report(oa, ro, ATOL[dtype], "out")
@@ -468,7 +468,7 @@ def test_merge_states_strided_out(kern, layout):
     la, lb = torch.randn(B, H, L, device=dev), torch.randn(B, H, L, device=dev)
     ro, rl = ref_merge(oa.clone(), la.clone(), ob, lb)
     untouched = outside.clone()
-    _cuda_ops.merge_states_(oa, la, ob, lb)
+    _cuda_ext.merge_states_(oa, la, ob, lb)
     report(oa, ro, ATOL[dt], "out")
     report(la, rl, 1e-5, "lse")
     if layout == "offset":
@@ -487,11 +487,11 @@ def test_merge_states_cuda_graph_mask():
     lb = torch.randn_like(la0)
     oa, la = oa0.clone(), la0.clone()
     mask = torch.zeros(B, dtype=torch.bool, device="cuda")
-    _cuda_ops.merge_states_(oa, la, ob, lb, mask)  # warm up outside the capture
+    _cuda_ext.merge_states_(oa, la, ob, lb, mask)  # warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _cuda_ops.merge_states_(oa, la, ob, lb, mask)
+        _cuda_ext.merge_states_(oa, la, ob, lb, mask)
     for m in ([False, False], [True, False], [True, True]):
         oa.copy_(oa0)
         la.copy_(la0)
@@ -535,7 +535,7 @@ def test_qk_norm_rope_vs_torch_chain(kern, dtype, D, inplace):
     wk = torch.rand(D, device=dev, dtype=torch.float32) + 0.5
     cos, sin = _rope_tables(L, D, dev)
     rq, rk = _qk_ref(q, wq, cos, sin, 1e-6), _qk_ref(k, wk, cos, sin, 1e-6)
-    qo, ko = _cuda_ops.qk_norm_rope_cuda(q.clone() if inplace else q, k.clone() if inplace else k,
+    qo, ko = _cuda_ext.qk_norm_rope_cuda(q.clone() if inplace else q, k.clone() if inplace else k,
                                          wq, wk, cos, sin, 1e-6, inplace=inplace)
     # equal up to the order of the fp32 sum of squares: one unit in the last place
     ulp = {torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}[dtype]
@@ -557,7 +557,7 @@ def test_qk_norm_rope_round_before_weight_and_strided(kern):
     cos, sin = _rope_tables(L, D, dev)
     want = _qk_ref(q, w, cos, sin, 1e-6, round_before_w=True)
     others = fused[..., :D].clone(), fused[..., 2 * D:].clone()
-    qo, ko = _cuda_ops.qk_norm_rope_cuda(q, None, w, None, cos, sin, 1e-6, inplace=True,
+    qo, ko = _cuda_ext.qk_norm_rope_cuda(q, None, w, None, cos, sin, 1e-6, inplace=True,
                                          q_round_before_weight=True)
     assert ko is None and qo.data_ptr() == q.data_ptr()
     report(qo, want, 2 ** -9 * 8, "q")
@@ -582,7 +582,7 @@ def test_qk_norm_rope_pool_write(kern, extra):
     if extra:
         c1, s1 = _rope_tables(B, D, dev, offset=1.0)  # row b placed at index position b + 1
         ec, es = c1, s1
-    qo, ko = _cuda_ops.qk_norm_rope_cuda(q, k, w, w, cos, sin, 1e-6, v=v, pool_k=pool_k,
+    qo, ko = _cuda_ext.qk_norm_rope_cuda(q, k, w, w, cos, sin, 1e-6, v=v, pool_k=pool_k,
                                          pool_v=pool_v, entry_ids=ids, img_start=Ltxt,
                                          extra_cos=ec, extra_sin=es)
     report(ko, _qk_ref(k, w, cos, sin, 1e-6), 2 ** -6 * 4, "k")
@@ -603,27 +603,27 @@ def test_bad_inputs_raise_clear_errors(kern):
     dev = kern.device
     q = torch.randn(1, 8, 2, 64, device=dev, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
-        _cuda_ops.segment_attn_fwd_cuda(q[..., :32].contiguous(), q[..., :32].contiguous(),
+        _cuda_ext.segment_attn_fwd_cuda(q[..., :32].contiguous(), q[..., :32].contiguous(),
                                         q[..., :32].contiguous())
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        _cuda_ops.segment_attn_fwd_cuda(q.float(), q.float(), q.float())
+        _cuda_ext.segment_attn_fwd_cuda(q.float(), q.float(), q.float())
     other = q.to("meta") if kern.emulated else q.cpu()
     with pytest.raises(RuntimeError, match="CPU tensor" if kern.emulated else "CUDA tensor"):
-        _cuda_ops.segment_attn_fwd_cuda(q, other, q)
+        _cuda_ext.segment_attn_fwd_cuda(q, other, q)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         buf = torch.randn(1 * 8 * 2 * 64 + 1, device=dev, dtype=torch.bfloat16)
-        _cuda_ops.segment_attn_fwd_cuda(q, buf[1:].view(1, 8, 2, 64), q)
+        _cuda_ext.segment_attn_fwd_cuda(q, buf[1:].view(1, 8, 2, 64), q)
     with pytest.raises(RuntimeError, match="ref_index was given but there is no reference pool"):
-        _cuda_ops.segment_attn_fwd_cuda(q, q, q, ref_index=torch.zeros(1, 1, dtype=torch.long,
+        _cuda_ext.segment_attn_fwd_cuda(q, q, q, ref_index=torch.zeros(1, 1, dtype=torch.long,
                                                                        device=dev))
     lse = torch.zeros(1, 2, 8, device=dev)
     with pytest.raises(RuntimeError, match="lse_b must be"):
-        _cuda_ops.merge_states_(q.clone(), lse, q, lse[:, :1])
+        _cuda_ext.merge_states_(q.clone(), lse, q, lse[:, :1])
     with pytest.raises(RuntimeError, match="mask must be"):
-        _cuda_ops.merge_states_(q.clone(), lse, q, lse, torch.ones(3, 3, dtype=torch.bool,
+        _cuda_ext.merge_states_(q.clone(), lse, q, lse, torch.ones(3, 3, dtype=torch.bool,
                                                                    device=dev))
     cos = torch.zeros(8, 64, device=dev)
     with pytest.raises(RuntimeError, match="cos must be"):
-        _cuda_ops.qk_norm_rope_cuda(q, q, None, None, cos[:4], cos[:4])
+        _cuda_ext.qk_norm_rope_cuda(q, q, None, None, cos[:4], cos[:4])
     with pytest.raises(RuntimeError, match="a pool write needs"):
-        _cuda_ops.qk_norm_rope_cuda(q, q, None, None, cos, cos, pool_k=q)
+        _cuda_ext.qk_norm_rope_cuda(q, q, None, None, cos, cos, pool_k=q)

@@ -150,7 +150,7 @@ def test_preflight_refusal(story_file, tmp_path, capsys):
 
 
 def test_preflight_suggests_topk_for_flux():
-    from pipelines.story_memory import GiB, MemoryPlan, PreflightError, check_fits
+    from pipelines.story_iter.memory import GiB, MemoryPlan, PreflightError, check_fits
     from pipelines.tiny import get_tiny_flux
 
     plan = MemoryPlan(backbone="flux", model=get_tiny_flux(), frames=100, batch_size=4,
@@ -288,7 +288,7 @@ def test_flux_batch_scope_cache_equals_round_scope():
     import torch
     from PIL import Image
 
-    from pipelines.story_flux import FluxBackbone
+    from pipelines.story_iter.backbone_flux import FluxBackbone
     from pipelines.tiny import get_tiny_flux
 
     rng = np.random.default_rng(0)

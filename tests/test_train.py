@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import train as T
-from pipelines import train_losses as L
-from pipelines import train_model as M
+from pipelines.train import cli as T
+from pipelines.train import losses as L
+from pipelines.train import model as M
 from pipelines.tiny import get_tiny_flux
 
 REPO = Path(__file__).resolve().parents[1]

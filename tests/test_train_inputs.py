@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import train as T
-from pipelines import train_data as D
-from pipelines import train_model as M
+from pipelines.train import cli as T
+from pipelines.train import data as D
+from pipelines.train import model as M
 from pipelines.tiny import get_tiny_flux, tiny_flux_transformer_config
-from pipelines.train_synthetic import make_dpo_pairs, make_story_groups
+from pipelines.train.synthetic import make_dpo_pairs, make_story_groups
 
 
 @pytest.fixture(scope="module")

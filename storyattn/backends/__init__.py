@@ -21,7 +21,7 @@ import torch
 
 @dataclass
 class SegmentInputs:
-    """Validated inputs of one segment-attention call (see ``storyattn.ops``).
+    """Validated inputs of one segment-attention call (see ``storyattn.api``).
 
     ``ref_k``/``ref_v`` are ``None`` when there is no reference pool (``P == 0``
     or not given). ``ref_index`` is ``None`` (every target reads all ``P``

@@ -1,7 +1,7 @@
 """Shared glue for the inference-only adapters (flash-attn, xformers).
 
 Such a library gives single-segment attention with its lse; the segments are
-merged here with :func:`storyattn.ops.merge_states`.
+merged here with :func:`storyattn.api.merge_states`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib
 import torch
 
 from . import SegmentInputs
-from ..ops import merge_states
+from ..api import merge_states
 from .torch_backend import pool_forward
 
 

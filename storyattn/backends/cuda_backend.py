@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import Backend, SegmentInputs, register
-from .. import _cuda_ops
+from .. import _cuda_ext
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _FA3_MAX_HEAD_DIM = 256
@@ -74,7 +74,7 @@ def _use_fa3(inputs: SegmentInputs) -> bool:
 
 
 def _availability() -> Optional[str]:
-    why = _cuda_ops.extension_error()
+    why = _cuda_ext.extension_error()
     if why is not None:
         return why
     if not torch.cuda.is_available():
@@ -97,8 +97,8 @@ def _check(inputs: SegmentInputs) -> Optional[str]:
     if _use_fa3(inputs):
         if d > _FA3_MAX_HEAD_DIM or d % 8 != 0:
             return f"flash_attn_3 supports head_dim <= 256 and a multiple of 8, got {d}"
-    elif d not in _cuda_ops.SEGMENT_ATTN_HEAD_DIMS:
-        return (f"the fused cuda kernel supports head_dim in {_cuda_ops.SEGMENT_ATTN_HEAD_DIMS}, "
+    elif d not in _cuda_ext.SEGMENT_ATTN_HEAD_DIMS:
+        return (f"the fused cuda kernel supports head_dim in {_cuda_ext.SEGMENT_ATTN_HEAD_DIMS}, "
                 f"got {d}" + ("" if fa3_error() is None else
                               f" (larger/odd head dims need flash_attn_3 on sm_90: {fa3_error()})"))
     return None
@@ -119,7 +119,7 @@ def _kernel_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def forward_kernel(inputs: SegmentInputs) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused ``csrc`` kernel: one pass over own keys + pool entries."""
-    return _cuda_ops.segment_attn_fwd_cuda(
+    return _cuda_ext.segment_attn_fwd_cuda(
         _kernel_ready(inputs.q), _kernel_ready(inputs.k), _kernel_ready(inputs.v),
         _kernel_ready(inputs.ref_k), _kernel_ready(inputs.ref_v), inputs.ref_index,
         inputs.scale)
@@ -143,7 +143,7 @@ def forward_fa3(inputs: SegmentInputs) -> Tuple[torch.Tensor, torch.Tensor]:
                           ref_v.reshape(1, P * Lr, H, D), scale)
         po = po.reshape(B, Lq, H, D)
         pl = pl.reshape(H, B, Lq).permute(1, 0, 2)  # strided view; the merge takes strides
-        _cuda_ops.merge_states_(out, lse, po, pl)
+        _cuda_ext.merge_states_(out, lse, po, pl)
         return out, lse
     for r in range(ref_index.shape[1]):
         col = ref_index[:, r]
@@ -151,7 +151,7 @@ def forward_fa3(inputs: SegmentInputs) -> Tuple[torch.Tensor, torch.Tensor]:
         entries = col.clamp(min=0)  # -1 rows read entry 0 and are masked out of the merge
         po, pl = _fa3_fwd(q, ref_k.index_select(0, entries), ref_v.index_select(0, entries),
                           scale)
-        _cuda_ops.merge_states_(out, lse, po, pl, take)
+        _cuda_ext.merge_states_(out, lse, po, pl, take)
     return out, lse
 
 

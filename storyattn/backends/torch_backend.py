@@ -18,7 +18,7 @@ import torch
 
 from . import Backend, SegmentInputs, register
 from ._primitives import attn_bwd, attn_fwd, lse_dtype
-from ..ops import merge_states, merge_states_
+from ..api import merge_states, merge_states_
 
 
 def _fold(x):

@@ -105,7 +105,7 @@ def forward(inputs: SegmentInputs):
     """``(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32 natural log)``; no autograd.
 
     The public op wraps this and :func:`backward` in one ``torch.library`` custom
-    op (storyattn/_op.py) with its autograd formula; :class:`SegmentAttnFunction`
+    op (storyattn/_custom_op.py) with its autograd formula; :class:`SegmentAttnFunction`
     is the same pair as a plain autograd function for direct use.
     """
     return _kernels().segment_attn_fwd(inputs.q, inputs.k, inputs.v, inputs.ref_k,

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops import segment_attention
+from ..api import segment_attention
 from ..rope import qk_norm_rope, qk_norm_rope_into_cache, rotate_keys
 
 __all__ = ["GroupSharedFluxAttnProcessor", "GSAForwardContext", "MODES"]

@@ -46,7 +46,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ops import segment_attention
+from ..api import segment_attention
 
 __all__ = [
     "GlobalReferenceAttnProcessor",

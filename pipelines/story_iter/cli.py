@@ -283,7 +283,7 @@ def prepare_out(out: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     Refuses a folder made with a different config (naming every differing field), and a
     non-empty folder that is not a Story-Iter output."""
-    from pipelines.story_report import read_json
+    from pipelines.story_iter.report import read_json
 
     man = out / "manifest.json"
     if man.is_file():
@@ -317,7 +317,7 @@ def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
     prompts; and per frame the entries it reads (None = all).  Round 0 has none."""
     from PIL import Image
 
-    from pipelines.story_report import frame_path
+    from pipelines.story_iter.report import frame_path
 
     if r == 0:
         return [], [], None
@@ -358,13 +358,13 @@ def make_backbone(plan, args, cache_budget: Optional[int] = None):
     cfg = plan["config"]
     dtype = getattr(torch, plan["dtype"])
     if cfg["backbone"] == "sdxl":
-        from pipelines.story_sdxl import SDXLBackbone
+        from pipelines.story_iter.backbone_sdxl import SDXLBackbone
 
         return SDXLBackbone(plan["model"], plan["ip_adapter"], plan["image_encoder"],
                             cfg["loras"], plan["device"], dtype, cfg["height"], cfg["width"],
                             cfg["steps"], cfg["guidance"],
                             step_progress=not args.no_step_progress)
-    from pipelines.story_flux import FluxBackbone
+    from pipelines.story_iter.backbone_flux import FluxBackbone
 
     return FluxBackbone(plan["model"], cfg["loras"], plan["device"], dtype, cfg["height"],
                         cfg["width"], cfg["steps"], cfg["guidance"],
@@ -373,7 +373,7 @@ def make_backbone(plan, args, cache_budget: Optional[int] = None):
 
 
 def _memory_plan(plan, char_images: int):
-    from pipelines.story_memory import MemoryPlan
+    from pipelines.story_iter.memory import MemoryPlan
 
     cfg = plan["config"]
     extra = [p for p in (plan["ip_adapter"], plan["image_encoder"]) if p] + list(cfg["loras"])
@@ -386,7 +386,7 @@ def _memory_plan(plan, char_images: int):
 
 def preflight_estimate(plan, args, char_images: int):
     """The estimate and the available memory, without refusing (non-main processes)."""
-    from pipelines.story_memory import GiB, available_bytes, estimate
+    from pipelines.story_iter.memory import GiB, available_bytes, estimate
 
     avail = (int(args.max_memory * GiB) if args.max_memory is not None
              else available_bytes(plan["device"])[0])
@@ -395,7 +395,7 @@ def preflight_estimate(plan, args, char_images: int):
 
 def preflight(plan, args, char_images: int):
     """``(estimate, available)``; raises PreflightError with options when it will not fit."""
-    from pipelines.story_memory import GiB, check_fits
+    from pipelines.story_iter.memory import GiB, check_fits
 
     mp = _memory_plan(plan, char_images)
     if args.max_memory is not None:
@@ -405,7 +405,7 @@ def preflight(plan, args, char_images: int):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines.story_dist import init_dist
+    from pipelines.story_iter.dist import init_dist
 
     dist = init_dist(args.device)
     try:
@@ -430,8 +430,8 @@ def _run(args, dist) -> int:
     from tqdm.auto import tqdm
 
     from pipelines.story import StoryError
-    from pipelines.story_memory import PreflightError, fmt
-    from pipelines.story_report import (PeakMemory, atomic_write_json, frame_path, read_json,
+    from pipelines.story_iter.memory import PreflightError, fmt
+    from pipelines.story_iter.report import (PeakMemory, atomic_write_json, frame_path, read_json,
                                         round_dir, save_png_atomic, versions, write_index_html)
 
     try:
@@ -585,7 +585,7 @@ def _run(args, dist) -> int:
 def _merge_round(out: Path, r: int, scale: Optional[float], manifest: Dict[str, Any],
                  world: int) -> None:
     """Fold the processes' stats files of round r into the manifest."""
-    from pipelines.story_report import read_json, round_dir
+    from pipelines.story_iter.report import read_json, round_dir
 
     rdir = round_dir(out, r)
     per = []
@@ -619,6 +619,3 @@ def _merge_round(out: Path, r: int, scale: Optional[float], manifest: Dict[str, 
     for p in rdir.glob("_stats_rank*.json"):
         p.unlink()
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

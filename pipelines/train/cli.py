@@ -53,9 +53,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import train_data as D
-from . import train_losses as L
-from . import train_model as M
+from . import data as D
+from . import losses as L
+from . import model as M
 
 STATE_FILE = "training_state.json"
 TRAINABLE_FILE = "trainable_lora.safetensors"
@@ -237,7 +237,7 @@ class Trainer:
     def _resolve_inputs(self, acc):
         args = self.args
         if args.synthetic_model:
-            from .tiny import get_tiny_flux
+            from ..tiny import get_tiny_flux
 
             with acc.main_process_first():
                 args.model = get_tiny_flux()
@@ -249,7 +249,7 @@ class Trainer:
         args.resolution = args.resolution or res
         args.max_sequence_length = args.max_sequence_length or seq
         if args.synthetic_data:
-            from . import train_synthetic as S
+            from . import synthetic as S
 
             root = self.out / "synthetic_data"
             with acc.main_process_first():
@@ -691,6 +691,3 @@ def main(argv=None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -156,7 +156,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     inputs = validate(q, k, v, ref_k, ref_v, ref_index, scale)
     be = _backends.select(inputs, backend)
-    from ._op import run
+    from ._custom_op import run
     out, lse = run(be, inputs)
     return (out, lse) if return_lse else out
 
