@@ -7,9 +7,23 @@ from .api import available_backends, merge_attention_states, segment_attention
 from .cache import ReferenceKVCache
 from .gsa import GroupSharedAttention
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor
-from .processors.grca import GlobalReferenceAttnProcessor, install_global_reference_attention
 
 __version__ = "0.1.0"
+
+# GRCA's processor subclasses diffusers' IP-Adapter processor, so its module imports
+# diffusers: loaded on first access to keep ``import storyattn`` light.
+_LAZY = {"GlobalReferenceAttnProcessor": ".processors.grca",
+         "install_global_reference_attention": ".processors.grca"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "GroupSharedAttention",

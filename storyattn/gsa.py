@@ -123,7 +123,8 @@ class GroupSharedAttention:
             if not isinstance(proc, FluxAttnProcessor):
                 raise TypeError(f"attention layer {i} runs {type(proc).__name__}; "
                                 "GroupSharedAttention replaces diffusers' FluxAttnProcessor only "
-                                "(reset it with transformer.set_default_attn_processor())")
+                                "(pipe.unload_ip_adapter() or "
+                                "transformer.set_default_attn_processor() resets it)")
         heads = {a.heads for a in attns}
         dims = {a.head_dim for a in attns}
         if len(heads) != 1 or len(dims) != 1:
@@ -132,12 +133,14 @@ class GroupSharedAttention:
 
         self._attns = attns
         self._originals = [a.processor for a in attns]
+        self._procs = []
         for i, attn in enumerate(attns):
             new = GroupSharedFluxAttnProcessor(i, backend=backend, rope_backend=rope_backend)
             # Keep diffusers' attention backend choice for the no-mode path.
             new._attention_backend = getattr(attn.processor, "_attention_backend", None)
             new._parallel_config = getattr(attn.processor, "_parallel_config", None)
             attn.set_processor(new)
+            self._procs.append(new)
         self._hooks = [
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             model.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -182,13 +185,16 @@ class GroupSharedAttention:
     @contextlib.contextmanager
     def _activate(self, mode: _Mode) -> Iterator[None]:
         self._check_alive()
-        replaced = [i for i, a in enumerate(self._attns)
-                    if not isinstance(a.processor, GroupSharedFluxAttnProcessor)]
+        # identity, not type: diffusers' adapter loaders re-create a layer's processor
+        # with no arguments (layer_index 0), which would read the wrong cache layer
+        replaced = [i for i, (a, p) in enumerate(zip(self._attns, self._procs))
+                    if a.processor is not p]
         if replaced:
-            raise RuntimeError(f"attention layers {replaced} no longer run "
-                               "GroupSharedFluxAttnProcessor (set_attn_processor or an adapter "
-                               "loader replaced them after GroupSharedAttention was installed); "
-                               "remove() and install again")
+            raise RuntimeError(f"attention layers {replaced} no longer run the processors this "
+                               "GroupSharedAttention installed (set_attn_processor or an adapter "
+                               "loader such as pipe.load_ip_adapter / unload_ip_adapter replaced "
+                               "them); call gsa.remove(), then GroupSharedAttention(transformer) "
+                               "again")
         if self._mode is not None:
             raise RuntimeError(f"GSA mode {mode.name!r} requested while {self._mode.name!r} is "
                                "active; modes do not nest")
@@ -281,8 +287,11 @@ class GroupSharedAttention:
             return
         if self._mode is not None:
             raise RuntimeError(f"remove() inside an active {self._mode.name!r} block")
-        for attn, orig in zip(self._attns, self._originals):
-            attn.set_processor(orig)
+        for attn, orig, ours in zip(self._attns, self._originals, self._procs):
+            # ours, or a copy a diffusers loader re-created with no arguments: stock back;
+            # any other processor was put there by diffusers since, and stays
+            if attn.processor is ours or isinstance(attn.processor, GroupSharedFluxAttnProcessor):
+                attn.set_processor(orig)
         for h in self._hooks:
             h.remove()
         self._removed = True

@@ -193,7 +193,7 @@ def test_kv_computed_once_per_round(pipe):
 
 def test_remove_restores_stock_processors_and_state_dict(pipe):
     unet = pipe.unet
-    pipe.set_ip_adapter_scale(0.6)  # set_ip_adapter_scale only reaches stock processors
+    pipe.set_ip_adapter_scale(0.6)
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     keys_before = set(unet.state_dict().keys())
     handle = install_global_reference_attention(unet)

@@ -77,19 +77,27 @@ class GSAForwardContext:
     ref_index: Optional[torch.Tensor] = None
 
 
-_DIFFUSERS = {}
-
-
 def _diffusers_fns():
-    """diffusers' rotary and attention dispatch, imported on first use (keeps
-    ``import storyattn`` free of diffusers)."""
-    if not _DIFFUSERS:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
+    """diffusers' attention dispatch and rotary function.
 
-        _DIFFUSERS["dispatch"] = dispatch_attention_fn
-        _DIFFUSERS["rotary"] = apply_rotary_emb
-    return _DIFFUSERS["dispatch"], _DIFFUSERS["rotary"]
+    Imported here rather than at module import (``import storyattn`` stays free of
+    diffusers) and called by the processor's constructor, which keeps them as plain
+    attributes: a lazy cache read inside the forward would change a torch.compile guard
+    after the first call and force a recompile."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return dispatch_attention_fn, apply_rotary_emb
+
+
+def _resolve_backends() -> None:
+    """Load the segment-attention backend registry and cache every backend's
+    availability now, for the same reason: done lazily inside a compiled forward it would
+    be an import (a graph break) and a cache fill (a guard that changes)."""
+    from .. import backends
+
+    for b in backends.all_backends():
+        backends.availability(b)
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -144,6 +152,8 @@ class GroupSharedFluxAttnProcessor:
         self.layer_index = int(layer_index)
         self.backend = backend
         self.rope_backend = rope_backend
+        self._dispatch, self._apply_rotary = _diffusers_fns()
+        _resolve_backends()
 
     def __repr__(self) -> str:
         return (f"GroupSharedFluxAttnProcessor(layer_index={self.layer_index}, "
@@ -198,7 +208,7 @@ class GroupSharedFluxAttnProcessor:
     def _stock(self, attn, hidden_states, encoder_hidden_states, attention_mask,
                image_rotary_emb):
         """FluxAttnProcessor, call for call (so results are bit-identical)."""
-        dispatch, apply_rotary_emb = _diffusers_fns()
+        dispatch, apply_rotary_emb = self._dispatch, self._apply_rotary
         q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
         D = attn.head_dim
         q, k, v = _heads(q, D), _heads(k, D), _heads(v, D)
@@ -268,8 +278,7 @@ class GroupSharedFluxAttnProcessor:
 
     def _self_attention(self, q, k, v):
         """Rows attending only to themselves (references), as the stock processor does."""
-        dispatch, _ = _diffusers_fns()
-        return dispatch(q, k, v, backend=self._attention_backend)
+        return self._dispatch(q, k, v, backend=self._attention_backend)
 
     def _in_batch(self, q, k, v, text_len, ctx):
         B, L, H, D = q.shape

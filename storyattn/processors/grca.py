@@ -30,12 +30,16 @@ Usage::
         images = pipe(prompt=prompts, ...).images     # no ip_adapter_image here
     handle.remove()                                   # stock IP-Adapter processors back
 
-Outside a ``references`` block the processor computes exactly what the stock
-``IPAdapterAttnProcessor2_0`` computes (with the stock processor's own scale, which
-``pipe.set_ip_adapter_scale`` no longer reaches while GRCA is installed: set it before
-installing).  Inside a block the weight is the round's ``scale``, and only the adapter at
+Outside a ``references`` block the processor *is* diffusers' IP-Adapter processor: it
+subclasses ``IPAdapterAttnProcessor2_0`` (so diffusers' ``set_ip_adapter_scale``,
+``unload_ip_adapter`` and xformers switch recognise it), its ``scale`` list is the wrapped
+stock processor's own list, and every call is handed to that stock processor unchanged
+(scales incl. per-layer dicts, ``ip_adapter_masks``, multi-token embeddings, several
+adapters).  Inside a block the weight is the round's ``scale``, and only the adapter at
 ``adapter_index`` is used (others loaded alongside it are ignored).  The processors keep no
-global state: the round's values live in a :class:`GRCAState` owned by the handle.
+global state: the round's values live in a :class:`GRCAState` owned by the handle.  A
+diffusers call that replaces them (``pipe.load_ip_adapter``, ``unload_ip_adapter``,
+``set_attn_processor``) leaves the handle stale: its rounds then refuse to open.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from ..api import segment_attention
 
@@ -100,12 +105,14 @@ def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, x.shape[-1] // heads))
 
 
-class GlobalReferenceAttnProcessor(torch.nn.Module):
+class GlobalReferenceAttnProcessor(IPAdapterAttnProcessor2_0):
     """Drop-in replacement for diffusers' ``IPAdapterAttnProcessor2_0`` (see module docs).
 
-    It reuses the stock processor's ``to_k_ip`` / ``to_v_ip`` ModuleLists (same attribute
-    names, so the UNet's state dict keys do not change) and keeps the stock processor to
-    restore it and to run it while no round is open.
+    A subclass, so diffusers' own ``isinstance`` checks (``set_ip_adapter_scale``,
+    ``unload_ip_adapter``) treat it as the IP-Adapter processor it wraps.  It reuses the
+    stock processor's ``to_k_ip`` / ``to_v_ip`` ModuleLists (same attribute names, so the
+    UNet's state dict keys do not change), shares its ``scale`` list, and keeps the stock
+    processor to restore it and to run it while no round is open.
 
     Args:
         original: the ``IPAdapterAttnProcessor2_0`` installed by ``pipe.load_ip_adapter``.
@@ -115,7 +122,9 @@ class GlobalReferenceAttnProcessor(torch.nn.Module):
     """
 
     def __init__(self, original, state: GRCAState, name: str, adapter_index: int = 0):
-        super().__init__()
+        # the parent's __init__ would build new to_k_ip/to_v_ip layers: the stock
+        # processor's own are registered below instead
+        torch.nn.Module.__init__(self)
         if not (hasattr(original, "to_k_ip") and hasattr(original, "to_v_ip")):
             raise TypeError(f"{name}: processor {type(original).__name__} carries no IP-Adapter "
                             "weights (to_k_ip/to_v_ip); load one with pipe.load_ip_adapter(...)")
@@ -133,6 +142,17 @@ class GlobalReferenceAttnProcessor(torch.nn.Module):
         # registered above, and the state is shared by every layer of the handle.
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "state", state)
+
+    @property
+    def scale(self) -> list:
+        """The stock processor's per-adapter scale list itself: diffusers'
+        ``set_ip_adapter_scale`` assigns its items, and the stock call outside a round
+        reads them."""
+        return self.original.scale
+
+    @scale.setter
+    def scale(self, value) -> None:
+        self.original.scale = value
 
     # -- per-round K/V --------------------------------------------------------------------
     @torch.no_grad()
@@ -391,11 +411,27 @@ class GRCAHandle:
         with self._open_round():
             yield st
 
+    def _replaced_layers(self) -> List[str]:
+        """Layers whose processor is no longer this handle's (a diffusers call such as
+        ``pipe.load_ip_adapter`` / ``unload_ip_adapter`` / ``set_attn_processor`` put
+        another one there)."""
+        procs = self.unet.attn_processors
+        return [n for n, p in self.processors.items() if procs.get(n) is not p]
+
     def _check_can_open(self) -> None:
         if self._removed:
-            raise RuntimeError("this GRCA handle was removed")
+            raise RuntimeError("this GRCA handle was removed; install a new one with "
+                               "install_global_reference_attention(pipe.unet)")
         if self.state.active:
             raise RuntimeError("a GRCA round is already open on this handle")
+        replaced = self._replaced_layers()
+        if replaced:
+            raise RuntimeError(
+                f"{len(replaced)} of {len(self.processors)} cross-attention layers (first: "
+                f"{replaced[0]}) no longer run this handle's GlobalReferenceAttnProcessor "
+                "(pipe.load_ip_adapter, unload_ip_adapter or set_attn_processor replaced them "
+                "after install); call handle.remove(), then install_global_reference_attention("
+                "pipe.unet) again with an IP-Adapter loaded")
 
     @contextlib.contextmanager
     def _open_round(self) -> Iterator[None]:
@@ -408,7 +444,10 @@ class GRCAHandle:
         try:
             yield
         finally:
-            self.unet.encoder_hid_proj = saved_proj
+            # a diffusers call inside the block that replaced the processors (a new or
+            # unloaded adapter) owns the projection now: leave its value
+            if self.unet.encoder_hid_proj is None and not self._replaced_layers():
+                self.unet.encoder_hid_proj = saved_proj
             st.active = False
             st.kv = {}
             st.ref_index = None
@@ -435,14 +474,17 @@ class GRCAHandle:
             self.state.ref_index = prev
 
     def remove(self) -> None:
-        """Put the stock IP-Adapter processors back (idempotent)."""
+        """Put the stock IP-Adapter processors back (idempotent).  Layers a diffusers call
+        has meanwhile given another processor (a reloaded or unloaded adapter) keep it."""
         if self._removed:
             return
         if self.state.active:
             raise RuntimeError("close the open round before remove()")
         modules = dict(self.unet.named_modules())
+        current = self.unet.attn_processors
         for name, original in self._originals.items():
-            modules[name[: -len(".processor")]].set_processor(original)
+            if current.get(name) is self.processors[name]:
+                modules[name[: -len(".processor")]].set_processor(original)
         self._removed = True
 
 
