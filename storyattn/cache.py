@@ -1,4 +1,4 @@
-"""Clean-reference key/value cache of Group-Shared Attention (see DESIGN.md, "Caches").
+"""Clean-reference key/value cache of Group-Shared Attention (see docs/design.md and docs/cache-format.md).
 
 A :class:`ReferenceKVCache` holds, for every attention layer of a FLUX transformer,
 the pool ``(ref_k, ref_v)`` of the reference images' **image tokens** after q/k

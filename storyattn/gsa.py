@@ -2,9 +2,9 @@
 
 ::
 
-    gsa = GroupSharedAttention(transformer)          # every attention layer
-    cache = ReferenceKVCache()
-    with gsa.record(cache):                          # batch = references at timestep 0
+    gsa = GroupSharedAttention(pipe.transformer)     # every attention layer
+    cache = gsa.record_images(pipe, images, prompts) # clean references -> a ReferenceKVCache
+    with gsa.record(cache):                          # low level: rows = references at timestep 0
         transformer(...)
     with gsa.replay(cache):                          # batch = targets, read every entry
         transformer(...)
@@ -39,7 +39,7 @@ Placement = Union[str, Callable[[int], Sequence[float]]]
 # FluxTransformer2DModel.forward(hidden_states, encoder_hidden_states, pooled_projections,
 # timestep, img_ids, txt_ids, guidance, joint_attention_kwargs, ...): positions of the
 # arguments the pre-hook reads or rewrites when they are passed positionally.
-_ARG_HIDDEN, _ARG_ENCODER, _ARG_JOINT_KW = 0, 1, 7
+_ARG_HIDDEN, _ARG_ENCODER, _ARG_TIMESTEP, _ARG_JOINT_KW = 0, 1, 3, 7
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +65,7 @@ class GroupSharedAttention:
             wrapped by ``torch.compile`` / DDP: the model inside is used).  Its layers must run diffusers'
             ``FluxAttnProcessor`` (the default).
         placement: where reference keys go on the rotary axes.  ``"index"`` (default,
-            DESIGN.md): reference ``i`` at ids ``(i + 1, row, col)``, i.e. one extra
+            docs/design.md): reference ``i`` at ids ``(i + 1, row, col)``, i.e. one extra
             rotation by the angle of ``(i + 1, 0, 0)``; ``"none"``: no extra rotation
             (references share the targets' positions); or a callable
             ``i -> ids`` (one value per rotary axis) giving the offset of entry ``i``.
@@ -224,11 +224,49 @@ class GroupSharedAttention:
         return self._activate(_Mode("in_batch", group_size=int(group_size),
                                     num_targets=int(num_targets)))
 
+    def record_images(self, pipe, images, prompts=None, cache: Optional[ReferenceKVCache] = None,
+                      *, height: Optional[int] = None, width: Optional[int] = None,
+                      batch_size: int = 4, guidance: float = 3.5,
+                      max_sequence_length: Optional[int] = None,
+                      replace: bool = False) -> ReferenceKVCache:
+        """Record clean reference images into a :class:`ReferenceKVCache` in one call.
+
+        Each image is preprocessed by ``pipe.image_processor`` (resized to
+        ``height`` x ``width``, default the first image's size rounded down to a
+        multiple of 16), encoded by ``pipe.vae`` (posterior mode, FLUX shift and
+        scaling), packed into 2x2 patch tokens with the ids ``FluxPipeline`` gives a
+        lone image, and run through ``pipe.transformer`` at timestep 0 (sigma 0, the
+        clean image) with its prompt, ``batch_size`` images per forward, in the
+        transformer's dtype and on its device; each image's placed image-token K/V
+        of every layer become one cache entry, in order.
+
+        Args:
+            pipe: the ``FluxPipeline`` whose transformer this handle was installed on.
+            images: a PIL image, a ``[3, H, W]`` / ``[N, 3, H, W]`` tensor (values in
+                [0, 1], or [-1, 1]), or a list of those.
+            prompts: None (empty prompts), one string for every image, or one per image.
+            cache: the cache to append to (a new one when None).
+            replace: start ``cache`` over first (storage re-used).
+            guidance: distilled guidance value for models with ``guidance_embeds``.
+            max_sequence_length: T5 tokens (default: min(512, the tokenizer's limit)).
+
+        Returns the cache.  Targets must later be drawn at the same size (same image
+        token count) to replay it.
+        """
+        from .references import record_images
+
+        return record_images(self, pipe, images, prompts, cache, height=height, width=width,
+                             batch_size=batch_size, guidance=guidance,
+                             max_sequence_length=max_sequence_length, replace=replace)
+
     def record(self, cache: ReferenceKVCache, *, replace: bool = False):
-        """Context manager: every forward's rows are references (timestep 0); they run
-        as lone images and their placed image-token K/V are appended to ``cache``
-        (entry numbers continue from ``len(cache)``).  ``replace=True`` starts the
-        cache over first (a new Story-Iter round; storage re-used)."""
+        """Context manager (low level): every forward's rows are references at
+        timestep 0; they run as lone images and their placed image-token K/V are
+        appended to ``cache`` (entry numbers continue from ``len(cache)``).
+        ``replace=True`` starts the cache over first (a new Story-Iter round; storage
+        re-used).  A forward at a timestep other than 0 is refused, and with it a
+        whole ``pipe(...)`` call (its first step is at sigma 1): use
+        :meth:`record_images` to record images."""
         self._check_alive()
         if not isinstance(cache, ReferenceKVCache):
             raise TypeError(f"record needs a ReferenceKVCache, got {type(cache).__name__}")
@@ -341,6 +379,16 @@ class GroupSharedAttention:
             fields.update(group_size=G, num_targets=T,
                           ref_rotary=self._placement_rotary(0, G - T, hs.device))
         elif mode.name == "record":
+            ts = kwargs["timestep"] if "timestep" in kwargs else (
+                args[_ARG_TIMESTEP] if len(args) > _ARG_TIMESTEP else None)
+            if ts is None or bool(torch.as_tensor(ts).ne(0).any()):
+                got = "no timestep" if ts is None else \
+                    f"timestep {torch.as_tensor(ts).flatten()[:4].tolist()}"
+                raise ValueError(
+                    f"GroupSharedAttention.record: the transformer was called with {got}, but "
+                    "references are recorded clean, at timestep 0 (a whole pipe(...) call inside "
+                    "record() would record the noisy latents of every step); use "
+                    "gsa.record_images(pipe, images, prompts) to record reference images")
             cache = mode.cache
             start = cache._begin(self.cache_signature(n_img))
             self._pending_record = (cache, start, B)

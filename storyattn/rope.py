@@ -18,7 +18,7 @@ calls the norm modules themselves and the same rotation formula
 (differentiable, any device).
 
 :func:`qk_norm_rope_into_cache` also writes the image tokens' keys (optionally
-rotated once more, see DESIGN.md "Position ids of references") and values into a
+rotated once more, see docs/design.md, "Where reference keys sit") and values into a
 preallocated reference pool in that pass. :func:`reference_key_rotary` gives the
 extra rotation of entry ``i`` (ids ``(i + 1, 0, 0)``) from the model's own
 ``FluxPosEmbed``; :func:`rotate_keys` applies it to keys already rotated.

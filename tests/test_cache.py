@@ -50,7 +50,7 @@ def test_refuses_token_count_mismatch():
     # appending references of another size to a non-empty cache
     with gsa.record(cache), torch.no_grad():
         with pytest.raises(ValueError, match="image tokens per reference: cache 16 vs model 36"):
-            m(**flux_inputs(1, h=6, w=6))
+            m(**zero_ref_timesteps(flux_inputs(1, h=6, w=6), [0]))
     assert len(cache) == 2
     # opt-in: targets at another resolution read the pool
     with gsa.replay(cache, strict_tokens=False), torch.no_grad():
@@ -68,7 +68,7 @@ def test_refuses_tampered_pool_other_dtype_and_placement():
     gsa2 = GroupSharedAttention(m2)
     cache = ReferenceKVCache()
     with torch.no_grad(), gsa2.record(cache):
-        m2(**flux_inputs(2))
+        m2(**zero_ref_timesteps(flux_inputs(2), [0, 1]))
     cache.to(dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="dtype: cache 'bfloat16' vs model 'float32'"):
         gsa2.replay(cache)
@@ -139,13 +139,13 @@ def test_estimate_bytes_predicts_nbytes():
         gsa = GroupSharedAttention(m)
         cache = ReferenceKVCache()
         with torch.no_grad(), gsa.record(cache):
-            m(**flux_inputs(n, h=h, w=w))
+            m(**zero_ref_timesteps(flux_inputs(n, h=h, w=w), range(n)))
         gsa.remove()
         assert cache.nbytes == est_model == est_cfg
         assert cache.allocated_nbytes == cache.nbytes
         layers = TINY["num_layers"] + TINY["num_single_layers"]
         assert cache.nbytes == 2 * layers * n * h * w * 2 * 16 * 4
-    # FLUX.1-dev, 3 references at 1024^2, bf16 (DESIGN.md numbers)
+    # FLUX.1-dev, 3 references at 1024^2, bf16 (the sizes in docs/design.md)
     flux_dev = dict(num_layers=19, num_single_layers=38, num_attention_heads=24,
                     attention_head_dim=128)
     assert ReferenceKVCache.estimate_bytes(flux_dev, 3, 4096, torch.bfloat16) == \
@@ -217,7 +217,7 @@ def test_failed_record_forward_leaves_cache_unchanged():
 
     h = m.single_transformer_blocks[0].register_forward_pre_hook(boom)
     with gsa.record(cache), torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
-        m(**flux_inputs(1))
+        m(**zero_ref_timesteps(flux_inputs(1), [0]))
     h.remove()
     assert len(cache) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, cache.layer(0)))

@@ -76,10 +76,12 @@ def cat_rows(*parts: dict) -> dict:
 
 
 def record_refs(gsa, model, x, ref_rows):
-    """A new ReferenceKVCache holding rows ``ref_rows`` of ``x`` (one record pass)."""
+    """A new ReferenceKVCache holding rows ``ref_rows`` of ``x`` (one record pass, at
+    timestep 0: record mode refuses any other)."""
+    ref_rows = list(ref_rows)
     cache = ReferenceKVCache()
     with gsa.record(cache):
-        model(**rows(x, ref_rows))
+        model(**zero_ref_timesteps(rows(x, ref_rows), range(len(ref_rows))))
     return cache
 
 
@@ -267,7 +269,7 @@ def test_modes_do_not_nest_and_bad_arguments():
     with pytest.raises(ValueError, match="empty"):
         gsa.replay(cache)
     with torch.no_grad(), gsa.record(cache):
-        m(**flux_inputs(2))
+        m(**zero_ref_timesteps(flux_inputs(2), [0, 1]))
     with pytest.raises(ValueError, match=r"ref_index values must lie in \[-1, 2\)"):
         gsa.replay(cache, ref_index=torch.tensor([[0, 2]]))
     with pytest.raises(TypeError, match="integer"):

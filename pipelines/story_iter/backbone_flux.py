@@ -1,10 +1,10 @@
 """FLUX backbone of Story-Iter: Group-Shared Attention replay from a per-round cache.
 
 Per round r >= 1 the references (round r-1's frames, plus any character reference
-images) are recorded once into a :class:`storyattn.ReferenceKVCache`: each image goes
-through the VAE encoder (counted), is packed into FLUX's 2x2 patch tokens, and one
-transformer forward at timestep 0 with its own prompt writes its image-token K/V of
-every layer into the cache (``GroupSharedAttention.record``).  Targets are then drawn in
+images) are recorded once into a :class:`storyattn.ReferenceKVCache` by
+``GroupSharedAttention.record_images``: each image goes through the VAE encoder
+(counted), is packed into FLUX's 2x2 patch tokens, and a transformer forward at
+timestep 0 with its own prompt writes its image-token K/V of every layer into the cache.  Targets are then drawn in
 batches with the stock ``FluxPipeline.__call__`` inside ``GroupSharedAttention.replay``,
 each reading its selected entries (``ref_index``; -1 = padding).
 
@@ -69,8 +69,8 @@ class FluxBackbone:
         self.max_seq = min(512, int(pipe.tokenizer_2.model_max_length))
         # Reference j (its number in the round: frame j of round r-1, then the character
         # images) sits at rotary ids (j + 1, 0, 0) whatever cache entry holds it, so the
-        # pictures do not depend on the cache scope (DESIGN.md's "index" placement when
-        # entry == reference, as in a round-scope cache).
+        # pictures do not depend on the cache scope (the default "index" placement of
+        # docs/design.md when entry == reference, as in a round-scope cache).
         axes = len(pipe.transformer.pos_embed.axes_dim)
 
         def placement(entry: int):
@@ -115,44 +115,16 @@ class FluxBackbone:
         self.cache.clear()
 
     @torch.no_grad()
-    def _vae_encode(self, images: List) -> torch.Tensor:
-        """Images -> packed, scaled latents ``[n, L, 64]`` (deterministic: the mode)."""
-        pipe = self.pipe
-        px = pipe.image_processor.preprocess(images, height=self.height, width=self.width)
-        px = px.to(device=self.device, dtype=pipe.vae.dtype)
-        lat = pipe.vae.encode(px).latent_dist.mode()
-        self.encoder_images += len(images)
-        lat = (lat - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-        n, c, h, w = lat.shape
-        return pipe._pack_latents(lat.to(self.dtype), n, c, h, w), h, w
-
-    @torch.no_grad()
     def _record(self, ref_ids: List[int]) -> None:
         """Record references ``ref_ids`` (in this order) into a fresh cache."""
-        pipe = self.pipe
-        self.cache.reset()
-        self.cache.reserve(len(ref_ids))
         self._cached = list(ref_ids)  # read by the placement while recording
-        for s in range(0, len(ref_ids), self.record_batch):
-            chunk = ref_ids[s:s + self.record_batch]
-            packed, h, w = self._vae_encode([self._refs[i] for i in chunk])
-            embeds, pooled, text_ids = pipe.encode_prompt(
-                prompt=[self._ref_prompts[i] for i in chunk], prompt_2=None, device=self.device,
-                max_sequence_length=self.max_seq)
-            img_ids = pipe._prepare_latent_image_ids(len(chunk), h // 2, w // 2, self.device,
-                                                     self.dtype)
-            guidance = None
-            if pipe.transformer.config.guidance_embeds:
-                guidance = torch.full((len(chunk),), self.guidance, device=self.device,
-                                      dtype=torch.float32)
-            with self.gsa.record(self.cache):
-                pipe.transformer(hidden_states=packed,
-                                 timestep=torch.zeros(len(chunk), device=self.device,
-                                                      dtype=self.dtype),
-                                 guidance=guidance, pooled_projections=pooled,
-                                 encoder_hidden_states=embeds, txt_ids=text_ids,
-                                 img_ids=img_ids, return_dict=False)
-            self.record_forwards += 1
+        self.gsa.record_images(self.pipe, [self._refs[i] for i in ref_ids],
+                               [self._ref_prompts[i] for i in ref_ids], cache=self.cache,
+                               height=self.height, width=self.width,
+                               batch_size=self.record_batch, guidance=self.guidance,
+                               max_sequence_length=self.max_seq, replace=True)
+        self.encoder_images += len(ref_ids)
+        self.record_forwards += -(-len(ref_ids) // self.record_batch)
 
     # -- drawing ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -99,32 +99,28 @@ def encode_prompts(pipe, prompts: Sequence[str], device, max_sequence_length: in
     return out
 
 
-@torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [-1, 1] -> normalised FLUX latents ``[B, 16, H/f, W/f]``.
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> normalised FLUX latents ``[B, 16, H/f, W/f]``
+    (float32), by the same code that records GSA references
+    (:func:`storyattn.references.encode_latents`: posterior mode, so a cached latent
+    equals an on-the-fly one and training stays deterministic)."""
+    from storyattn.references import encode_latents as encode
 
-    The posterior mode (not a sample) is used, so a cached latent equals an
-    on-the-fly one and training stays deterministic.
-    """
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    lat = vae.encode(pixels).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((lat - shift) * vae.config.scaling_factor).float()
+    return encode(vae, pixels).float()
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` -> FLUX packed ``[B, H/2 * W/2, 4C]`` (2x2 patches)."""
-    from diffusers import FluxPipeline
+    from storyattn.references import pack_latents as pack
 
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
+    return pack(latents)
 
 
 def image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tensor:
     """Position ids ``[H/2 * W/2, 3]`` of a lone image, as FluxPipeline makes them."""
-    from diffusers import FluxPipeline
+    from storyattn.references import latent_image_ids
 
-    return FluxPipeline._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, device, dtype)
+    return latent_image_ids(latent_h, latent_w, device, dtype)
 
 
 def flux_forward(transformer, packed: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
