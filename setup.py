@@ -98,7 +98,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "ninja"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib", "ninja"],
         "bench": ["matplotlib"],
         "flash": ["flash-attn>=2.6"],
         "xformers": ["xformers>=0.0.28"],

@@ -194,9 +194,16 @@ def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story"
                 errors.append(f"{rw}: {r!r} is not an image file "
                               f"({', '.join(sorted(_IMAGE_SUFFIXES))})")
                 continue
-            if check_files and not p.is_file():
-                errors.append(f"{rw}: file not found: {p}")
-                continue
+            if check_files:
+                try:
+                    found = p.is_file()
+                except (OSError, ValueError) as e:  # name too long, NUL byte, ...
+                    errors.append(f"{rw}: cannot look up {r[:60]!r}: "
+                                  f"{getattr(e, 'strerror', None) or e}")
+                    continue
+                if not found:
+                    errors.append(f"{rw}: file not found: {p}")
+                    continue
             paths.append(str(p))
         characters.append(Character(name, desc, tuple(paths)))
 
@@ -254,11 +261,16 @@ def load_story(path) -> Story:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise StoryError([f"cannot read the file: {e}"], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise StoryError([f"byte {e.start}: not UTF-8 text (save the story as UTF-8 JSON)"],
+                         str(path)) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise StoryError([f"line {e.lineno} column {e.colno}: invalid JSON: {e.msg}"],
                          str(path)) from None
+    except RecursionError:
+        raise StoryError(["invalid story: JSON nested too deeply"], str(path)) from None
     return parse_story(obj, base_dir=path.parent, source=str(path))
 
 
