@@ -57,13 +57,13 @@ def test_docs_links_resolve_and_nothing_points_outside_the_repo():
             assert (DOCS / target).is_file(), f"{page.name} links to missing {target}"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
+    outside = ("DES" + "IGN.md", ".." + "/sha" + "red")  # split: this file is no hit itself
     bad = []
     for f in files:
         p = ROOT / f
-        if p.suffix in {".py", ".md", ".txt", ".cfg", ".ini", ".sh", ".toml"} and p.is_file() \
-                and p.name != "test_docs.py":
+        if p.suffix in {".py", ".md", ".txt", ".cfg", ".ini", ".sh", ".toml"} and p.is_file():
             text = p.read_text(errors="replace")
-            if "DESIGN.md" in text or "../shared" in text:
+            if any(s in text for s in outside):
                 bad.append(f)
     assert not bad, f"files that refer to documents outside the repository: {bad}"
 
