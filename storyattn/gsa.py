@@ -233,7 +233,7 @@ class GroupSharedAttention:
 
         Each image is preprocessed by ``pipe.image_processor`` (resized to
         ``height`` x ``width``, default the first image's size rounded down to a
-        multiple of 16), encoded by ``pipe.vae`` (posterior mode, FLUX shift and
+        multiple of twice the VAE scale factor, 16 for FLUX.1), encoded by ``pipe.vae`` (posterior mode, FLUX shift and
         scaling), packed into 2x2 patch tokens with the ids ``FluxPipeline`` gives a
         lone image, and run through ``pipe.transformer`` at timestep 0 (sigma 0, the
         clean image) with its prompt, ``batch_size`` images per forward, in the
