@@ -84,6 +84,7 @@ setup(
     packages=["storyattn", "storyattn.backends", "storyattn.processors", "storyattn.kernels"]
     + find_packages(include=["pipelines", "pipelines.*"]),
     package_dir={"storyattn.kernels": "kernels"},
+    package_data={"pipelines.studio": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system=='Linux'",
@@ -98,7 +99,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib", "ninja"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "matplotlib", "ninja",
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx", "selenium>=4.10"],
+        # the local studio page (python -m pipelines.studio)
+        "studio": ["fastapi>=0.110", "uvicorn>=0.29"],
         "bench": ["matplotlib"],
         "flash": ["flash-attn>=2.6"],
         "xformers": ["xformers>=0.0.28"],

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.candidates.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.studio.cli import main
+
+sys.exit(main())
