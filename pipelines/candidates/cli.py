@@ -218,21 +218,27 @@ def run(args) -> int:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         bar = tqdm(total=n_todo, desc="candidates", unit="img")
         done, t_draw = 0, time.perf_counter()
-        for s in scenarios:
-            missing = todo[s.id]
-            if not missing:
+        for s, entry in zip(scenarios, manifest["scenarios"]):
+            if not todo[s.id]:
                 continue
             refs = _copy_references(out, s)
             # one cache per scenario: its references recorded once, read by every candidate
             bb.begin_round(refs, 0.0, ref_prompts=[s.prompt] * len(refs))
             try:
-                for b in range(0, len(missing), args.batch_size):
-                    chunk = missing[b:b + args.batch_size]
+                cands = entry["candidates"]
+                for b in range(0, len(cands), args.batch_size):
+                    chunk = cands[b:b + args.batch_size]
+                    missing = [c for c in chunk if not (out / c["file"]).is_file()]
+                    if not missing:
+                        continue
+                    # a partly written batch is drawn whole (same batch, same numbers), so a
+                    # resumed set is bit-identical to an uninterrupted one
                     gens = [torch.Generator("cpu").manual_seed(c["seed"]) for c in chunk]
                     for c, img in zip(chunk, bb.draw([s.prompt] * len(chunk), gens)):
-                        save_png_atomic(img, out / c["file"])
-                    done += len(chunk)
-                    bar.update(len(chunk))
+                        if c in missing:
+                            save_png_atomic(img, out / c["file"])
+                    done += len(missing)
+                    bar.update(len(missing))
             finally:
                 bb.end_round()
             rate = (time.perf_counter() - t_draw) / done
