@@ -84,6 +84,20 @@ class UserError(Exception):
     pass
 
 
+def _is_tiny(model: str) -> bool:
+    """The tiny preset's transformer (pipelines/tiny.py) gets the tiny sizes by default."""
+    import json
+
+    from pipelines.tiny import tiny_flux_transformer_config
+
+    try:
+        cfg = json.loads((Path(model) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    tiny = tiny_flux_transformer_config()
+    return all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in tiny.items())
+
+
 def _resolve(args) -> dict:
     import torch
 
@@ -104,7 +118,9 @@ def _resolve(args) -> dict:
         if not (Path(model) / "model_index.json").is_file():
             raise UserError(f"--model {args.model}: no model_index.json there; pass a local "
                             "diffusers FLUX pipeline folder")
-        sizes = FULL
+        sizes = TINY if _is_tiny(model) else FULL
+        if sizes is TINY:
+            notes.append(f"--model {args.model} is the tiny preset: defaults {TINY}")
     loras = []
     for lora in args.lora:
         p = Path(lora)
