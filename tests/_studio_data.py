@@ -1,8 +1,10 @@
 """Folders the studio tests serve: a Story-Iter run in report.py's layout and a candidate
 set in candidates.json's layout (pictures are flat colours, so tests know each pixel),
 plus a studio server in a subprocess on a free loopback port."""
+import contextlib
 import json
 import os
+import threading
 import socket
 import subprocess
 import sys
@@ -100,3 +102,26 @@ class Server:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def thread_server(root: Path):
+    """The studio app under uvicorn in a thread (same process): yields its base URL."""
+    import uvicorn
+
+    from pipelines.studio.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        if not th.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(10)

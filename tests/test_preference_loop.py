@@ -10,8 +10,6 @@ import io
 import json
 import math
 import os
-import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -19,11 +17,10 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the studio needs fastapi and uvicorn")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn", reason="the studio needs fastapi and uvicorn")
 
-from _studio_data import free_port  # noqa: E402
+from _studio_data import thread_server  # noqa: E402
 from pipelines.candidates.cli import main as candidates_main  # noqa: E402
-from pipelines.studio.app import create_app  # noqa: E402
 from pipelines.tiny import get_tiny_flux  # noqa: E402
 from pipelines.train import cli as T  # noqa: E402
 from pipelines.train.data import load_preference_pairs  # noqa: E402
@@ -89,21 +86,10 @@ def test_stage1_to_dpo_through_the_studio(tmp_path):
                             "-k", "3", "--model", tiny, "--lora", str(lora), "--steps", "2",
                             "--batch-size", "3", "--no-step-progress"]) == 0
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=port,
-                                           log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with thread_server(root) as base:
         chosen = pixel_labeller(base)
         sid = json.loads(_get(base + "/api/sets"))["items"][0]["id"]
         res = _post(f"{base}/api/sets/{sid}/export")
-    finally:
-        server.should_exit = True
-        th.join(10)
     assert res["scenarios"] == 2 and res["pairs"] == 2
 
     pairs = load_preference_pairs(root / "set/pairs.jsonl")

@@ -5,17 +5,15 @@ import builtins
 import http.client
 import json
 import os
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the studio needs fastapi (pip install 'storyattn[studio]')")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn", reason="the studio needs fastapi and uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from _studio_data import free_port, make_run, make_set  # noqa: E402
+from _studio_data import make_run, make_set, thread_server  # noqa: E402
 from pipelines.studio.app import create_app  # noqa: E402
 from pipelines.studio.files import NotUnderRoot, Root  # noqa: E402
 from pipelines.studio.journal import JOURNAL_NAME, Journal, fold  # noqa: E402
@@ -126,27 +124,20 @@ RAW = ["/file/../../outside/secret.png", "/file/%2e%2e/outside/secret.png",
 def test_raw_http_escapes_404_and_nothing_outside_is_opened(world, monkeypatch):
     """Raw request lines (no client-side normalisation) to a real uvicorn server."""
     root, secret = world
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=port,
-                                           log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.02)
     opened = []
     real_open, real_os_open = builtins.open, os.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
-    monkeypatch.setattr(os, "open", lambda f, *a, **k: (opened.append(str(f)), real_os_open(f, *a, **k))[1])
-    try:
-        for target in RAW:
-            status, body = _raw_get(port, target)
-            assert status == 404, (target, status, body[:200])
-        status, body = _raw_get(port, "/file/inside.png")
-        assert status == 200 and body[:4] == b"\x89PNG"
-    finally:
-        monkeypatch.undo()
-        server.should_exit = True
-        th.join(10)
+    with thread_server(root) as base:
+        port = int(base.rsplit(":", 1)[1])
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+        monkeypatch.setattr(os, "open", lambda f, *a, **k: (opened.append(str(f)), real_os_open(f, *a, **k))[1])
+        try:
+            for target in RAW:
+                status, body = _raw_get(port, target)
+                assert status == 404, (target, status, body[:200])
+            status, body = _raw_get(port, "/file/inside.png")
+            assert status == 200 and body[:4] == b"\x89PNG"
+        finally:
+            monkeypatch.undo()
     assert any(p.endswith("round_00/frame_000.png") for p in opened), "the spy saw no read"
     outside = str(secret.parent)
     assert not [p for p in opened if p.startswith(outside) or p in ("/etc/passwd",)], opened

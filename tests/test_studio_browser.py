@@ -8,8 +8,6 @@ asks for paths that escape ROOT.  Skipped when /usr/bin/chromium or chromedriver
 (CI installs them: apt-get install -y chromium chromium-driver).
 """
 import json
-import shutil
-import time
 from pathlib import Path
 
 import pytest

@@ -21,7 +21,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Tuple
 
-__all__ = ["Root", "NotUnderRoot", "IMAGE_EXTS"]
+__all__ = ["Root", "NotUnderRoot", "IMAGE_EXTS", "window"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 RUN_MANIFEST = "manifest.json"
@@ -35,6 +35,13 @@ class NotUnderRoot(LookupError):
 
 def _id(rel: str) -> str:
     return hashlib.sha1(rel.encode()).hexdigest()[:12]
+
+
+def window(found: List[Tuple[str, str]], offset: int, limit: int, describe) -> dict:
+    """One page of a listing: ``describe(id, prefix)`` -> dict, or None to leave an entry
+    out (its manifest vanished or became unreadable since the walk)."""
+    items = [d for d in (describe(i, p) for i, p in found[offset:offset + limit]) if d is not None]
+    return {"total": len(found), "offset": offset, "items": items}
 
 
 class Root:

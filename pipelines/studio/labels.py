@@ -19,6 +19,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from pipelines.candidates.cli import MANIFEST
+from pipelines.studio.files import window
 from pipelines.studio.journal import JOURNAL_NAME, LABELS, Journal
 from pipelines.studio.pairs import ExportError, export_pairs
 
@@ -56,18 +57,16 @@ def _marks_json(marks):
 
 @router.get("/api/sets")
 def list_sets(request: Request, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)):
-    root = request.app.state.root
-    all_sets = root.sets()
-    items = []
-    for sid, prefix in all_sets[offset:offset + limit]:
+    def describe(sid, prefix):
         try:
             _, _, m, journal, _ = _open(request, sid)
         except (LookupError, OSError, ValueError):
-            continue
-        items.append({"id": sid, "path": prefix or ".", "status": m.get("status", ""),
-                      "candidates": m.get("config", {}).get("candidates"),
-                      **_progress(m, journal.marks())})
-    return {"total": len(all_sets), "offset": offset, "items": items}
+            return None
+        return {"id": sid, "path": prefix or ".", "status": m.get("status", ""),
+                "candidates": m.get("config", {}).get("candidates"),
+                **_progress(m, journal.marks())}
+
+    return window(request.app.state.root.sets(), offset, limit, describe)
 
 
 @router.get("/api/sets/{set_id}")

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 
 from fastapi import APIRouter, Query, Request
 
-from pipelines.studio.files import NotUnderRoot, RUN_MANIFEST
+from pipelines.studio.files import RUN_MANIFEST, NotUnderRoot, window
 
 router = APIRouter()
 
@@ -52,18 +52,18 @@ def _shape(m: dict):
 @router.get("/api/runs")
 def list_runs(request: Request, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)):
     root = request.app.state.root
-    all_runs = root.runs()
-    items = []
-    for rid, prefix in all_runs[offset:offset + limit]:
+
+    def describe(rid, prefix):
         try:
             m = root.read_json(prefix + RUN_MANIFEST)
         except (NotUnderRoot, OSError, ValueError):
-            continue
+            return None
         n, r = _shape(m)
-        items.append({"id": rid, "path": prefix or ".", "title": m.get("story", {}).get("title", ""),
-                      "frames": n, "rounds": r, "status": m.get("status", ""),
-                      "backbone": m.get("config", {}).get("backbone", "")})
-    return {"total": len(all_runs), "offset": offset, "items": items}
+        return {"id": rid, "path": prefix or ".", "title": m.get("story", {}).get("title", ""),
+                "frames": n, "rounds": r, "status": m.get("status", ""),
+                "backbone": m.get("config", {}).get("backbone", "")}
+
+    return window(root.runs(), offset, limit, describe)
 
 
 @router.get("/api/runs/{run_id}")
