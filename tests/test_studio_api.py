@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,38 @@ def test_export_reads_back_with_the_trainers_loader(labelled, capsys):
     assert load_preference_pairs(root / "p2.jsonl").winners == pairs.winners
     assert main(["export", str(root)]) == 2
     assert "holds no candidates.json" in capsys.readouterr().err
+
+
+def test_round_metrics_hook(world, monkeypatch):
+    """Per-round metrics come from pipelines.world.metrics.round_metrics when it applies."""
+    import sys
+    import types
+
+    root, _ = world
+    c = TestClient(create_app(root))
+    rid = c.get("/api/runs").json()["items"][0]["id"]
+    fake = types.ModuleType("pipelines.world.metrics")
+    seen = []
+
+    def round_metrics(run_dir, manifest):
+        seen.append((Path(run_dir), manifest["config"]["frames"]))
+        return {r: {"identity_cross": 0.5 + 0.1 * r} for r in range(3)}
+
+    fake.round_metrics = round_metrics
+    monkeypatch.setitem(sys.modules, "pipelines.world", types.ModuleType("pipelines.world"))
+    monkeypatch.setitem(sys.modules, "pipelines.world.metrics", fake)
+    m = c.get(f"/api/runs/{rid}").json()["metrics"]
+    assert m == {"0": {"identity_cross": 0.5}, "1": {"identity_cross": 0.6},
+                 "2": {"identity_cross": pytest.approx(0.7)}}
+    assert seen == [((root / "runs/demo").resolve(), 25)]
+    fake.round_metrics = lambda run_dir, manifest: None              # not a run it reads
+    assert c.get(f"/api/runs/{rid}").json()["metrics"] is None
+    fake.round_metrics = lambda run_dir, manifest: 1 / 0
+    assert c.get(f"/api/runs/{rid}").json()["metrics"] == {"error": "ZeroDivisionError: division by zero"}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from pipelines.studio.cli import main
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and err.count("\n") == 1
