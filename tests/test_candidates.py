@@ -44,6 +44,24 @@ def test_bad_scenarios_one_line(tmp_path, capsys, scen, msg):
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_docs_scenarios_example_loads(tmp_path):
+    """The scenarios file shown in docs/candidates.md is what load_scenarios reads."""
+    import re
+    from pathlib import Path
+
+    from pipelines.candidates.scenarios import load_scenarios
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "candidates.md").read_text()
+    body = re.search(r"## Scenarios file\s*```json\n(.*?)\n```", page, re.S).group(1)
+    (tmp_path / "s.json").write_text(body)
+    for name in ("snowman", "fox"):
+        (tmp_path / "refs").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "refs" / f"{name}.png")
+    got = load_scenarios(tmp_path / "s.json")
+    assert [s.id for s in got] == ["meet", "s001"]
+    assert got[0].characters == ["snowman", "fox"] and got[1].references == [tmp_path / "refs/fox.png"]
+
+
 def test_draw_resume_and_refuse(tiny_flux, tmp_path, capsys, monkeypatch):
     from storyattn import GroupSharedAttention
 

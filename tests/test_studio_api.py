@@ -248,3 +248,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and err.count("\n") == 1
+
+
+def test_docs_pairs_example_is_what_the_trainer_reads(tmp_path):
+    """The pairs.jsonl line shown in docs/studio.md loads with the trainer's loader."""
+    import re
+
+    from PIL import Image
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "studio.md").read_text()
+    body = re.search(r"relative to the file:\s*```json\n(.*?)\n```", page, re.S).group(1)
+    obj = json.loads(body.replace('"..."', '"a prompt"'))
+    for rel in obj["references"] + obj["winners"] + obj["losers"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(obj) + "\n")
+    pairs = load_preference_pairs(tmp_path)
+    assert len(pairs) == len(obj["winners"]) * len(obj["losers"]) == 2
