@@ -161,62 +161,76 @@ def run(args) -> None:
     skipped = {n: b for n, b in methods.items() if isinstance(b, str)}
     rows: List[Dict] = []
     torch.manual_seed(0)
-    for img in imgs:
-        for K in Ks:
-            for B in Bs:
-                Lq = txt + img
-                q = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
-                k = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
-                v = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
-                pk = torch.randn(K, img, H, D, device=device, dtype=dtype)
-                pv = torch.randn(K, img, H, D, device=device, dtype=dtype)
-                Lkv = Lq + K * img
-                flops = C.attn_flops(B, Lq, Lkv, H, D)
-                ref = None
-                fns, errs = {}, {}
-                with torch.no_grad():
-                    for name, build in methods.items():
-                        if isinstance(build, str):
-                            continue
-                        fn = build(q, k, v, pk, pv)
-                        try:
-                            out = fn()
-                        except Exception as e:  # record, never hide, a baseline failure
-                            skipped[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-                            continue
-                        if ref is None:
-                            ref = out.float()
-                        errs[name] = (out.float() - ref).abs().max().item()
-                        del out
-                        fns[name] = fn
-                    # Round-robin repeats: machine drift hits every method alike.
-                    times = C.time_round_robin(fns, device, reps=args.reps)
-                    mems = {name: C.peak_extra_bytes(fn, device) for name, fn in fns.items()}
-                base_ms = times.get("naive")
-                for name in fns:
-                    ms, mem, err = times[name], mems[name], errs[name]
-                    rows.append(dict(method=name, txt=txt, img=img, K=K, B=B, Lq=Lq, Lkv=Lkv,
-                                     H=H, D=D, dtype=str(dtype).replace("torch.", ""),
-                                     ms=ms, tflops=flops / ms / 1e9,
-                                     speedup_vs_naive=(base_ms / ms) if base_ms else None,
-                                     peak_extra_mb=mem / 2**20, max_abs_diff_vs_naive=err))
-                    print(f"img={img:5d} K={K} B={B:2d} {name:18s} {ms:9.3f} ms "
-                          f"{flops / ms / 1e9:8.2f} TFLOP/s  x{(base_ms / ms):.2f} vs naive  "
-                          f"peak+{mem / 2**20:8.1f} MiB  maxdiff {err:.2e}", flush=True)
-                del q, k, v, pk, pv
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+    configs = [(img, K, B) for img in imgs for K in Ks for B in Bs]
+    t0 = time.perf_counter()
+    for c, (img, K, B) in enumerate(configs):
+        # progress and ETA (from the configurations done so far; later ones are larger,
+        # so the estimate is a lower bound until the last image size starts)
+        el = time.perf_counter() - t0
+        eta = f", ETA {el / c * (len(configs) - c):.0f} s" if c else ""
+        print(f"[{c + 1}/{len(configs)}] img={img} K={K} B={B} ({el:.0f} s elapsed{eta})",
+              flush=True)
+        Lq = txt + img
+        q = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
+        k = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
+        v = torch.randn(B, Lq, H, D, device=device, dtype=dtype)
+        pk = torch.randn(K, img, H, D, device=device, dtype=dtype)
+        pv = torch.randn(K, img, H, D, device=device, dtype=dtype)
+        Lkv = Lq + K * img
+        flops = C.attn_flops(B, Lq, Lkv, H, D)
+        ref = None
+        fns, errs = {}, {}
+        with torch.no_grad():
+            for name, build in methods.items():
+                if isinstance(build, str):
+                    continue
+                fn = build(q, k, v, pk, pv)
+                try:
+                    out = fn()
+                except Exception as e:  # record, never hide, a baseline failure
+                    skipped[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+                    continue
+                if ref is None:
+                    ref = out.float()
+                errs[name] = (out.float() - ref).abs().max().item()
+                del out
+                fns[name] = fn
+            # Round-robin repeats: machine drift hits every method alike.
+            times = C.time_round_robin(fns, device, reps=args.reps)
+            mems = {name: C.peak_extra_bytes(fn, device) for name, fn in fns.items()}
+        base_ms = times.get("naive")
+        for name in fns:
+            ms, mem, err = times[name], mems[name], errs[name]
+            rows.append(dict(method=name, txt=txt, img=img, K=K, B=B, Lq=Lq, Lkv=Lkv,
+                             H=H, D=D, dtype=str(dtype).replace("torch.", ""),
+                             ms=ms, tflops=flops / ms / 1e9,
+                             speedup_vs_naive=(base_ms / ms) if base_ms else None,
+                             peak_extra_mb=mem / 2**20, max_abs_diff_vs_naive=err))
+            print(f"img={img:5d} K={K} B={B:2d} {name:18s} {ms:9.3f} ms "
+                  f"{flops / ms / 1e9:8.2f} TFLOP/s  "
+                  f"x{(base_ms / ms) if base_ms else float('nan'):.2f} vs naive  "
+                  f"peak+{mem / 2**20:8.1f} MiB  maxdiff {err:.2e}", flush=True)
+        del q, k, v, pk, pv
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        # rewrite the results after every configuration: an interrupted run keeps them
+        report(rows, skipped, device, quick, args, done=(c + 1, len(configs)))
     report(rows, skipped, device, quick, args)
 
 
-def report(rows, skipped, device, quick, args):
+def report(rows, skipped, device, quick, args, done=None):
+    """Print and write the results; ``done=(i, n)``: a partial write after configuration i
+    of n (files only, marked partial, no plot)."""
     env = C.environment(device)
     headers = ["img", "K", "B", "method", "ms", "TFLOP/s", "x naive", "peak+ MiB"]
     table = [[r["img"], r["K"], r["B"], r["method"], f"{r['ms']:.3f}", f"{r['tflops']:.2f}",
               f"{r['speedup_vs_naive']:.2f}", f"{r['peak_extra_mb']:.1f}"] for r in rows]
-    print()
-    print(C.text_table(headers, table))
+    if done is None:
+        print()
+        print(C.text_table(headers, table))
     notes = []
+    if done is not None:
+        notes.append(f"- PARTIAL: {done[0]} of {done[1]} configurations measured so far")
     for n, why in skipped.items():
         notes.append(f"- {n}: not run ({why})")
     # Targets from the issue, evaluated on this run's own rows.
@@ -232,6 +246,9 @@ def report(rows, skipped, device, quick, args):
         for img in sorted({c[0] for c in by}):
             Kmax = max(c[1] for c in by if c[0] == img)
             Bs = sorted(c[2] for c in by if c[0] == img and c[1] == Kmax)
+            if len(Bs) < 2 or any(m not in by[(img, Kmax, b)] for b in (Bs[0], Bs[-1])
+                                  for m in ("naive", "storyattn-torch")):
+                continue   # a partial run: no growth figure yet
             lo, hi = by[(img, Kmax, Bs[0])], by[(img, Kmax, Bs[-1])]
             for meth in ("naive", "storyattn-torch"):
                 growth = (hi[meth]["peak_extra_mb"] - lo[meth]["peak_extra_mb"]) / (Bs[-1] - Bs[0])
@@ -248,7 +265,8 @@ def report(rows, skipped, device, quick, args):
     cmd = "python benchmarks/bench_gsa.py" + (" --quick" if quick else "") + (" --no-flex" if args.no_flex else "")
     notes.append(f"- reproduce: `{cmd}`")
     notes_s = "\n".join(notes)
-    print("\n" + notes_s)
+    if done is None:
+        print("\n" + notes_s)
 
     def plot(path):
         import matplotlib.pyplot as plt
@@ -269,8 +287,10 @@ def report(rows, skipped, device, quick, args):
         fig.savefig(path, dpi=120)
 
     md = C.markdown_table(headers, table)
-    paths = C.write_results("bench_gsa", env, rows, md, notes_s, plot)
-    print("wrote " + ", ".join(paths))
+    paths = C.write_results("bench_gsa", env, rows, md, notes_s,
+                            plot if done is None else None, out_dir=args.out_dir)
+    if done is None:
+        print("wrote " + ", ".join(paths))
 
 
 def main(argv: Optional[List[str]] = None):
@@ -281,9 +301,16 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--no-flex", action="store_true",
                    help="skip FlexAttention (it compiles once per shape: ~20 s each on CPU)")
     p.add_argument("--reps", type=int, default=9, help="timed repeats per method (CPU)")
+    p.add_argument("--out-dir", default=C.RESULTS_DIR,
+                   help="where the JSON/MD/PNG results go (rewritten after every configuration)")
     args = p.parse_args(argv)
     t0 = time.time()
-    run(args)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.time() - t0:.0f} s; the configurations measured so far "
+              f"are in {args.out_dir}/bench_gsa_*.json/.md", file=sys.stderr)
+        sys.exit(130)
     print(f"total {time.time() - t0:.0f} s")
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from pipelines.lora_files import lora_load_error
 from storyattn import GroupSharedAttention, ReferenceKVCache
 
 __all__ = ["FluxBackbone"]
@@ -58,7 +59,10 @@ class FluxBackbone:
         for i, lora in enumerate(self.loras):
             lp = Path(lora)
             name = f"lora{i}"
-            pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=name)
+            try:
+                pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=name)
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise lora_load_error(lora, e, "flux") from None
             names.append(name)
         if len(names) > 1:
             pipe.set_adapters(names, adapter_weights=[1.0] * len(names))

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from pipelines.lora_files import lora_load_error
 from storyattn.processors.grca import install_global_reference_attention
 
 __all__ = ["SDXLBackbone", "resolve_ip_adapter"]
@@ -77,7 +78,10 @@ class SDXLBackbone:
                              image_encoder_folder=None)
         for i, lora in enumerate(self.loras):
             lp = Path(lora)
-            pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=f"lora{i}")
+            try:
+                pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=f"lora{i}")
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise lora_load_error(lora, e, "sdxl") from None
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
                                      position=2)

@@ -20,28 +20,31 @@ With no ``--model`` it runs the built-in 100-frame demo (a snowman who meets a f
 tiny model with random weights that it builds offline, with fewer rounds and steps than
 the published defaults (it says so when it starts).  Real weights come from local paths.
 
-Outputs (``--out``): ``round_XX/frame_YYY.png`` (each written atomically as soon as it is
-done), ``manifest.json``, ``index.html``.  Rerunning the same command resumes with the
+Before any weight loads it prints the plan (every setting, and whether it resumes); a
+user's mistake is one line on stderr with exit code 2.  Outputs (``--out``):
+``round_XX/frame_YYY.png`` (written atomically when their batch finishes),
+``manifest.json``, ``index.html``; ``.lock`` while a run owns the folder.  Ctrl-C stops
+after marking the manifest "interrupted"; rerunning the same command resumes with the
 first unfinished frame.  Under ``accelerate launch`` (or ``torchrun``) each process draws
 its share of every round (whole batches, so the result equals a single-process run).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
+
+from .. import quiet
+from ..cli_common import OneLineParser, UsageError, report_usage_error
+from .plan import DEMO, PUBLISHED, check_device, format_plan, parse_refs, plan_rows, resolve
 
 __all__ = ["main", "build_parser", "select_refs", "parse_refs", "round_scales", "DEMO"]
 
-# Published Story-Iter defaults and the tiny demo's reduced ones.
-PUBLISHED = dict(rounds=10, steps=50, scales=(0.3, 0.5), guidance_sdxl=5.0, guidance_flux=3.5,
-                 height=1024, width=1024, batch_size=4, seed=0)
-DEMO = dict(rounds=2, steps=3, height=64, width=64, batch_size=10)
+PROG = "python -m pipelines.story_iter"
 
 # The round's per-process stats land here and are merged by the main process.
 _STATS_NAME = "_stats_rank{rank}.json"
@@ -56,8 +59,8 @@ STOP_ENV = "STORYATTN_STOP_AFTER_FRAMES"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m pipelines.story_iter",
+    ap = OneLineParser(
+        prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Story-Iter: R rounds x N frames of a story, each round attending to the "
                     "previous one. No arguments: the built-in demo on a tiny offline model.",
@@ -108,16 +111,6 @@ Rerun the same command to resume an interrupted run.""")
     return ap
 
 
-def parse_refs(spec: str) -> Tuple[str, int]:
-    """``all`` -> ("all", 0); ``topk:K`` / ``window:W`` -> (kind, K)."""
-    if spec == "all":
-        return "all", 0
-    kind, sep, k = spec.partition(":")
-    if kind in ("topk", "window") and sep and k.isdigit() and int(k) >= 1:
-        return kind, int(k)
-    raise ValueError(f"--refs {spec!r}: expected all, topk:K or window:W with K, W >= 1")
-
-
 def select_refs(story, target: int, spec: str, n_frames: Optional[int] = None) -> List[int]:
     """Frames of the previous round that ``target`` reads (its own frame included).
 
@@ -144,126 +137,6 @@ def round_scales(a: float, b: float, rounds: int) -> List[float]:
     if rounds == 1:
         return [0.0, float(a)]
     return [0.0] + [a + (b - a) * i / (rounds - 1) for i in range(rounds)]
-
-
-def _parse_scales(s: Optional[str]) -> Tuple[float, float]:
-    if s is None:
-        return PUBLISHED["scales"]
-    a, sep, b = s.partition(":")
-    try:
-        if not sep:
-            return float(a), float(a)
-        return float(a), float(b)
-    except ValueError:
-        raise SystemExit(f"--scales {s!r}: expected A:B, e.g. 0.3:0.5") from None
-
-
-# ------------------------------------------------------------------------------------------
-# configuration
-
-
-def resolve(args, dist) -> Dict[str, Any]:
-    """Fill defaults (published, or the demo's on the tiny preset); returns the run plan."""
-    import torch
-
-    from pipelines.story import demo_story, load_story
-
-    demo = args.model is None
-    notes = []
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-
-    story = load_story(args.story) if args.story else demo_story()
-    if args.frames is not None and not 1 <= args.frames <= len(story.frames):
-        raise SystemExit(f"--frames {args.frames}: the story has {len(story.frames)} frames "
-                         f"(give 1 .. {len(story.frames)})")
-    story = story.truncated(args.frames)
-    base = DEMO if demo else {}
-
-    def pick(name, default):
-        v = getattr(args, name)
-        return v if v is not None else base.get(name, default)
-
-    rounds = pick("rounds", PUBLISHED["rounds"])
-    steps = pick("steps", PUBLISHED["steps"])
-    height = pick("height", PUBLISHED["height"])
-    width = pick("width", PUBLISHED["width"])
-    batch = pick("batch_size", PUBLISHED["batch_size"])
-    seed = args.seed if args.seed is not None else PUBLISHED["seed"]
-    guidance = args.guidance if args.guidance is not None else (
-        PUBLISHED["guidance_sdxl"] if args.backbone == "sdxl" else PUBLISHED["guidance_flux"])
-    a, b = _parse_scales(args.scales)
-    for name, v, lo in (("rounds", rounds, 0), ("steps", steps, 1), ("batch-size", batch, 1),
-                        ("height", height, 8), ("width", width, 8)):
-        if v < lo:
-            raise SystemExit(f"--{name} must be >= {lo}, got {v}")
-    parse_refs(args.refs)
-
-    ip_adapter = args.ip_adapter
-    image_encoder = args.image_encoder
-    model = args.model
-    if demo:
-        from pipelines import tiny
-
-        if args.backbone == "sdxl":
-            model = tiny.get_tiny_sdxl()
-            if ip_adapter is None:
-                ip_adapter = str(Path(model) / tiny.SDXL_IP_ADAPTER_SUBFOLDER /
-                                 tiny.SDXL_IP_ADAPTER_WEIGHT_NAME)
-                image_encoder = image_encoder or str(Path(model) / tiny.SDXL_IP_ADAPTER_SUBFOLDER /
-                                                     tiny.SDXL_IMAGE_ENCODER_FOLDER)
-        else:
-            model = tiny.get_tiny_flux()
-        notes.append(
-            f"No --model given: running the built-in demo on the TINY offline {args.backbone} "
-            f"preset (random weights, so the pictures are noise-like) at {width}x{height}, "
-            f"{rounds} refinement rounds x {steps} steps, batch {batch} "
-            f"(published Story-Iter: {PUBLISHED['rounds']} rounds x {PUBLISHED['steps']} steps "
-            "at 1024x1024). Pass --model PATH for real weights.")
-    else:
-        if not Path(model).is_dir():
-            raise SystemExit(f"--model {model}: not a local folder (weights load only from "
-                             "local paths)")
-    if args.backbone == "sdxl" and ip_adapter is None:
-        raise SystemExit("--backbone sdxl needs --ip-adapter PATH (a local IP-Adapter weights "
-                         "file) when --model is given")
-    for lp in args.lora:
-        if not Path(lp).is_file():
-            raise SystemExit(f"--lora {lp}: file not found")
-
-    out = Path(args.out) if args.out else (Path("story_iter_out") /
-                                           f"{_slug(story.title)}-{args.backbone}")
-    return dict(
-        story=story, demo=demo, notes=notes, device=device, dtype=dtype, out=out,
-        model=str(model), ip_adapter=ip_adapter, image_encoder=image_encoder,
-        config={
-            "backbone": args.backbone,
-            "model": str(Path(model).resolve()),
-            "ip_adapter": str(Path(ip_adapter).resolve()) if ip_adapter else None,
-            "image_encoder": str(Path(image_encoder).resolve()) if image_encoder else None,
-            "loras": [str(Path(p).resolve()) for p in args.lora],
-            "story_fingerprint": story.fingerprint(),
-            "frames": len(story.frames),
-            "rounds": rounds,
-            "steps": steps,
-            "guidance": guidance,
-            "scales": [a, b],
-            "seed": seed,
-            "seed_per_frame": bool(args.seed_per_frame),
-            "batch_size": batch,
-            "height": height,
-            "width": width,
-            "dtype": dtype,
-            "refs": args.refs,
-        },
-    )
-
-
-def _slug(title: str) -> str:
-    s = "".join(c.lower() if c.isalnum() else "_" for c in title).strip("_")
-    return "_".join(p for p in s.split("_") if p) or "story"
 
 
 def frame_seed(cfg: Dict[str, Any], i: int) -> int:
@@ -352,7 +225,7 @@ def _load_char_images(story):
     return imgs, owner
 
 
-def make_backbone(plan, args, cache_budget: Optional[int] = None):
+def make_backbone(plan, step_progress: bool, cache_budget: Optional[int] = None):
     import torch
 
     cfg = plan["config"]
@@ -363,12 +236,12 @@ def make_backbone(plan, args, cache_budget: Optional[int] = None):
         return SDXLBackbone(plan["model"], plan["ip_adapter"], plan["image_encoder"],
                             cfg["loras"], plan["device"], dtype, cfg["height"], cfg["width"],
                             cfg["steps"], cfg["guidance"],
-                            step_progress=not args.no_step_progress)
+                            step_progress=step_progress)
     from pipelines.story_iter.backbone_flux import FluxBackbone
 
     return FluxBackbone(plan["model"], cfg["loras"], plan["device"], dtype, cfg["height"],
                         cfg["width"], cfg["steps"], cfg["guidance"],
-                        step_progress=not args.no_step_progress, cache_budget_bytes=cache_budget,
+                        step_progress=step_progress, cache_budget_bytes=cache_budget,
                         record_batch=cfg["batch_size"])
 
 
@@ -404,176 +277,288 @@ def preflight(plan, args, char_images: int):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet.install()  # before diffusers/transformers import: some notices fire at import
     args = build_parser().parse_args(argv)
+    try:
+        check_device(args.device)  # before a process group is set up on it
+    except UsageError as e:
+        return report_usage_error(PROG, e)
     from pipelines.story_iter.dist import init_dist
 
     dist = init_dist(args.device)
     try:
         return _run(args, dist)
+    except UsageError as e:
+        return report_usage_error(PROG, e)
     finally:
         dist.close()
 
 
 def _quiet_prompt_truncation() -> None:
     """diffusers warns at every call whose prompt exceeds the tokenizer (77 tokens for SDXL,
-    32 for the tiny preset); story prompts often do, and the text is truncated exactly as
-    the stock pipeline does. Say it once instead of once per batch."""
+    32 for the tiny preset); the run says it once (:func:`_truncation_note`) instead."""
     import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "input was truncated because" not in record.getMessage()
 
     for name in ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
                  "diffusers.pipelines.flux.pipeline_flux"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).addFilter(_Drop())
+
+
+def _truncation_note(backbone, prompts: List[str]) -> Optional[str]:
+    """How many prompts the text encoders cut (the stock pipelines truncate to their limit)."""
+    pipe = backbone.pipe
+    worst = None
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is None:
+            continue
+        limit = int(tok.model_max_length)
+        if name == "tokenizer_2" and getattr(backbone, "max_seq", None):
+            limit = int(backbone.max_seq)
+        n = sum(len(tok(p).input_ids) > limit for p in prompts)
+        if n and (worst is None or n > worst[0]):
+            worst = (n, limit)
+    if worst is None:
+        return None
+    return (f"note: {worst[0]} of {len(prompts)} prompts are longer than the text encoder's "
+            f"{worst[1]} tokens; they are truncated to {worst[1]}, as the stock pipeline does")
+
+
+def _frames_on_disk(out: Path, rounds: int, n: int):
+    from pipelines.story_iter.report import frame_path
+
+    done, nxt = 0, None
+    for r in range(rounds + 1):
+        for i in range(n):
+            if frame_path(out, r, i).is_file():
+                done += 1
+            elif nxt is None:
+                nxt = (r, i)
+    return done, nxt
+
+
+def _abandon(out: Path, created: bool) -> None:
+    """A start that failed before drawing leaves no half-made folder behind."""
+    if created and out.is_dir() and not any(out.glob("round_*/frame_*.png")):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _run(args, dist) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
     from pipelines.story import StoryError
+    from pipelines.story_iter.lock import LockHeld, OutputLock
     from pipelines.story_iter.memory import PreflightError, fmt
-    from pipelines.story_iter.report import (PeakMemory, atomic_write_json, frame_path, read_json,
-                                        round_dir, save_png_atomic, versions, write_index_html)
 
     try:
         plan = resolve(args, dist)
     except StoryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
+    plan["processes"] = dist.world
     cfg, story, out = plan["config"], plan["story"], plan["out"]
     n, rounds = cfg["frames"], cfg["rounds"]
-    scales = round_scales(cfg["scales"][0], cfg["scales"][1], rounds)
     say = print if dist.is_main else (lambda *a, **k: None)
-    for note in plan["notes"]:
-        say(note, flush=True)
-
     char_images, char_owner = _load_char_images(story)
 
-    # -- output folder (fresh or resume) and preflight, before any weight is loaded; the
-    # main process decides and the others follow (one refusal stops every process) ------
-    old = None
+    # -- output folder: lock, fresh or resume, preflight; all before any weight is loaded.
+    # The main process decides and the others follow (one refusal stops every process).
+    old, lock, created = None, None, False
     msg, code = "", 0
     if dist.is_main:
+        created = not out.exists()
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(out, say=lambda m: print(m, flush=True)).acquire()
             old = prepare_out(out, cfg)
             est, avail = preflight(plan, args, len(char_images))
-        except ResumeRefused as e:
+        except (LockHeld, ResumeRefused) as e:
             msg, code = str(e), 3
         except PreflightError as e:
             msg, code = str(e), 4
+        except BaseException:
+            if lock:
+                lock.release()
+            _abandon(out, created)
+            raise
+        if msg:
+            if lock:
+                lock.release()
+            _abandon(out, created)
     dist.broadcast_ok(not msg, msg)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         return code
     if not dist.is_main:
         est, avail = preflight_estimate(plan, args, len(char_images))
+    if old is not None:
+        done, nxt = _frames_on_disk(out, rounds, n)
+        total = n * (rounds + 1)
+        plan["resume"] = {"done": done, "total": total, "todo": total - done,
+                          "next": nxt or (rounds, n - 1),
+                          "previous_status": old.get("status")}
+    rows = plan_rows(plan)
+    for note in plan["notes"]:
+        say(note, flush=True)
+    say(format_plan(rows), flush=True)
     say(f"preflight: about {est.describe()} needed on {plan['device']}, {fmt(avail)} available",
         flush=True)
+    try:
+        return _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
+                     created)
+    finally:
+        if lock:
+            lock.release()
 
+
+def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
+          created) -> int:
+    import torch
+
+    from pipelines.lora_files import check_lora_applied
+    from pipelines.story_iter.progress import FrameProgress, bars_wanted
+    from pipelines.story_iter.report import (PeakMemory, atomic_write_json, frame_path,
+                                             round_dir, save_png_atomic, versions,
+                                             write_index_html)
+
+    cfg, story, out = plan["config"], plan["story"], plan["out"]
+    n, rounds = cfg["frames"], cfg["rounds"]
+    scales = round_scales(cfg["scales"][0], cfg["scales"][1], rounds)
     seeds = [frame_seed(cfg, i) for i in range(n)]
-    if dist.is_main:
-        manifest = old or {
-            "format": "storyattn.story_iter/1",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": cfg,
-            "rounds": {},
-            "sessions": [],
-        }
-        manifest.update({
-            "status": "running",
-            "story": {"title": story.title, "style": story.style, "source": story.source,
-                      "characters": [{"name": c.name, "description": c.description,
-                                      "reference_images": list(c.reference_images)}
-                                     for c in story.characters]},
-            "prompts": [story.full_prompt(i) for i in range(n)],
-            "frame_characters": [list(f.characters) for f in story.frames],
-            "seeds": seeds,
-            "round_scales": scales,
-            "versions": versions(),
-            "demo": plan["demo"],
-            "notes": plan["notes"],
-        })
-        manifest["sessions"].append({
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": plan["device"],
-            "processes": dist.world, "resumed": old is not None,
-            "preflight": {**est.as_dict(), "available": avail}})
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "manifest.json", manifest)
-        write_index_html(out, manifest)
-    dist.barrier()  # the folder and manifest exist before anyone writes frames
-
-    # -- load -------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    # what the reference cache may hold once weights, activations and runtime are counted
-    budget = int(avail * 0.92) - (est.weights + est.activations + est.overhead)
-    backbone = make_backbone(plan, args, cache_budget=max(0, budget))
-    backbone.load()
-    load_s = time.perf_counter() - t0
-    say(f"loaded {cfg['backbone']} from {plan['model']} in {load_s:.1f} s (prompts longer than "
-        "the text encoder's limit are truncated, as the stock pipeline does)", flush=True)
-    _quiet_prompt_truncation()
-
-    batches = [list(range(s, min(n, s + cfg["batch_size"]))) for s in range(0, n, cfg["batch_size"])]
-    mine = [b for c, b in enumerate(batches) if c % dist.world == dist.rank]
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    manifest = None
     written = 0
-
-    round_bar = tqdm(range(rounds + 1), desc="rounds", position=0, disable=not dist.is_main)
-    for r in round_bar:
-        rdir = round_dir(out, r)
-        todo = [b for b in mine if any(not frame_path(out, r, i).is_file() for i in b)]
-        stats: Dict[str, Any] = {"rank": dist.rank, "frames_drawn": 0, "encoder_images": 0,
-                                 "cache_bytes": 0, "wall_s": 0.0, "batches": 0}
-        if todo:
-            rdir.mkdir(parents=True, exist_ok=True)
-            t_round = time.perf_counter()
-            enc_before = backbone.encoder_images
-            with PeakMemory(plan["device"]) as peak:
-                refs, ref_prompts, per_frame = _round_refs(story, r, out, n, cfg["refs"],
-                                                           char_images, char_owner)
-                info = backbone.begin_round(refs, scales[r], ref_prompts=ref_prompts)
-                stats.update(cache_bytes=info["cache_bytes"], num_refs=info["num_refs"],
-                             cache_scope=info.get("cache_scope", "round"))
-                frame_bar = tqdm(total=sum(len(b) for b in todo), desc=f"round {r} frames",
-                                 position=1, leave=False, disable=not dist.is_main)
-                try:
-                    for b in todo:
-                        missing = [i for i in b if not frame_path(out, r, i).is_file()]
-                        gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in b]
-                        # a partly written batch is drawn whole (same batch -> same numbers)
-                        # but only its missing frames are written
-                        imgs = backbone.draw([story.full_prompt(i) for i in b], gens,
-                                             None if per_frame is None else [per_frame[i] for i in b])
-                        for i, img in zip(b, imgs):
-                            if i in missing:
-                                save_png_atomic(img, frame_path(out, r, i))
-                                written += 1
-                                stats["frames_drawn"] += 1
-                                if stop_after and written >= stop_after:
-                                    raise SystemExit(75)
-                        stats["batches"] += 1
-                        stats["cache_bytes"] = max(stats["cache_bytes"], backbone.cache_bytes)
-                        frame_bar.update(len(b))
-                finally:
-                    frame_bar.close()
-                    backbone.end_round()
-            stats["encoder_images"] = backbone.encoder_images - enc_before
-            stats["wall_s"] = time.perf_counter() - t_round
-            stats["peak_memory_bytes"] = peak.peak_bytes
-            stats["peak_memory_kind"] = peak.kind
-            atomic_write_json(rdir / _STATS_NAME.format(rank=dist.rank), stats)
-        dist.barrier()  # every process's frames of round r are on disk before round r+1
+    progress = None
+    try:
         if dist.is_main:
-            _merge_round(out, r, scales[r] if cfg["backbone"] == "sdxl" else None, manifest,
-                         world=dist.world)
+            manifest = old or {
+                "format": "storyattn.story_iter/1",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "config": cfg,
+                "rounds": {},
+                "sessions": [],
+            }
+            manifest.update({
+                "status": "running",
+                "plan": [[k, v] for k, v in rows],
+                "story": {"title": story.title, "style": story.style, "source": story.source,
+                          "characters": [{"name": c.name, "description": c.description,
+                                          "reference_images": list(c.reference_images)}
+                                         for c in story.characters]},
+                "prompts": [story.full_prompt(i) for i in range(n)],
+                "frame_characters": [list(f.characters) for f in story.frames],
+                "seeds": seeds,
+                "round_scales": scales,
+                "versions": versions(),
+                "demo": plan["demo"],
+                "notes": plan["notes"],
+            })
+            manifest["sessions"].append({
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": plan["device"],
+                "processes": dist.world, "resumed": old is not None,
+                "preflight": {**est.as_dict(), "available": avail}})
             atomic_write_json(out / "manifest.json", manifest)
             write_index_html(out, manifest)
-    round_bar.close()
+        dist.barrier()  # the folder and manifest exist before anyone writes frames
+
+        # -- load ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        # what the reference cache may hold once weights, activations and runtime are counted
+        budget = int(avail * 0.92) - (est.weights + est.activations + est.overhead)
+        backbone = make_backbone(plan, not args.no_step_progress and bars_wanted(),
+                                 cache_budget=max(0, budget))
+        with quiet.no_loading_bars():
+            backbone.load()
+        for i, lp in enumerate(cfg["loras"]):
+            check_lora_applied(backbone.pipe, f"lora{i}", lp, cfg["backbone"])
+        load_s = time.perf_counter() - t0
+        say(f"loaded {cfg['backbone']} from {plan['model']} in {load_s:.1f} s", flush=True)
+        note = _truncation_note(backbone, [story.full_prompt(i) for i in range(n)])
+        if note:
+            say(note, flush=True)
+        _quiet_prompt_truncation()
+
+        bs = cfg["batch_size"]
+        batches = [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
+        mine = [b for c, b in enumerate(batches) if c % dist.world == dist.rank]
+        stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+        todo_all = sum(1 for r in range(rounds + 1) for b in mine for i in b
+                       if not frame_path(out, r, i).is_file())
+        progress = FrameProgress(todo_all, rounds, enabled=dist.is_main)
+
+        for r in range(rounds + 1):
+            rdir = round_dir(out, r)
+            todo = [b for b in mine if any(not frame_path(out, r, i).is_file() for i in b)]
+            stats: Dict[str, Any] = {"rank": dist.rank, "frames_drawn": 0, "encoder_images": 0,
+                                     "cache_bytes": 0, "wall_s": 0.0, "batches": 0}
+            if todo:
+                progress.start_round(r, sum(len(b) for b in todo))
+                rdir.mkdir(parents=True, exist_ok=True)
+                t_round = time.perf_counter()
+                enc_before = backbone.encoder_images
+                with PeakMemory(plan["device"]) as peak:
+                    refs, ref_prompts, per_frame = _round_refs(story, r, out, n, cfg["refs"],
+                                                               char_images, char_owner)
+                    info = backbone.begin_round(refs, scales[r], ref_prompts=ref_prompts)
+                    stats.update(cache_bytes=info["cache_bytes"], num_refs=info["num_refs"],
+                                 cache_scope=info.get("cache_scope", "round"))
+                    try:
+                        for b in todo:
+                            missing = [i for i in b if not frame_path(out, r, i).is_file()]
+                            gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in b]
+                            # a partly written batch is drawn whole (same batch -> same
+                            # numbers) but only its missing frames are written
+                            imgs = backbone.draw([story.full_prompt(i) for i in b], gens,
+                                                 None if per_frame is None
+                                                 else [per_frame[i] for i in b])
+                            for i, img in zip(b, imgs):
+                                if i in missing:
+                                    save_png_atomic(img, frame_path(out, r, i))
+                                    written += 1
+                                    stats["frames_drawn"] += 1
+                                    if stop_after and written >= stop_after:
+                                        raise SystemExit(75)
+                            stats["batches"] += 1
+                            stats["cache_bytes"] = max(stats["cache_bytes"], backbone.cache_bytes)
+                            progress.update(len(missing))
+                    finally:
+                        backbone.end_round()
+                stats["encoder_images"] = backbone.encoder_images - enc_before
+                stats["wall_s"] = time.perf_counter() - t_round
+                stats["peak_memory_bytes"] = peak.peak_bytes
+                stats["peak_memory_kind"] = peak.kind
+                atomic_write_json(rdir / _STATS_NAME.format(rank=dist.rank), stats)
+            dist.barrier()  # every process's frames of round r are on disk before round r+1
+            if dist.is_main:
+                _merge_round(out, r, scales[r] if cfg["backbone"] == "sdxl" else None, manifest,
+                             world=dist.world)
+                atomic_write_json(out / "manifest.json", manifest)
+                write_index_html(out, manifest)
+        progress.close()
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
+        done, _ = _frames_on_disk(out, rounds, n)
+        if manifest is not None:
+            manifest["status"] = "interrupted"
+            manifest["sessions"][-1].update(interrupted=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                            frames_written=written)
+            atomic_write_json(out / "manifest.json", manifest)
+            write_index_html(out, manifest)
+        print(f"interrupted after {written} frames ({done} of {n * (rounds + 1)} done); "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
+        return 130
+    except BaseException:
+        if written == 0 and old is None:  # a failed start: no half-made folder
+            _abandon(out, created)
+        raise
 
     if dist.is_main:
         missing = [(r, i) for r in range(rounds + 1) for i in range(n)
                    if not frame_path(out, r, i).is_file()]
         manifest["status"] = "complete" if not missing else f"incomplete: {len(missing)} missing"
         manifest["sessions"][-1]["load_s"] = load_s
+        manifest["sessions"][-1]["frames_written"] = written
         manifest["sessions"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_json(out / "manifest.json", manifest)
         write_index_html(out, manifest)

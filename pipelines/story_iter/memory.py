@@ -91,8 +91,13 @@ def _dtype_bytes(dtype: str) -> int:
 
 
 def _header(path: Path) -> dict:
+    """The JSON header; ValueError for a file that is not safetensors (its first 8 bytes
+    would otherwise be taken as a length, e.g. a pickle's: a MemoryError)."""
     with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 2 <= n <= Path(path).stat().st_size - 8:
+            raise ValueError(f"{path}: not a safetensors file")
         return json.loads(f.read(n))
 
 

@@ -53,6 +53,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import quiet
+from ..cli_common import DefaultsFormatter, OneLineParser, UsageError
+from ..lora_files import check_lora_file
 from . import data as D
 from . import losses as L
 from . import model as M
@@ -82,9 +85,8 @@ def _say(accelerator, msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.train",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="python -m pipelines.train", description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsFormatter)
     p.add_argument("--stage", choices=["gsa", "dpo"], required=True)
     p.add_argument("--model", default=None,
                    help="local FLUX.1 pipeline folder; default: a tiny FLUX built offline")
@@ -164,6 +166,14 @@ def resolve_args(args) -> argparse.Namespace:
         raise ConfigError("--stage1-lora is for --stage dpo")
     if args.stage == "dpo" and args.stage1_lora is None and not args.synthetic_model:
         raise ConfigError("--stage dpo with --model needs --stage1-lora (the stage gsa output)")
+    if args.stage1_lora is not None:   # a wrong file is refused before any weight loads
+        try:
+            f = M._lora_file(args.stage1_lora)
+        except M.ModelError as e:
+            raise ConfigError(f"--stage1-lora {args.stage1_lora}: {e}") from None
+        check_lora_file(str(f), "flux", "--stage1-lora")
+    if args.model is not None:
+        M.check_model_path(args.model)
     return args
 
 
@@ -247,6 +257,11 @@ class Trainer:
             M.check_model_path(args.model)
         res, seq = M.model_defaults(args.model)
         args.resolution = args.resolution or res
+        step = 2 * M.vae_scale_factor(args.model)
+        if args.resolution % step:   # checked here, before any weight loads
+            raise ConfigError(f"--resolution {args.resolution}: must be a multiple of {step} "
+                              f"(VAE factor {step // 2} x 2x2 packing); e.g. --resolution "
+                              f"{max(step, args.resolution // step * step)}")
         args.max_sequence_length = args.max_sequence_length or seq
         if args.synthetic_data:
             from . import synthetic as S
@@ -281,7 +296,8 @@ class Trainer:
 
     def _load_model(self, acc):
         args = self.args
-        pipe = M.load_pipeline(args.model, self.weight_dtype)
+        with quiet.no_loading_bars():
+            pipe = M.load_pipeline(args.model, self.weight_dtype)
         vsf = pipe.vae_scale_factor
         if args.resolution % (2 * vsf):
             raise ConfigError(f"--resolution {args.resolution} must be a multiple of {2 * vsf} "
@@ -291,7 +307,8 @@ class Trainer:
         if args.stage == "dpo":
             if args.stage1_lora is None:
                 args.stage1_lora = self._synthetic_stage1(acc)
-            n = M.load_frozen_lora(pipe, args.stage1_lora, M.STAGE1_ADAPTER)
+            with quiet.multiple_adapters_expected():
+                n = M.load_frozen_lora(pipe, args.stage1_lora, M.STAGE1_ADAPTER)
             _say(acc, f"stage-1 LoRA {args.stage1_lora}: {n} layers loaded as adapter "
                       f"'{M.STAGE1_ADAPTER}', frozen")
         device = acc.device
@@ -334,7 +351,8 @@ class Trainer:
 
         set_seed(args.seed)          # LoRA A init (and any other global draw) is seeded
         self.adapter = M.STAGE1_ADAPTER if args.stage == "gsa" else M.DPO_ADAPTER
-        M.add_trainable_lora(tr, self.adapter, args.rank, args.alpha)
+        with quiet.multiple_adapters_expected():   # dpo: stage 1 + dpo, on purpose
+            M.add_trainable_lora(tr, self.adapter, args.rank, args.alpha)
         if args.stage == "dpo":
             M.activate_adapters(tr, [M.STAGE1_ADAPTER, M.DPO_ADAPTER], trainable=M.DPO_ADAPTER)
             self.frozen_names = list(M.adapter_params(tr, M.STAGE1_ADAPTER))
@@ -616,7 +634,10 @@ class Trainer:
                   f"lr {args.learning_rate:g}")
 
         step_fn = self._gsa_step if args.stage == "gsa" else self._dpo_step
-        bar = tqdm(total=args.max_steps, initial=start, disable=not acc.is_main_process,
+        # a bar on a terminal; in a log (stderr not a terminal) one plain line per log_every
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=args.max_steps, initial=start,
+                   disable=not acc.is_main_process or not tty,
                    desc=f"train {args.stage}", dynamic_ncols=True)
         last = {}
         t_start = time.perf_counter()
@@ -648,6 +669,9 @@ class Trainer:
                 if "implicit_acc" in vals:
                     post["acc"] = f"{vals['implicit_acc']:.2f}"
                 bar.set_postfix(post)
+                if not tty:
+                    _say(acc, f"step {step + 1}/{args.max_steps} "
+                              + " ".join(f"{k} {v}" for k, v in post.items()))
             bar.update(1)
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 self._save_checkpoint(step + 1)
@@ -682,12 +706,27 @@ class Trainer:
 
 
 def main(argv=None) -> int:
+    quiet.install()  # before diffusers/transformers import: some notices fire at import
     args = build_parser().parse_args(argv)
+    out, existed = None, True
     try:
         args = resolve_args(args)
+        out = Path(args.output_dir)
+        existed = out.exists()
         Trainer(args).run()
-    except (ConfigError, D.DataError, M.ModelError) as exc:
+    except (ConfigError, D.DataError, M.ModelError, UsageError) as exc:
         print(f"[train] error: {exc}", file=sys.stderr, flush=True)
+        _abandon(out, existed)
         return 2
+    except BaseException:
+        _abandon(out, existed)
+        raise
     return 0
+
+
+def _abandon(out: Optional[Path], existed: bool) -> None:
+    """A start that failed before its first checkpoint leaves no half-made folder."""
+    if out is not None and not existed and out.is_dir() \
+            and not any((out / CKPT_DIR).glob("checkpoint-*")):
+        shutil.rmtree(out, ignore_errors=True)
 

@@ -45,6 +45,15 @@ def check_model_path(path) -> Path:
     if not (p / "model_index.json").is_file():
         raise ModelError(f"{p} is not a diffusers pipeline folder (no model_index.json); "
                          f"--model must be a local FLUX.1 folder (FluxPipeline layout)")
+    import json
+
+    try:
+        cls = json.loads((p / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        cls = ""
+    if cls and cls != "FluxPipeline":
+        raise ModelError(f"--model {p}: a {cls} folder; training needs a FLUX.1 folder "
+                         "(FluxPipeline in model_index.json)")
     if not (p / "transformer").is_dir():
         raise ModelError(f"{p} has no transformer/ sub-folder; is it a FLUX pipeline?")
     return p
@@ -69,12 +78,23 @@ def model_defaults(path) -> Tuple[int, int]:
     return res, seq
 
 
+def vae_scale_factor(path) -> int:
+    """The VAE's downsampling factor read from its config (what FluxPipeline computes)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "vae" / "config.json").read_text())
+        return 2 ** (len(cfg["block_out_channels"]) - 1)
+    except (OSError, KeyError, ValueError, TypeError):
+        return 8
+
+
 def load_pipeline(path, dtype: torch.dtype):
     """``FluxPipeline.from_pretrained`` from a local folder, all weights frozen."""
     from diffusers import FluxPipeline
 
     p = check_model_path(path)
-    pipe = FluxPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(p), dtype=dtype, local_files_only=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         m = getattr(pipe, name, None)
         if m is not None:

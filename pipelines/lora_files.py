@@ -1,0 +1,92 @@
+"""Check a LoRA file before any weights load: is it safetensors, does it hold LoRA weights,
+and which model parts do they target (so a FLUX LoRA given to SDXL is refused instead of
+being skipped by diffusers with a log line).
+
+Key conventions read here (diffusers / peft and kohya exports):
+
+* FLUX: ``transformer.<...>.lora_A.weight`` (diffusers), ``lora_unet_double_blocks_*`` /
+  ``lora_unet_single_blocks_*`` (kohya FLUX).
+* SDXL: ``unet.*``, ``text_encoder.*``, ``text_encoder_2.*`` (diffusers), ``lora_unet_*``,
+  ``lora_te1_*``, ``lora_te2_*`` (kohya).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import List, Set
+
+from .cli_common import UsageError
+
+__all__ = ["read_safetensors_keys", "lora_targets", "check_lora_file", "check_lora_applied",
+           "lora_load_error"]
+
+
+def read_safetensors_keys(path: Path, arg: str) -> List[str]:
+    """Tensor names from the header; :class:`UsageError` when the file is not safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{arg} {path}: file not found")
+    size = path.stat().st_size
+    bad = UsageError(f"{arg} {path}: not a safetensors file; give the .safetensors LoRA file "
+                     "(e.g. pytorch_lora_weights.safetensors written by save_lora_weights)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad
+        n = struct.unpack("<Q", head)[0]
+        if n < 2 or n > size - 8:
+            raise bad
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    return [k for k in header if k != "__metadata__"]
+
+
+def lora_targets(keys: List[str]) -> Set[str]:
+    """Which backbone the LoRA keys are for: a subset of {"flux", "sdxl"} (empty: unknown)."""
+    out: Set[str] = set()
+    for k in keys:
+        if k.startswith("transformer.") or k.startswith(("lora_unet_double_blocks",
+                                                        "lora_unet_single_blocks")):
+            out.add("flux")
+        elif k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_",
+                           "lora_te1_", "lora_te2_", "lora_te_")):
+            out.add("sdxl")
+    return out
+
+
+def check_lora_file(path: str, backbone: str, arg: str = "--lora") -> None:
+    """Refuse, before loading, a file that is not a LoRA for ``backbone`` ("flux" | "sdxl")."""
+    keys = read_safetensors_keys(Path(path), arg)
+    if not any("lora" in k.lower() for k in keys):
+        raise UsageError(f"{arg} {path}: holds no LoRA weights (no tensor name contains 'lora'); "
+                         "give a LoRA file, e.g. one written by python -m pipelines.train")
+    targets = lora_targets(keys)
+    if targets and backbone not in targets:
+        other = sorted(targets)[0]
+        raise UsageError(f"{arg} {path}: a {other.upper()} LoRA, it does not apply to the "
+                         f"{backbone.upper()} backbone; use --backbone {other} or a "
+                         f"{backbone.upper()} LoRA")
+
+
+def check_lora_applied(pipe, adapter: str, path: str, backbone: str, arg: str = "--lora") -> None:
+    """After ``load_lora_weights(..., adapter_name=adapter)``: some model part holds it
+    (diffusers skips a LoRA whose keys match nothing, with only a log line)."""
+    for name in ("transformer", "unet", "text_encoder", "text_encoder_2"):
+        part = getattr(pipe, name, None)
+        if part is not None and adapter in (getattr(part, "peft_config", None) or {}):
+            return
+    raise UsageError(f"{arg} {path}: none of its weights match a layer of this "
+                     f"{backbone.upper()} model, so it would change nothing; give a LoRA "
+                     "trained for this model")
+
+
+def lora_load_error(path: str, exc: BaseException, backbone: str, arg: str = "--lora") -> UsageError:
+    """``load_lora_weights`` refused the file (e.g. peft: target modules not found)."""
+    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UsageError(f"{arg} {path}: does not fit this {backbone.upper()} model ({why}); give "
+                      "a LoRA trained for this model")
