@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .. import quiet
 from ..cli_common import OneLineParser, UsageError, report_usage_error
+from .outdir import ResumeRefused, abandon, frames_on_disk, prepare_out
 from .plan import DEMO, PUBLISHED, check_device, format_plan, parse_refs, plan_rows, resolve
 
 __all__ = ["main", "build_parser", "select_refs", "parse_refs", "round_scales", "DEMO"]
@@ -141,42 +141,6 @@ def round_scales(a: float, b: float, rounds: int) -> List[float]:
 
 def frame_seed(cfg: Dict[str, Any], i: int) -> int:
     return cfg["seed"] + i if cfg["seed_per_frame"] else cfg["seed"]
-
-
-# ------------------------------------------------------------------------------------------
-# output folder and resume
-
-
-class ResumeRefused(SystemExit):
-    pass
-
-
-def prepare_out(out: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """Check ``out`` for a resume; returns the existing manifest (or None for a fresh run).
-
-    Refuses a folder made with a different config (naming every differing field), and a
-    non-empty folder that is not a Story-Iter output."""
-    from pipelines.story_iter.report import read_json
-
-    man = out / "manifest.json"
-    if man.is_file():
-        old = read_json(man)
-        prev = old.get("config", {})
-        diffs = [f"{k}: {prev.get(k)!r} in the folder, {config.get(k)!r} now"
-                 for k in sorted(set(prev) | set(config)) if prev.get(k) != config.get(k)]
-        if diffs:
-            raise ResumeRefused(
-                f"refusing to resume into {out}: it was made with a different configuration:\n  "
-                + "\n  ".join(diffs)
-                + "\nRerun with the folder's settings to continue it, or pass a new --out.")
-        # a process killed inside an atomic write leaves its temporary file behind
-        for tmp in out.glob("round_*/.*.tmp"):
-            tmp.unlink(missing_ok=True)
-        return old
-    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise ResumeRefused(f"refusing to write into {out}: it is not empty and has no "
-                            "manifest.json (not a story_iter output folder); pass a new --out")
-    return None
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,25 +292,6 @@ def _truncation_note(backbone, prompts: List[str]) -> Optional[str]:
             f"{worst[1]} tokens; they are truncated to {worst[1]}, as the stock pipeline does")
 
 
-def _frames_on_disk(out: Path, rounds: int, n: int):
-    from pipelines.story_iter.report import frame_path
-
-    done, nxt = 0, None
-    for r in range(rounds + 1):
-        for i in range(n):
-            if frame_path(out, r, i).is_file():
-                done += 1
-            elif nxt is None:
-                nxt = (r, i)
-    return done, nxt
-
-
-def _abandon(out: Path, created: bool) -> None:
-    """A start that failed before drawing leaves no half-made folder behind."""
-    if created and out.is_dir() and not any(out.glob("round_*/frame_*.png")):
-        shutil.rmtree(out, ignore_errors=True)
-
-
 def _run(args, dist) -> int:
     from pipelines.story import StoryError
     from pipelines.story_iter.lock import LockHeld, OutputLock
@@ -380,12 +325,12 @@ def _run(args, dist) -> int:
         except BaseException:
             if lock:
                 lock.release()
-            _abandon(out, created)
+            abandon(out, created)
             raise
         if msg:
             if lock:
                 lock.release()
-            _abandon(out, created)
+            abandon(out, created)
     dist.broadcast_ok(not msg, msg)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
@@ -393,7 +338,7 @@ def _run(args, dist) -> int:
     if not dist.is_main:
         est, avail = preflight_estimate(plan, args, len(char_images))
     if old is not None:
-        done, nxt = _frames_on_disk(out, rounds, n)
+        done, nxt = frames_on_disk(out, rounds, n)
         total = n * (rounds + 1)
         plan["resume"] = {"done": done, "total": total, "todo": total - done,
                           "next": nxt or (rounds, n - 1),
@@ -538,7 +483,7 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
-        done, _ = _frames_on_disk(out, rounds, n)
+        done, _ = frames_on_disk(out, rounds, n)
         if manifest is not None:
             manifest["status"] = "interrupted"
             manifest["sessions"][-1].update(interrupted=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -550,7 +495,7 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
         return 130
     except BaseException:
         if written == 0 and old is None:  # a failed start: no half-made folder
-            _abandon(out, created)
+            abandon(out, created)
         raise
 
     if dist.is_main:

@@ -166,12 +166,6 @@ def resolve_args(args) -> argparse.Namespace:
         raise ConfigError("--stage1-lora is for --stage dpo")
     if args.stage == "dpo" and args.stage1_lora is None and not args.synthetic_model:
         raise ConfigError("--stage dpo with --model needs --stage1-lora (the stage gsa output)")
-    if args.stage1_lora is not None:   # a wrong file is refused before any weight loads
-        try:
-            f = M._lora_file(args.stage1_lora)
-        except M.ModelError as e:
-            raise ConfigError(f"--stage1-lora {args.stage1_lora}: {e}") from None
-        check_lora_file(str(f), "flux", "--stage1-lora")
     if args.model is not None:
         M.check_model_path(args.model)
     return args
@@ -296,6 +290,8 @@ class Trainer:
 
     def _load_model(self, acc):
         args = self.args
+        if args.stage1_lora is not None:   # a wrong file is refused before any weight loads
+            check_lora_file(str(M._lora_file(args.stage1_lora)), "flux", "--stage1-lora")
         with quiet.no_loading_bars():
             pipe = M.load_pipeline(args.model, self.weight_dtype)
         vsf = pipe.vae_scale_factor
