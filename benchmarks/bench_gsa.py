@@ -72,12 +72,14 @@ def make_methods(device: str, dtype: torch.dtype, txt: int, with_flex: bool
     if with_flex:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            import torch._dynamo
+            # (an alias: a plain `import torch._dynamo` would make `torch` local to this
+            # function and break the other builders' closures under --no-flex)
+            import torch._dynamo as dynamo
             # One compiled graph per benchmark shape; the default limit (8) would
             # silently drop later shapes to the slow eager path.
             for knob in ("cache_size_limit", "recompile_limit"):
-                if hasattr(torch._dynamo.config, knob):
-                    setattr(torch._dynamo.config, knob, 256)
+                if hasattr(dynamo.config, knob):
+                    setattr(dynamo.config, knob, 256)
             flex_c = torch.compile(flex_attention, dynamic=False)
 
             def flex(q, k, v, pk, pv):
@@ -224,7 +226,8 @@ def report(rows, skipped, device, quick, args, done=None):
     env = C.environment(device)
     headers = ["img", "K", "B", "method", "ms", "TFLOP/s", "x naive", "peak+ MiB"]
     table = [[r["img"], r["K"], r["B"], r["method"], f"{r['ms']:.3f}", f"{r['tflops']:.2f}",
-              f"{r['speedup_vs_naive']:.2f}", f"{r['peak_extra_mb']:.1f}"] for r in rows]
+              f"{r['speedup_vs_naive']:.2f}" if r["speedup_vs_naive"] else "-",
+              f"{r['peak_extra_mb']:.1f}"] for r in rows]
     if done is None:
         print()
         print(C.text_table(headers, table))

@@ -135,29 +135,6 @@ def test_small_model_by_path_gets_its_own_size():
         (7, 48, 64)
 
 
-def test_clean_run_prints_plan_progress_result_only(tmp_path):
-    out = tmp_path / "run"
-    res = _run([*SMALL, "--out", str(out)])
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""   # no library warnings, notices or bars (not a terminal)
-    lines = res.stdout.splitlines()
-    i_plan = lines.index("plan:")
-    i_loaded = next(i for i, ln in enumerate(lines) if ln.startswith("loaded sdxl"))
-    assert i_plan < i_loaded   # the plan comes before any weight loads
-    plan = "\n".join(lines[i_plan:i_loaded])
-    for label in ("backbone", "model", "resolution", "steps", "rounds", "batch", "references",
-                  "dtype", "device", "output", "resume"):
-        assert f"\n  {label} " in plan, label
-    assert "32x32" in plan and "no (new run)" in plan
-    assert sum("prompts are longer than" in ln for ln in lines) == 1   # said once
-    progress = [ln for ln in lines if ln.startswith("round ")]
-    assert progress[-1].startswith("round 1/1: 4/4 frames") and "ETA" in progress[-1]
-    assert lines[-1].startswith("done: 2 frames x 2 rounds")
-    allowed = ("plan:", "  ", "preflight:", "loaded ", "note: ", "round ", "done: ",
-               "no --model: the built-in demo")
-    assert all(ln.startswith(allowed) for ln in lines), lines
-
-
 def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -184,9 +161,26 @@ def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_ctrl_c_marks_the_manifest_and_the_rerun_resumes(tmp_path, capsys):
+def _check_plan(lines, resume):
+    """The plan is printed whole, before the line that says the weights loaded."""
+    i_plan = lines.index("plan:")
+    i_loaded = next(i for i, ln in enumerate(lines) if ln.startswith("loaded sdxl"))
+    assert i_plan < i_loaded
+    plan = "\n".join(lines[i_plan:i_loaded])
+    for label in ("backbone", "model", "resolution", "steps", "rounds", "batch", "references",
+                  "dtype", "device", "output", "resume"):
+        assert f"\n  {label} " in plan, label
+    assert "32x32 (model built for 64x64)" in plan and "\n  steps       1" in plan
+    assert f"\n  resume      {resume}" in plan, plan
+
+
+def test_ctrl_c_then_a_clean_resumed_run(tmp_path):
+    """Run 1 is interrupted with SIGINT after its first frame: one line, exit 130, manifest
+    "interrupted".  Run 2 (the same command) says what it resumes and finishes; its
+    output is the plan, progress lines and the result, with nothing at all on stderr
+    (no library warnings or notices, no bars: stderr is not a terminal)."""
     out = tmp_path / "run"
-    args = ["--frames", "4", "--rounds", "1", "--steps", "1", "--height", "32", "--width", "32",
+    args = ["--frames", "2", "--rounds", "1", "--steps", "1", "--height", "32", "--width", "32",
             "--batch-size", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.story_iter", *args], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -200,17 +194,28 @@ def test_ctrl_c_marks_the_manifest_and_the_rerun_resumes(tmp_path, capsys):
     done = len(list(out.glob("round_*/frame_*.png")))
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == [
-        f"interrupted after {done} frames ({done} of 8 done); rerun the same command to resume"]
+        f"interrupted after {done} frames ({done} of 4 done); rerun the same command to resume"]
+    _check_plan(stdout.splitlines(), "no (new run)")
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "interrupted" and m["sessions"][-1]["frames_written"] == done
     assert not (out / ".lock").exists()
 
-    assert main(args) == 0
-    cap = capsys.readouterr()
-    assert f"resume      yes: {done} of 8 frames done, next round" in cap.out
+    res = _run(args)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    _check_plan(lines, f"yes: {done} of 4 frames done, next round")
+    assert sum("prompts are longer than" in ln for ln in lines) == 1   # said once
+    progress = [ln for ln in lines if ln.startswith("round ")]
+    assert progress[-1].startswith(f"round 1/1: {4 - done}/{4 - done} frames")
+    assert "ETA" in progress[-1]
+    assert lines[-1].startswith("done: 2 frames x 2 rounds")
+    allowed = ("plan:", "  ", "preflight:", "loaded ", "note: ", "round ", "done: ",
+               "no --model: the built-in demo")
+    assert all(ln.startswith(allowed) for ln in lines), lines
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["sessions"][-1]["resumed"]
-    assert len(list(out.glob("round_*/frame_*.png"))) == 8
+    assert len(list(out.glob("round_*/frame_*.png"))) == 4
 
 
 # -- pipelines.train's arguments ---------------------------------------------------------
