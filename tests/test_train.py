@@ -217,6 +217,8 @@ def test_gsa_cli_trains_and_lora_loads(tiny_flux, stage1):
     assert all(torch.equal(trained[k], loaded[k]) for k in trained)
 
 
+# the test's own pipe loads both adapters (gsa + dpo) on purpose; the trainer's do not warn
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_dpo_starts_at_log2_and_stage1_stays_frozen(tiny_flux, stage1, tmp_path):
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
