@@ -185,7 +185,9 @@ def test_manifest_example_matches_a_real_run(tmp_path):
     assert _keys(doc["sessions"][0]) == _keys(real["sessions"][0])
     assert _keys(doc["sessions"][0]["preflight"]) == _keys(real["sessions"][0]["preflight"])
     # the example's values are what this run wrote, except times, sizes, paths, versions
-    varying = {"created", "sessions", "rounds", "versions", "notes", "story", "config"}
+    varying = {"created", "sessions", "rounds", "versions", "notes", "story", "config", "plan"}
+    # the plan's rows hold paths: same labels, in order
+    assert [k for k, _ in doc["plan"]] == [k for k, _ in real["plan"]]
     assert {k: v for k, v in doc.items() if k not in varying} == \
         {k: v for k, v in real.items() if k not in varying}
     text = page.read_text()
