@@ -1,6 +1,8 @@
 """``python -m pipelines.train --stage gsa|dpo``: LoRA training of Group-Shared Attention.
 
-``cli`` parses and runs the stages, ``data`` reads story groups and preference pools,
-``losses`` holds the flow-matching and DPO losses, ``model`` loads the transformer and
-LoRA adapters, ``synthetic`` makes the small built-in data sets.
+``cli`` is the program (``main``), ``args`` its parser and argument checks, ``trainer``
+a stage's setup and loop, ``steps`` one step's batch and loss, ``checkpoints`` saving and
+resuming, ``data`` reads story groups and preference pools, ``losses`` holds the
+flow-matching and DPO losses, ``model`` loads the transformer and LoRA adapters,
+``synthetic`` makes the small built-in data sets, ``log`` prints progress lines.
 """

@@ -1,0 +1,147 @@
+"""One optimizer step's forward and backward of ``python -m pipelines.train``: the rows
+of a step (targets or pairs with their references), their latents, text, noise and sigma,
+and the stage gsa (flow matching) and stage dpo losses.
+
+Every draw is a function of ``(seed, step, process index)``, so a resumed run repeats
+the steps of an uninterrupted one exactly."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from . import data as D
+from . import losses as L
+from . import model as M
+
+
+class StepMixin:
+    """The per-step half of :class:`pipelines.train.trainer.Trainer`; it uses what the
+    trainer's setup made (``args``, ``acc``, ``ds``, ``sampler``, ``image_paths``,
+    ``path_index``, ``vae``, ``latent_cache``, ``text``, ``model``, ``gsa``, ...)."""
+
+    def _encode(self, image_indices: List[int]) -> torch.Tensor:
+        pix = torch.stack([D.load_image(self.image_paths[i], self.args.resolution)
+                           for i in image_indices])
+        return M.encode_latents(self.vae, pix)
+
+    def _latents(self, image_indices: List[int]) -> torch.Tensor:
+        """Packed latents ``[rows, L, 64]`` on the device, float32."""
+        if self.latent_cache:
+            lat = torch.stack([self.latent_cache[i] for i in image_indices]).to(self.acc.device)
+        else:
+            uniq = list(dict.fromkeys(image_indices))
+            enc = self._encode(uniq)
+            pos = {k: j for j, k in enumerate(uniq)}
+            lat = enc[[pos[i] for i in image_indices]]
+        return M.pack_latents(lat.float())
+
+    def _text(self, prompts: List[str]):
+        emb = torch.stack([self.text[p][0] for p in prompts]).to(self.acc.device, self.weight_dtype)
+        pooled = torch.stack([self.text[p][1] for p in prompts]).to(self.acc.device, self.weight_dtype)
+        return emb, pooled
+
+    def _noise(self, step: int, n: int, shape):
+        """Target noise levels and noise for this (seed, step, process), CPU-drawn."""
+        a = self.args
+        g = D.step_torch_generator(a.seed, step, self.acc.process_index, 2)
+        sigma = L.sample_sigmas(n, g, a.timestep_scheme, a.logit_mean, a.logit_std, a.timestep_shift)
+        noise = torch.randn((n, *shape), generator=g, dtype=torch.float32)
+        return sigma.to(self.acc.device), noise.to(self.acc.device)
+
+    def _gsa_batch(self, step: int):
+        a, ds = self.args, self.ds
+        rank = self.acc.process_index
+        rng = D.step_rng(a.seed, step, rank, 1)
+        rows: List[int] = []
+        for t in self.sampler.indices(step, rank):
+            others = [j for j in ds.groups[ds.group_of[t]] if j != t]
+            rows += [t] + D.choose(rng, others, a.num_refs)
+        drop = rng.random(len(rows)) < a.caption_dropout
+        prompts = ["" if d else ds.captions[i] for i, d in zip(rows, drop)]
+        return rows, prompts
+
+    def _dpo_batch(self, step: int):
+        a, ds = self.args, self.ds
+        rank = self.acc.process_index
+        rng = D.step_rng(a.seed, step, rank, 1)
+        rows: List[int] = []
+        prompts: List[str] = []
+        for k in self.sampler.indices(step, rank):
+            refs = D.choose(rng, range(len(ds.references[k])), a.num_refs)
+            paths = [ds.winners[k], ds.losers[k]] + [ds.references[k][j] for j in refs]
+            rows += [self.path_index[p] for p in paths]
+            prompts += [ds.prompts[k]] * len(paths)
+        return rows, prompts
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _forward(self, model, packed, text, pooled, sigma):
+        with self.acc.autocast():
+            return M.flux_forward(model, packed, text, pooled, sigma, self.img_ids, self.guidance)
+
+    def _gsa_step(self, step: int):
+        a = self.args
+        G = a.num_refs + 1
+        rows, prompts = self._gsa_batch(step)
+        x0 = self._latents(rows)                       # [B*G, L, 64]
+        tgt = torch.arange(0, x0.shape[0], G, device=x0.device)
+        sigma_t, noise = self._noise(step, len(tgt), x0.shape[1:])
+        packed = x0.clone()
+        packed[tgt] = L.add_noise(x0[tgt], noise, sigma_t)
+        sigma = torch.zeros(x0.shape[0], device=x0.device)
+        sigma[tgt] = sigma_t
+        text, pooled = self._text(prompts)
+        # backward stays inside the GSA context: gradient checkpointing re-runs the
+        # blocks during backward, and they must share the references again.
+        with self.gsa.in_batch(group_size=G, num_targets=1):
+            pred = self._forward(self.model, packed.to(self.weight_dtype), text, pooled, sigma)
+            err = L.flow_matching_errors(pred[tgt], x0[tgt], noise)
+            loss = err.mean()
+            self.acc.backward(loss)
+        return loss.detach(), {"sigma": float(sigma_t.mean())}
+
+    def _dpo_step(self, step: int):
+        a = self.args
+        G = a.num_refs + 2
+        rows, prompts = self._dpo_batch(step)
+        x0 = self._latents(rows)                       # [B*G, L, 64]
+        n_pairs = x0.shape[0] // G
+        w_idx = torch.arange(0, x0.shape[0], G, device=x0.device)
+        l_idx = w_idx + 1
+        sigma_p, noise = self._noise(step, n_pairs, x0.shape[1:])
+        packed = x0.clone()
+        packed[w_idx] = L.add_noise(x0[w_idx], noise, sigma_p)     # shared noise and sigma
+        packed[l_idx] = L.add_noise(x0[l_idx], noise, sigma_p)
+        sigma = torch.zeros(x0.shape[0], device=x0.device)
+        sigma[w_idx] = sigma_p
+        sigma[l_idx] = sigma_p
+        text, pooled = self._text(prompts)
+        packed = packed.to(self.weight_dtype)
+        tr = self.acc.unwrap_model(self.model)
+        with self.gsa.in_batch(group_size=G, num_targets=2):
+            with torch.no_grad():
+                M.activate_adapters(tr, [M.STAGE1_ADAPTER], trainable=M.DPO_ADAPTER)
+                try:
+                    ref = self._forward(tr, packed, text, pooled, sigma)
+                finally:
+                    M.activate_adapters(tr, [M.STAGE1_ADAPTER, M.DPO_ADAPTER],
+                                        trainable=M.DPO_ADAPTER)
+                e_w_ref = L.flow_matching_errors(ref[w_idx], x0[w_idx], noise, torch.float64)
+                e_l_ref = L.flow_matching_errors(ref[l_idx], x0[l_idx], noise, torch.float64)
+            pred = self._forward(self.model, packed, text, pooled, sigma)
+            e_w = L.flow_matching_errors(pred[w_idx], x0[w_idx], noise, torch.float64)
+            e_l = L.flow_matching_errors(pred[l_idx], x0[l_idx], noise, torch.float64)
+            loss, stats = L.dpo_loss(e_w, e_l, e_w_ref, e_l_ref, a.beta)
+            self.acc.backward(loss)
+        stats["sigma"] = float(sigma_p.mean())
+        return loss.detach(), stats
+
+    def _check_frozen(self):
+        if not self.frozen_names:
+            return
+        params = dict(self.acc.unwrap_model(self.model).named_parameters())
+        bad = [n for n in self.frozen_names if params[n].requires_grad or params[n].grad is not None]
+        if bad:
+            raise RuntimeError(f"stage-1 LoRA parameters are not frozen: {bad[:3]}")
+
