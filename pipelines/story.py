@@ -5,6 +5,7 @@ A story is a JSON object::
     {
       "title": "The Snowman and the Fox",
       "style": "children's book illustration, soft watercolor",
+      "negative_prompt": "lowres, blurry",                    # optional: the CFG branch's text
       "characters": [
         {"name": "Snowman", "description": "a cheerful snowman with a carrot nose",
          "reference_images": ["refs/snowman.png"]},          # optional, relative to the file
@@ -67,6 +68,7 @@ class Story:
     characters: List[Character]
     frames: List[Frame]
     source: Optional[str] = None
+    negative_prompt: str = ""
     _by_name: Dict[str, Character] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -95,7 +97,7 @@ class Story:
         if n < 1:
             raise ValueError(f"--frames must be >= 1, got {n}")
         return Story(self.title, self.style, list(self.characters), list(self.frames[:n]),
-                     self.source)
+                     self.source, self.negative_prompt)
 
     def to_json(self) -> Dict[str, Any]:
         chars = []
@@ -104,12 +106,16 @@ class Story:
             if c.reference_images:
                 d["reference_images"] = list(c.reference_images)
             chars.append(d)
-        return {
+        out = {
             "title": self.title,
             "style": self.style,
             "characters": chars,
             "frames": [{"prompt": f.prompt, "characters": list(f.characters)} for f in self.frames],
         }
+        if self.negative_prompt:
+            # only when set, so stories without one keep their fingerprint (and resume)
+            out["negative_prompt"] = self.negative_prompt
+        return out
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON plus the bytes of every reference image."""
@@ -133,7 +139,7 @@ def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story"
     errors: List[str] = []
     if not isinstance(obj, dict):
         raise StoryError([f"top level: expected a JSON object, got {type(obj).__name__}"], source)
-    known = {"title", "style", "characters", "frames"}
+    known = {"title", "style", "negative_prompt", "characters", "frames"}
     for key in obj:
         if key not in known:
             errors.append(f"{key}: unknown field (allowed: {', '.join(sorted(known))})")
@@ -146,6 +152,10 @@ def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story"
     if not _is_str(style):
         errors.append(f"style: expected a string, got {type(style).__name__}")
         style = ""
+    negative = obj.get("negative_prompt", "")
+    if not _is_str(negative):
+        errors.append(f"negative_prompt: expected a string, got {type(negative).__name__}")
+        negative = ""
 
     characters: List[Character] = []
     raw_chars = obj.get("characters", [])
@@ -251,7 +261,7 @@ def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story"
         frames.append(Frame(prompt, tuple(ok)))
     if errors:
         raise StoryError(errors, source)
-    return Story(title, style, characters, frames, source)
+    return Story(title, style, characters, frames, source, negative)
 
 
 def load_story(path) -> Story:

@@ -49,6 +49,8 @@ class FluxBackbone:
         self._cached: List[int] = []  # reference numbers held by the cache, in entry order
         self._open = False
         self.scope = "round"
+        self.scheduler = "model"   # model | euler (presets.configure_backbone)
+        self.vae_fp32 = False
 
     # -- loading ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -67,6 +69,11 @@ class FluxBackbone:
         if len(names) > 1:
             pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
         pipe.to(self.device)
+        from pipelines.story_iter.sampling import decode_vae_in_fp32, set_scheduler
+
+        set_scheduler(pipe, self.scheduler, "flux")
+        if self.vae_fp32 and self.dtype != torch.float32:
+            decode_vae_in_fp32(pipe)
         pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
                                      position=2)
         self.pipe = pipe

@@ -61,6 +61,11 @@ class SDXLBackbone:
         self.pipe = None
         self.handle = None
         self._char_embeds: Optional[torch.Tensor] = None
+        # sampling options (see presets.configure_backbone); these values are today's defaults
+        self.scheduler = "model"          # model | ddim | euler
+        self.negative_prompt: Optional[str] = None   # None: zero embeddings (stock default)
+        self.ref_size: Optional[int] = None          # resize references to ref_size^2 first
+        self.vae_fp32 = False
 
     # -- loading ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -83,6 +88,11 @@ class SDXLBackbone:
             except (ValueError, RuntimeError, KeyError) as e:
                 raise lora_load_error(lora, e, "sdxl") from None
         pipe.to(self.device)
+        from pipelines.story_iter.sampling import decode_vae_in_fp32, set_scheduler
+
+        set_scheduler(pipe, self.scheduler, "sdxl")
+        if self.vae_fp32 and self.dtype != torch.float32:
+            decode_vae_in_fp32(pipe)
         pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
                                      position=2)
         self.pipe = pipe
@@ -101,6 +111,13 @@ class SDXLBackbone:
         negative (as diffusers does), Plus adapters the penultimate hidden states and the
         encoder's output for a black image."""
         enc = self.pipe.image_encoder
+        if self.ref_size:
+            # the official loop resizes each frame (PIL's default filter, bicubic) before the
+            # encoder's own resize/crop, which then sees a 256x256 picture
+            from PIL import Image
+
+            size = (self.ref_size, self.ref_size)
+            images = [im.resize(size, Image.Resampling.BICUBIC) for im in images]
         outs = []
         for s in range(0, len(images), chunk):
             px = self.pipe.feature_extractor(images[s:s + chunk], return_tensors="pt").pixel_values
@@ -157,7 +174,8 @@ class SDXLBackbone:
         sel = (self.handle.select(ref_index) if ref_index is not None and self._state.num_refs
                else contextlib.nullcontext())
         with sel:
-            out = self.pipe(prompt=prompts, generator=generators,
+            neg = None if self.negative_prompt is None else [self.negative_prompt] * len(prompts)
+            out = self.pipe(prompt=prompts, negative_prompt=neg, generator=generators,
                             num_inference_steps=self.steps, guidance_scale=self.guidance,
                             height=self.height, width=self.width, output_type="pil")
         return out.images
