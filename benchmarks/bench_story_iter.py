@@ -1,13 +1,15 @@
-"""End-to-end Story-Iter round: ours vs the published-style loop (SDXL + IP-Adapter).
+"""End-to-end Story-Iter round: ours vs diffusers' stock IP-Adapter loop (SDXL).
 
 One refinement round draws N frames, each attending to the same N reference frames
 (the previous round's).  Same model, same frames, same prompts, same seeds, same run:
 
-  published     the loop of the published code: one frame at a time through the stock
-                ``StableDiffusionXLPipeline(ip_adapter_image=[all N references])``; every
-                frame re-encodes every reference image (N x N encoder images per round)
-                and every cross-attention layer recomputes the references' K/V
-                (``to_k_ip``/``to_v_ip``) at every step, for both CFG branches.
+  stock-ip      diffusers' stock IP-Adapter loop at the same settings: one frame at a time
+                through ``StableDiffusionXLPipeline(ip_adapter_image=[all N references])``;
+                every frame re-encodes every reference image (N x N encoder images per
+                round) and every cross-attention layer recomputes the references' K/V
+                (``to_k_ip``/``to_v_ip``) at every step, for both CFG branches.  (This is
+                not the official Story-Iter code; tests/test_presets.py checks the preset
+                against a re-implementation of that.)
   ours-b1       GRCA: the N references are encoded once per round and their per-layer
                 K/V computed once, then shared; still one frame at a time.
   ours-bB       the same with B frames per batch (the default of ``story_iter``).
@@ -15,10 +17,18 @@ One refinement round draws N frames, each attending to the same N reference fram
                 instead of ``storyattn.segment_attention`` (whose dispatch costs more than
                 the attention itself at the tiny preset's sizes on CPU).
 
-Reported per method: round wall time (median of --reps), peak memory during the round
-(CPU: resident-set high-water mark above the pre-round level; CUDA: max allocated),
-image-encoder images, reference K/V projections, and the largest pixel difference to the
-published output (0-255; batching may change the last bits of the floats).
+Each method runs under two settings (``--settings``):
+
+  cli           ``python -m pipelines.story_iter``'s defaults: the model's scheduler, zero
+                negative embeddings, each frame's full text (prompt + characters + style).
+  story-iter    ``--preset story-iter``'s: DDIM, the official negative prompt, the comic
+                template around each frame's prompt, references resized to 256x256.
+
+Reported per settings and method: round wall time (min and median of --reps), peak memory
+during the round (CPU: resident-set high-water mark above the pre-round level; CUDA: max
+allocated), image-encoder images, reference K/V projections, and the largest pixel
+difference to stock-ip under the same settings (0-255; batching may change the last bits
+of the floats).
 
 Usage:
   python benchmarks/bench_story_iter.py                 # tiny offline SDXL preset, CPU
@@ -98,12 +108,12 @@ class Counters:
             h.remove()
 
 
-def _published_round(pipe, prompts, refs, seeds, args, scale):
+def _stock_round(pipe, prompts, refs, seeds, args, scale, neg):
     pipe.set_ip_adapter_scale(scale)
     images = []
     for p, s in zip(prompts, seeds):
         g = torch.Generator("cpu").manual_seed(s)
-        images += pipe(prompt=p, ip_adapter_image=[refs], generator=g,
+        images += pipe(prompt=p, ip_adapter_image=[refs], generator=g, negative_prompt=neg,
                        num_inference_steps=args.steps, guidance_scale=args.guidance,
                        height=args.height, width=args.width, output_type="pil").images
     return images
@@ -119,7 +129,7 @@ def _encode_once(pipe, refs, device, dtype):
     return emb, torch.zeros_like(emb[:1])
 
 
-def _ours_round(pipe, handle, prompts, refs, seeds, args, scale, batch, backend=None):
+def _ours_round(pipe, handle, prompts, refs, seeds, args, scale, batch, neg, backend=None):
     emb, neg = _encode_once(pipe, refs, args.device, getattr(torch, args.dtype))
     images = []
     with handle.references(emb, scale=scale, guidance=args.guidance > 1,
@@ -127,6 +137,7 @@ def _ours_round(pipe, handle, prompts, refs, seeds, args, scale, batch, backend=
         for s in range(0, len(prompts), batch):
             gens = [torch.Generator("cpu").manual_seed(x) for x in seeds[s:s + batch]]
             images += pipe(prompt=prompts[s:s + batch], generator=gens,
+                           negative_prompt=None if neg is None else [neg] * len(gens),
                            num_inference_steps=args.steps, guidance_scale=args.guidance,
                            height=args.height, width=args.width, output_type="pil").images
     return images
@@ -137,14 +148,40 @@ def _max_pixel_diff(a, b) -> int:
                    for x, y in zip(a, b)))
 
 
+def _settings(name, story, n):
+    """(scheduler or None, negative prompt, frame texts, reference size) of a settings."""
+    from pipelines.story_iter import presets
+    from pipelines.story_iter.sampling import story_iter_ddim
+
+    if name == "cli":
+        return None, None, [story.full_prompt(i) for i in range(n)], None
+    p = presets.PRESETS["story-iter"]
+    sampling = {"prompt_text": p["prompt_text"],
+                "style_template": presets.style_template(p["style_template"])}
+    return (story_iter_ddim(), p["negative_prompt"],
+            [presets.frame_text(story, i, sampling) for i in range(n)], p["ref_size"])
+
+
 def run(args) -> Dict:
+    torch.manual_seed(0)
+    pipe, model = _load(args)
+    rows: List[Dict] = []
+    shipped = pipe.scheduler
+    for name in (["cli", "story-iter"] if args.settings == "both" else [args.settings]):
+        pipe.scheduler = shipped
+        rows += _run_settings(pipe, args, name)
+    return {"rows": rows, "model": model}
+
+
+def _run_settings(pipe, args, settings) -> List[Dict]:
     from pipelines.story import demo_story
     from storyattn.processors.grca import install_global_reference_attention
 
-    torch.manual_seed(0)
-    pipe, model = _load(args)
     story = demo_story().truncated(args.frames)
-    prompts = [story.full_prompt(i) for i in range(args.frames)]
+    sched, neg, prompts, ref_size = _settings(settings, story, args.frames)
+    if sched is not None:
+        pipe.scheduler = sched
+    print(f"settings {settings}", flush=True)
     seeds = [args.seed] * args.frames
     scale = 0.4
     # references = the frames of a previous round: round 0 drawn once from text alone,
@@ -155,12 +192,15 @@ def run(args) -> Dict:
         for s in range(0, args.frames, args.batch_size):
             gens = [torch.Generator("cpu").manual_seed(x) for x in seeds[s:s + args.batch_size]]
             refs += pipe(prompt=prompts[s:s + args.batch_size], generator=gens,
+                         negative_prompt=None if neg is None else [neg] * len(gens),
                          num_inference_steps=args.steps, guidance_scale=args.guidance,
                          height=args.height, width=args.width, output_type="pil").images
     handle.remove()
+    if ref_size:
+        refs = [im.resize((ref_size, ref_size)) for im in refs]
 
     counters = Counters(pipe)
-    methods = [("published", None, None), ("ours-b1", 1, None), ("ours-b1-sdpa", 1, "sdpa"),
+    methods = [("stock-ip", None, None), ("ours-b1", 1, None), ("ours-b1-sdpa", 1, "sdpa"),
                (f"ours-b{args.batch_size}", args.batch_size, None),
                (f"ours-b{args.batch_size}-sdpa", args.batch_size, "sdpa")]
     stats = {name: {"times": [], "peaks": [], "enc": 0, "kv": 0} for name, _, _ in methods}
@@ -172,11 +212,11 @@ def run(args) -> Dict:
             counters.reset()
             handle = None
             if batch is None:
-                fn = lambda: _published_round(pipe, prompts, refs, seeds, args, scale)  # noqa: E731
+                fn = lambda: _stock_round(pipe, prompts, refs, seeds, args, scale, neg)  # noqa: E731
             else:
                 handle = install_global_reference_attention(pipe.unet)
                 fn = lambda h=handle, b=batch, be=backend: _ours_round(  # noqa: E731
-                    pipe, h, prompts, refs, seeds, args, scale, b, be)
+                    pipe, h, prompts, refs, seeds, args, scale, b, neg, be)
             box = {}
 
             def timed():
@@ -200,7 +240,7 @@ def run(args) -> Dict:
     rows: List[Dict] = []
     for name, batch, backend in methods:
         st = stats[name]
-        rows.append({"method": name,
+        rows.append({"settings": settings, "method": name,
                      "reference_attention": ("diffusers IPAdapterAttnProcessor2_0" if not batch
                                              else backend or "storyattn.segment_attention"),
                      "frames": args.frames, "steps": args.steps,
@@ -210,30 +250,30 @@ def run(args) -> Dict:
                      "encoder_images": st["enc"], "ref_kv_projections": st["kv"]})
     counters.remove()
     for r in rows:
-        r["max_pixel_diff_vs_published"] = _max_pixel_diff(outputs[r["method"]],
-                                                           outputs["published"])
-    return {"rows": rows, "model": model}
+        r["max_pixel_diff_vs_stock"] = _max_pixel_diff(outputs[r["method"]], outputs["stock-ip"])
+    return rows
 
 
 def report(res, args) -> None:
     rows = res["rows"]
-    base = rows[0]
     for r in rows:
-        r["speedup_vs_published"] = base["round_s"] / r["round_s"]
-        r["peak_ratio_vs_published"] = (r["peak_bytes"] / base["peak_bytes"]
-                                        if base["peak_bytes"] else None)
-    headers = ["method", "frames", "steps", "batch", "round time min (s)", "median (s)",
-               "speed-up (min)",
+        base = next(b for b in rows if b["settings"] == r["settings"] and b["method"] == "stock-ip")
+        r["speedup_vs_stock"] = base["round_s"] / r["round_s"]
+        r["peak_ratio_vs_stock"] = (r["peak_bytes"] / base["peak_bytes"]
+                                    if base["peak_bytes"] else None)
+    headers = ["settings", "method", "frames", "steps", "batch", "round time min (s)",
+               "median (s)", "speed-up (min)",
                "peak mem (MiB)", "encoder images", "ref K/V projections", "max px diff"]
-    table = [[r["method"], r["frames"], r["steps"], r["batch"], f"{r['round_s']:.2f}",
-              f"{r['round_s_median']:.2f}",
-              f"{r['speedup_vs_published']:.2f}x", f"{r['peak_bytes'] / 2**20:.1f}",
-              r["encoder_images"], r["ref_kv_projections"], r["max_pixel_diff_vs_published"]]
+    table = [[r["settings"], r["method"], r["frames"], r["steps"], r["batch"],
+              f"{r['round_s']:.2f}", f"{r['round_s_median']:.2f}",
+              f"{r['speedup_vs_stock']:.2f}x", f"{r['peak_bytes'] / 2**20:.1f}",
+              r["encoder_images"], r["ref_kv_projections"], r["max_pixel_diff_vs_stock"]]
              for r in rows]
     print()
     print(C.text_table(headers, table))
-    print("\nround time ratio published / ours (min over reps): " + ", ".join(
-        f"{r['method']} {r['speedup_vs_published']:.2f}x" for r in rows[1:]))
+    print("\nround time ratio stock-ip / ours (min over reps): " + ", ".join(
+        f"{r['settings']} {r['method']} {r['speedup_vs_stock']:.2f}x" for r in rows
+        if r["method"] != "stock-ip"))
     env = C.environment(args.device)
     env["model"] = "tiny offline SDXL preset (random weights)" if args.model is None else args.model
     env.update({"height": args.height, "width": args.width, "guidance": args.guidance,
@@ -242,9 +282,12 @@ def report(res, args) -> None:
     notes = (
         f"Reproduce: `{cmd.strip()}`\n\n"
         "One Story-Iter refinement round: N frames, each attending to the same N references.\n"
-        "`published`: one frame per pipeline call with `ip_adapter_image=[all N references]` "
-        "(stock diffusers IP-Adapter processors), so every frame re-encodes all N references and "
-        "every layer recomputes their K/V at every step. `ours-bB`: GRCA "
+        "`stock-ip`: diffusers' stock IP-Adapter loop at the same settings (not the official "
+        "Story-Iter code): one frame per pipeline call with `ip_adapter_image=[all N "
+        "references]`, so every frame re-encodes all N references and every layer recomputes "
+        "their K/V at every step. Settings `cli`: the story_iter CLI's defaults; `story-iter`: "
+        "`--preset story-iter`'s (DDIM, the official negative prompt, comic template, "
+        "references resized to 256x256). `ours-bB`: GRCA "
         "(`storyattn.GlobalReferenceAttnProcessor`) with references encoded and projected once "
         "per round, B frames per batch. Peak memory: CPU resident-set high-water mark above the "
         "pre-round level (CUDA: max allocated). On the tiny preset the image encoder and the "
@@ -266,6 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--settings", choices=["cli", "story-iter", "both"], default="both",
+                    help="the story_iter CLI's defaults, --preset story-iter's, or both")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--model", help="local SDXL folder (default: tiny offline preset)")
