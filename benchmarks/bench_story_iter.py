@@ -130,10 +130,10 @@ def _encode_once(pipe, refs, device, dtype):
 
 
 def _ours_round(pipe, handle, prompts, refs, seeds, args, scale, batch, neg, backend=None):
-    emb, neg = _encode_once(pipe, refs, args.device, getattr(torch, args.dtype))
+    emb, neg_emb = _encode_once(pipe, refs, args.device, getattr(torch, args.dtype))
     images = []
     with handle.references(emb, scale=scale, guidance=args.guidance > 1,
-                           negative_image_embeds=neg, backend=backend):
+                           negative_image_embeds=neg_emb, backend=backend):
         for s in range(0, len(prompts), batch):
             gens = [torch.Generator("cpu").manual_seed(x) for x in seeds[s:s + batch]]
             images += pipe(prompt=prompts[s:s + batch], generator=gens,

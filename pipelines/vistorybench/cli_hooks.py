@@ -82,6 +82,8 @@ def export_run(run_dir, to: str, method: str, mode: str = "base", lang: Optional
     from pipelines.vistorybench.layout import export_frames, read_story
 
     run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise SystemExit(f"{run_dir}: no manifest.json (not a story_iter output folder)")
     man = read_json(run_dir / "manifest.json")
     source = man.get("story", {}).get("source") or ""
     if not source.startswith(PREFIX):
