@@ -287,6 +287,7 @@ def test_sampling_options_validate(story_file, capsys):
                      (["--ref-size", "0"], "--ref-size must be >= 1"),
                      (["--backbone", "flux", "--negative-prompt", "x"], "no negative branch"),
                      (["--backbone", "flux", "--scheduler", "ddim"], "ddim is for SDXL"),
+                     (["--round0-refs", "characters"], "is for --backbone flux"),
                      (["--preset", "gsa", "--model", str(story_file.parent)],
                       "--lora STAGE1.safetensors STAGE2.safetensors")):
         with pytest.raises(SystemExit) as e:
@@ -297,8 +298,8 @@ def test_sampling_options_validate(story_file, capsys):
 def test_gsa_preset_settings(story_file):
     a, notes = _resolved(["--story", str(story_file), "--preset", "gsa", "--model", "/m",
                           "--lora", "s1.safetensors", "s2.safetensors"])
-    assert (a.backbone, a.scheduler, a.steps, a.guidance, a.refs) == ("flux", "euler", 50, 3.5,
-                                                                      "all")
+    assert (a.backbone, a.scheduler, a.steps, a.guidance, a.refs, a.round0_refs) == (
+        "flux", "euler", 50, 3.5, "all", "characters")
     assert notes[0].startswith("--preset gsa:") and "--scheduler 'euler'" in notes[0]
     # without --model (tiny demo) the sizes stay the demo's and the plan says so
     a, notes = _resolved(["--story", str(story_file), "--preset", "gsa"])
@@ -320,3 +321,27 @@ def test_custom_template_and_story_negative_prompt(tmp_path):
     a, _ = _resolved(["--story", str(f), "--negative-prompt", "", "--prompt-text", "prompt"])
     s = sampling_config(a, story)
     assert s["negative_prompt"] is None and frame_text(story, 0, s) == "runs"
+
+
+def test_gsa_preset_attends_to_character_images_from_round_0(tmp_path):
+    """--preset gsa on the tiny FLUX preset: round 0 already reads the characters' reference
+    images through GSA (``--round0-refs characters``); without them it is text only."""
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), (230, 90, 20)).save(tmp_path / "fox.png")
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"title": "t", "characters": [
+        {"name": "Fox", "description": "a red fox", "reference_images": ["fox.png"]}],
+        "frames": [{"prompt": "a fox runs", "characters": ["Fox"]}, "a snowy hill"]}))
+    small = ["--story", str(f), "--rounds", "0", "--steps", "1", "--height", "64", "--width",
+             "64", "--no-step-progress"]
+    assert main([*small, "--preset", "gsa", "--out", str(tmp_path / "gsa")]) == 0
+    m = json.loads((tmp_path / "gsa" / "manifest.json").read_text())
+    assert m["config"]["backbone"] == "flux" and m["sampling"]["scheduler"] == "euler"
+    assert m["sampling"]["round0_refs"] == "characters"
+    assert (m["rounds"]["0"]["num_refs"], m["rounds"]["0"]["encoder_images"]) == (1, 1)
+    assert main([*small, "--preset", "gsa", "--round0-refs", "none",
+                 "--out", str(tmp_path / "plain")]) == 0
+    m = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert m["rounds"]["0"]["num_refs"] == 0
+    assert _max_diff(_frames(tmp_path / "gsa", 0, 2), _frames(tmp_path / "plain", 0, 2)) > 0

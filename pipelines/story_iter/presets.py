@@ -19,8 +19,9 @@ with ``StoryAdapterXL.generate``):
 * fp16 weights, VAE decoded in fp32.
 
 ``gsa`` is the GSA paper's inference setting: FLUX.1-dev, flow-matching Euler, 50 steps,
-distilled guidance 3.5, Group-Shared Attention over the round's frames and the
-characters' reference images, the stage-1 and stage-2 LoRAs (``--lora S1 S2``).
+distilled guidance 3.5, Group-Shared Attention over the characters' reference images from
+round 0 on (``--round0-refs characters``; later rounds add the previous round's frames),
+the stage-1 and stage-2 LoRAs (``--lora S1 S2``).
 
 A flag given on the command line always wins over the preset; the plan says which.
 """
@@ -58,13 +59,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         height=1024, width=1024, refs="all", seed_per_frame=False),
     "gsa": dict(
         backbone="flux", scheduler="euler", steps=50, guidance=3.5, refs="all",
-        height=1024, width=1024, seed_per_frame=False),
+        round0_refs="characters", height=1024, width=1024, seed_per_frame=False),
 }
 
 # What each sampling option means when neither the preset nor the user sets it (today's
 # behaviour before these options existed).
 _OFF = dict(negative_prompt=None, style_template="none", prompt_text="full", scheduler="model",
-            ref_size=None, vae_fp32=False)
+            ref_size=None, vae_fp32=False, round0_refs="none")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -99,6 +100,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                         "preprocessing (default: none; story-iter: 256); SDXL only")
     g.add_argument("--vae-fp32", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the VAE in fp32 in a float16/bfloat16 run (story-iter: on)")
+    g.add_argument("--round0-refs", choices=["none", "characters"],
+                   help="FLUX: round 0 attends to the characters' reference images through "
+                        "GSA (gsa: characters; default none: round 0 is text only)")
 
 
 def style_template(spec: str) -> str:
@@ -187,6 +191,9 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
                              "drop the option for --backbone flux")
         if args.scheduler == "ddim":
             raise SystemExit("--scheduler ddim is for SDXL; FLUX takes euler or model")
+    elif args.round0_refs != "none":
+        raise SystemExit("--round0-refs characters is for --backbone flux (SDXL's round 0 has "
+                         "no reference weight); drop it")
     args.preset_info = info
     return notes
 
@@ -201,7 +208,8 @@ def sampling_config(args, story) -> Dict[str, Any]:
     return {"preset": args.preset, "negative_prompt": neg,
             "style_template": style_template(args.style_template),
             "prompt_text": args.prompt_text, "scheduler": args.scheduler,
-            "ref_size": args.ref_size, "vae_fp32": bool(args.vae_fp32)}
+            "ref_size": args.ref_size, "vae_fp32": bool(args.vae_fp32),
+            "round0_refs": args.round0_refs}
 
 
 def config_fields(sampling: Dict[str, Any]) -> Dict[str, Any]:
