@@ -194,7 +194,7 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
     elif args.round0_refs != "none":
         raise SystemExit("--round0-refs characters is for --backbone flux (SDXL's round 0 has "
                          "no reference weight); drop it")
-    args.preset_info = info
+    args.preset_info = info if args.preset else None
     return notes
 
 
