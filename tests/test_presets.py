@@ -345,3 +345,31 @@ def test_gsa_preset_attends_to_character_images_from_round_0(tmp_path):
     m = json.loads((tmp_path / "plain" / "manifest.json").read_text())
     assert m["rounds"]["0"]["num_refs"] == 0
     assert _max_diff(_frames(tmp_path / "gsa", 0, 2), _frames(tmp_path / "plain", 0, 2)) > 0
+
+
+def test_vae_fp32_decode_in_a_bfloat16_run():
+    """--vae-fp32: the VAE of a bf16 pipeline decodes bf16 latents exactly as an fp32 VAE
+    loaded on its own decodes the same latents in fp32 (its weights reloaded in fp32, not
+    the bf16-rounded ones) (and --scheduler ddim is the DDIM
+    the official code builds)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+
+    from pipelines import tiny
+    from pipelines.story_iter.sampling import decode_vae_in_fp32, set_scheduler
+
+    path = tiny.get_tiny_sdxl()
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+    decode_vae_in_fp32(pipe, path)
+    assert pipe.vae.dtype == torch.float32
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ref_vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    with torch.no_grad():
+        got = pipe.vae.decode(z).sample
+        want = ref_vae.decode(z.float()).sample
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    set_scheduler(pipe, "ddim", "sdxl")
+    c = pipe.scheduler.config
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.clip_sample,
+            c.set_alpha_to_one, c.steps_offset) == (1000, 0.00085, 0.012, "scaled_linear",
+                                                    False, False, 1)

@@ -73,7 +73,7 @@ class FluxBackbone:
 
         set_scheduler(pipe, self.scheduler, "flux")
         if self.vae_fp32 and self.dtype != torch.float32:
-            decode_vae_in_fp32(pipe)
+            decode_vae_in_fp32(pipe, self.model)
         pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
                                      position=2)
         self.pipe = pipe

@@ -1,6 +1,9 @@
 """Scheduler choice and fp32 VAE decoding for the backbones' stock pipelines."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import torch
 
 __all__ = ["set_scheduler", "decode_vae_in_fp32", "story_iter_ddim"]
@@ -35,11 +38,13 @@ def set_scheduler(pipe, kind: str, family: str) -> None:
         raise ValueError(f"unknown scheduler {kind!r}")
 
 
-def decode_vae_in_fp32(pipe) -> None:
-    """Keep the VAE in fp32 and feed its decoder fp32 latents, whatever the run's dtype.
+def decode_vae_in_fp32(pipe, model: Optional[str] = None) -> None:
+    """Run the VAE in fp32 and feed its decoder fp32 latents, whatever the run's dtype.
 
     The stock SDXL pipeline already upcasts an fp16 VAE whose config says
     ``force_upcast``, but not a bf16 one and not a VAE without that flag; FLUX never does.
+    With ``model`` (the pipeline folder) the VAE is loaded again from ``model/vae`` in
+    fp32, so its weights keep their stored precision rather than the run's rounding.
     Latents reach ``vae.decode`` in the denoiser's dtype, so the decoder casts them."""
     vae = pipe.vae
     if getattr(vae, "_storyattn_fp32_decode", False):
@@ -49,6 +54,13 @@ def decode_vae_in_fp32(pipe) -> None:
         # the stock SDXL pipeline upcasts this one itself, scaling the latents in fp32 first:
         # leave it so (that is what the official fp16 Story-Iter run does)
         return
+    if model is not None and (Path(model) / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        device = next(vae.parameters()).device
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
+        vae.to(device)
+        pipe.register_modules(vae=vae)
     vae.to(torch.float32)
     inner = vae.decode
 
