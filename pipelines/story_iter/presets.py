@@ -131,7 +131,7 @@ def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Dict[str,
 def _fmt(dest: str, v: Any) -> str:
     flag = "--" + dest.replace("_", "-")
     if isinstance(v, bool):
-        return flag if v else f"--no-{flag[2:]}"
+        return flag if v else f"no {flag}"
     return f"{flag} {v!r}" if isinstance(v, str) else f"{flag} {v}"
 
 
