@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipelines.cli_common import UsageError  # noqa: E402
 from pipelines.story_iter import main  # noqa: E402
 from pipelines.story_iter.cli import build_parser  # noqa: E402
 from pipelines.story_iter.presets import apply, frame_text, sampling_config  # noqa: E402
@@ -290,7 +291,7 @@ def test_sampling_options_validate(story_file, capsys):
                      (["--round0-refs", "characters"], "is for --backbone flux"),
                      (["--preset", "gsa", "--model", str(story_file.parent)],
                       "--lora STAGE1.safetensors STAGE2.safetensors")):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(UsageError) as e:
             _resolved(["--story", str(story_file), *bad])
         assert msg in str(e.value)
 
@@ -301,9 +302,9 @@ def test_gsa_preset_settings(story_file):
     assert (a.backbone, a.scheduler, a.steps, a.guidance, a.refs, a.round0_refs) == (
         "flux", "euler", 50, 3.5, "all", "characters")
     assert notes[0].startswith("--preset gsa:") and "--scheduler 'euler'" in notes[0]
-    # without --model (tiny demo) the sizes stay the demo's and the plan says so
+    # without --model (tiny demo) the sizes stay the small model's and the plan says so
     a, notes = _resolved(["--story", str(story_file), "--preset", "gsa"])
-    assert a.steps is None and any("tiny demo keeps its own size" in n for n in notes)
+    assert a.steps is None and any("built for a small size" in n for n in notes)
 
 
 def test_custom_template_and_story_negative_prompt(tmp_path):

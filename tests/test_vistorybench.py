@@ -135,8 +135,8 @@ def test_converter_selects_stories_by_id(dataset, tmp_path, capsys):
     assert vsb_main(["convert", str(dataset), "--out", str(out), "--stories-file",
                      str(lite), "--lang", "ch"]) == 0
     assert "雪人" in (out / "01.json").read_text(encoding="utf-8")
-    with pytest.raises(SystemExit, match="story id\\(s\\) 05 not in"):
-        vsb_main(["convert", str(dataset), "--out", str(out), "--stories", "01,05"])
+    assert vsb_main(["convert", str(dataset), "--out", str(out), "--stories", "01,05"]) == 2
+    assert "story id(s) 05 not in" in capsys.readouterr().err
     bad = json.loads(json.dumps(STORY_01))
     bad["Shots"][0]["index"] = "one"
     _write_story(dataset, "03", bad)
@@ -189,11 +189,15 @@ def test_export_refusals(dataset, tmp_path, capsys):
     from pipelines.story_iter import main
 
     story = dataset / "01"
-    with pytest.raises(SystemExit, match="--export needs --method"):
-        main(["--story", f"vistorybench:{story}", "--export", f"vistorybench:{tmp_path}"])
-    with pytest.raises(SystemExit, match="needs a ViStoryBench story"):
-        main(["--export", f"vistorybench:{tmp_path}", "--method", "m"])
-    with pytest.raises(SystemExit, match="the last part must be a story id"):
-        main(["--story", f"vistorybench:{dataset}", "--out", str(tmp_path / "o")])
+    for argv, msg in (
+            (["--story", f"vistorybench:{story}", "--export", f"vistorybench:{tmp_path}"],
+             "--export needs --method"),
+            (["--export", f"vistorybench:{tmp_path}", "--method", "m"],
+             "needs a ViStoryBench story"),
+            (["--story", f"vistorybench:{dataset}", "--out", str(tmp_path / "o")],
+             "the last part must be a story id")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err   # one line, no traceback
     with pytest.raises(ValueError, match="plain folder name"):
         export_frames([], [], tmp_path, "../up", "01", "en")

@@ -108,6 +108,12 @@ Rerun the same command to resume an interrupted run.""")
     ap.add_argument("--max-memory", type=float, metavar="GiB",
                     help="memory available to the run (default: measured free memory)")
     ap.add_argument("--no-step-progress", action="store_true", help="hide the per-step bar")
+    from pipelines.vistorybench import cli_hooks as vistorybench
+
+    from . import presets
+
+    presets.add_arguments(ap)
+    vistorybench.add_arguments(ap)
     return ap
 
 
@@ -148,24 +154,27 @@ def frame_seed(cfg: Dict[str, Any], i: int) -> int:
 
 
 def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
-                char_owner: List[str]):
+                char_owner: List[str], texts: List[str], round0_chars: bool = False):
     """References of round r: the N frames of round r-1 (read back from disk, so a resumed
     run sees exactly the same pixels) followed by the story's character images; their
-    prompts; and per frame the entries it reads (None = all).  Round 0 has none."""
+    prompts (``texts``: the frames'); and per frame the entries it reads (None = all).
+    Round 0 has none, or with ``round0_chars`` (--round0-refs characters) every character
+    image for every frame."""
     from PIL import Image
 
     from pipelines.story_iter.report import frame_path
 
     if r == 0:
-        return [], [], None
+        if not (round0_chars and char_images):
+            return [], [], None
+        return list(char_images), _char_prompts(story, char_owner), None
     refs, prompts = [], []
     for i in range(n):
         with Image.open(frame_path(out, r - 1, i)) as im:
             refs.append(im.convert("RGB"))
-        prompts.append(story.full_prompt(i))
+        prompts.append(texts[i])
     refs += list(char_images)
-    prompts += [f"{name}, {story.character(name).description}, {story.style}".strip(", ")
-                for name in char_owner]
+    prompts += _char_prompts(story, char_owner)
     if spec == "all":
         return refs, prompts, None
     per_frame = []
@@ -175,6 +184,11 @@ def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
         sel += [n + j for j, name in enumerate(char_owner) if name in present]
         per_frame.append(sel)
     return refs, prompts, per_frame
+
+
+def _char_prompts(story, char_owner: List[str]) -> List[str]:
+    return [f"{name}, {story.character(name).description}, {story.style}".strip(", ")
+            for name in char_owner]
 
 
 def _load_char_images(story):
@@ -190,6 +204,13 @@ def _load_char_images(story):
 
 
 def make_backbone(plan, step_progress: bool, cache_budget: Optional[int] = None):
+    from .presets import configure_backbone
+
+    return configure_backbone(_make_backbone(plan, step_progress, cache_budget),
+                              plan["sampling"])
+
+
+def _make_backbone(plan, step_progress: bool, cache_budget: Optional[int] = None):
     import torch
 
     cfg = plan["config"]
@@ -242,9 +263,16 @@ def preflight(plan, args, char_images: int):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet.install()  # before diffusers/transformers import: some notices fire at import
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         check_device(args.device)  # before a process group is set up on it
+        from pipelines.vistorybench.cli_hooks import check_export_args
+
+        from .presets import apply as apply_preset
+
+        args.preset_notes = apply_preset(args, parser, argv)  # --preset fills what is unset
+        check_export_args(args)
     except UsageError as e:
         return report_usage_error(PROG, e)
     from pipelines.story_iter.dist import init_dist
@@ -367,10 +395,13 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
                                              round_dir, save_png_atomic, versions,
                                              write_index_html)
 
+    from .presets import frame_text
+
     cfg, story, out = plan["config"], plan["story"], plan["out"]
     n, rounds = cfg["frames"], cfg["rounds"]
     scales = round_scales(cfg["scales"][0], cfg["scales"][1], rounds)
     seeds = [frame_seed(cfg, i) for i in range(n)]
+    texts = [frame_text(story, i, plan["sampling"]) for i in range(n)]
     manifest = None
     written = 0
     progress = None
@@ -390,7 +421,10 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
                           "characters": [{"name": c.name, "description": c.description,
                                           "reference_images": list(c.reference_images)}
                                          for c in story.characters]},
-                "prompts": [story.full_prompt(i) for i in range(n)],
+                "prompts": texts,
+                "sampling": plan["sampling"],
+                "preset": plan["preset"],
+                "vistorybench": plan["vistorybench"],
                 "frame_characters": [list(f.characters) for f in story.frames],
                 "seeds": seeds,
                 "round_scales": scales,
@@ -418,7 +452,7 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
             check_lora_applied(backbone.pipe, f"lora{i}", lp, cfg["backbone"])
         load_s = time.perf_counter() - t0
         say(f"loaded {cfg['backbone']} from {plan['model']} in {load_s:.1f} s", flush=True)
-        note = _truncation_note(backbone, [story.full_prompt(i) for i in range(n)])
+        note = _truncation_note(backbone, texts)
         if note:
             say(note, flush=True)
         _quiet_prompt_truncation()
@@ -442,8 +476,9 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
                 t_round = time.perf_counter()
                 enc_before = backbone.encoder_images
                 with PeakMemory(plan["device"]) as peak:
-                    refs, ref_prompts, per_frame = _round_refs(story, r, out, n, cfg["refs"],
-                                                               char_images, char_owner)
+                    refs, ref_prompts, per_frame = _round_refs(
+                        story, r, out, n, cfg["refs"], char_images, char_owner, texts,
+                        plan["sampling"]["round0_refs"] == "characters")
                     info = backbone.begin_round(refs, scales[r], ref_prompts=ref_prompts)
                     stats.update(cache_bytes=info["cache_bytes"], num_refs=info["num_refs"],
                                  cache_scope=info.get("cache_scope", "round"))
@@ -453,7 +488,7 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
                             gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in b]
                             # a partly written batch is drawn whole (same batch -> same
                             # numbers) but only its missing frames are written
-                            imgs = backbone.draw([story.full_prompt(i) for i in b], gens,
+                            imgs = backbone.draw([texts[i] for i in b], gens,
                                                  None if per_frame is None
                                                  else [per_frame[i] for i in b])
                             for i, img in zip(b, imgs):
@@ -509,6 +544,11 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
         write_index_html(out, manifest)
         print(f"done: {n} frames x {rounds + 1} rounds in {out}/ "
               f"(open {out / 'index.html'})", flush=True)
+        if args.export and not missing:
+            from pipelines.vistorybench.cli_hooks import export_run
+
+            dest = export_run(out, args.export, args.method, args.vistorybench_mode, args.lang)
+            print(f"exported round {rounds} for ViStoryBench: {dest}/", flush=True)
     return 0
 
 

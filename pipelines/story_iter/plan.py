@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..cli_common import UsageError
 from ..lora_files import check_lora_file
+from ..vistorybench.cli_hooks import export_row
+from .presets import PLAN_ROWS as SAMPLING_ROWS
 
 __all__ = ["PUBLISHED", "DEMO", "parse_refs", "resolve", "PLAN_ROWS", "plan_rows", "format_plan",
            "check_device", "native_size", "size_multiple"]
@@ -126,7 +128,9 @@ def check_model(backbone: str, model: str) -> Path:
 
 def resolve(args, dist) -> Dict[str, Any]:
     """Fill defaults and check every argument; returns the run plan (nothing loaded)."""
-    from pipelines.story import demo_story, load_story
+    from pipelines.story import demo_story
+    from pipelines.story_iter.presets import config_fields, sampling_config
+    from pipelines.vistorybench.cli_hooks import load_story_arg, manifest_entry
 
     notes: List[str] = []
     device = check_device(args.device)
@@ -138,7 +142,7 @@ def resolve(args, dist) -> Dict[str, Any]:
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    story = load_story(args.story) if args.story else demo_story()
+    story = load_story_arg(args.story, args) if args.story else demo_story()
     if args.frames is not None and not 1 <= args.frames <= len(story.frames):
         raise UsageError(f"--frames {args.frames}: the story has {len(story.frames)} frames "
                          f"(give 1 .. {len(story.frames)})")
@@ -204,9 +208,13 @@ def resolve(args, dist) -> Dict[str, Any]:
 
     out = Path(args.out) if args.out else (Path("story_iter_out") /
                                            f"{_slug(story.title)}-{args.backbone}")
+    sampling = sampling_config(args, story)   # --preset and the sampling options
+    notes.extend(getattr(args, "preset_notes", []))
     return dict(
         story=story, demo=demo, notes=notes, device=device, dtype=dtype, out=out,
         model=str(model), ip_adapter=ip_adapter, image_encoder=image_encoder, native=native,
+        sampling=sampling, preset=getattr(args, "preset_info", None),
+        vistorybench=manifest_entry(args),
         config={
             "backbone": args.backbone,
             "model": str(Path(model).resolve()),
@@ -226,6 +234,7 @@ def resolve(args, dist) -> Dict[str, Any]:
             "width": width,
             "dtype": dtype,
             "refs": args.refs,
+            **config_fields(sampling),
         },
     )
 
@@ -269,12 +278,14 @@ PLAN_ROWS: List[Tuple[str, Callable[[Dict[str, Any]], Optional[str]]]] = [
     ("batch", lambda p: f"{p['config']['batch_size']} frames per batch"),
     ("references", lambda p: p["config"]["refs"]),
     ("guidance", lambda p: str(p["config"]["guidance"])),
+    *SAMPLING_ROWS,
     ("seed", lambda p: f"{p['config']['seed']}" + (" + frame number"
                                                      if p["config"]["seed_per_frame"] else "")),
     ("dtype", lambda p: p["dtype"]),
     ("device", lambda p: p["device"] + (f" x {p['processes']} processes"
                                         if p.get("processes", 1) > 1 else "")),
     ("output", lambda p: str(p["out"])),
+    ("export", export_row),
     ("resume", _resume_row),
 ]
 

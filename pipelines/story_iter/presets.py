@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..cli_common import UsageError
 
 __all__ = ["PRESETS", "STYLE_TEMPLATES", "STORY_ITER_NEGATIVE", "add_arguments", "apply",
-           "frame_text", "sampling_config", "configure_backbone", "style_template"]
+           "frame_text", "sampling_config", "config_fields", "configure_backbone",
+           "style_template", "PLAN_ROWS"]
 
 STORY_ITER_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
@@ -47,8 +51,8 @@ STYLE_TEMPLATES = {
     "none": "{prompt}",
 }
 
-# Settings that only make sense at full size: a run on the tiny offline preset (no
-# --model) keeps the demo's small sizes for these unless they are given by hand.
+# Settings that only make sense at full size: a model built for a small size (the tiny
+# offline presets) keeps the small-model defaults for these unless they are given by hand.
 _SIZE_KEYS = ("rounds", "steps", "height", "width", "batch_size")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -105,12 +109,23 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                         "GSA (gsa: characters; default none: round 0 is text only)")
 
 
+def _small_model(args) -> bool:
+    """No --model (the tiny offline preset) or a model whose config was built for a small
+    size: the run's own small-model defaults apply (plan.resolve), not the preset's sizes."""
+    if args.model is None:
+        return True
+    from .plan import SMALL_BELOW, native_size
+
+    native = native_size(args.backbone, Path(args.model))
+    return native is not None and native < SMALL_BELOW
+
+
 def style_template(spec: str) -> str:
     """A template name or a text with exactly one ``{prompt}``; returns the text."""
     if spec in STYLE_TEMPLATES:
         return STYLE_TEMPLATES[spec]
     if spec.count("{prompt}") != 1:
-        raise SystemExit(f"--style-template {spec!r}: give comic, film, realistic, none, or a "
+        raise UsageError(f"--style-template {spec!r}: give comic, film, realistic, none, or a "
                          "text containing {prompt} exactly once")
     return spec
 
@@ -145,7 +160,9 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
     info: Dict[str, Any] = {"name": args.preset, "applied": {}, "overridden": {}, "kept": {}}
     if args.preset:
         given = _explicit(parser, argv)
-        demo = args.model is None
+        if "backbone" not in given:
+            args.backbone = PRESETS[args.preset].get("backbone", args.backbone)
+        small = _small_model(args)
         if cuda is None:
             import torch
 
@@ -155,16 +172,16 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
                 if given[dest] != value:
                     info["overridden"][dest] = [given[dest], value]
                 continue
-            if demo and dest in _SIZE_KEYS:
-                info["kept"][dest] = value   # tiny preset: the demo's small size stays
+            if small and dest in _SIZE_KEYS:
+                info["kept"][dest] = value   # a small model keeps its small-model defaults
                 continue
             if dest == "dtype" and not cuda:
                 info["kept"][dest] = value   # fp16 on a CPU is slow; float32 stays
                 continue
             setattr(args, dest, value)
             info["applied"][dest] = value
-        if args.preset == "gsa" and not demo and len(args.lora) != 2:
-            raise SystemExit(f"--preset gsa loads the stage-1 and stage-2 LoRAs: give "
+        if args.preset == "gsa" and args.model is not None and len(args.lora) != 2:
+            raise UsageError(f"--preset gsa loads the stage-1 and stage-2 LoRAs: give "
                              f"--lora STAGE1.safetensors STAGE2.safetensors "
                              f"(got {len(args.lora)} file(s))")
         notes.append(f"--preset {args.preset}: "
@@ -173,7 +190,7 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
             notes.append(f"  {_fmt(k, mine)} given by hand overrides the preset's "
                          f"{_fmt(k, theirs)}")
         for k, v in info["kept"].items():
-            why = ("no --model: the tiny demo keeps its own size" if k in _SIZE_KEYS
+            why = ("a model built for a small size keeps its own defaults" if k in _SIZE_KEYS
                    else "on the CPU float32 stays")
             notes.append(f"  preset {_fmt(k, v)} not applied ({why}; give it by hand to use it)")
     for dest, value in _OFF.items():
@@ -181,18 +198,18 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
             setattr(args, dest, value)
     style_template(args.style_template)
     if args.ref_size is not None and args.ref_size < 1:
-        raise SystemExit(f"--ref-size must be >= 1, got {args.ref_size}")
+        raise UsageError(f"--ref-size must be >= 1, got {args.ref_size}")
     if args.backbone == "flux":
         if args.negative_prompt:
-            raise SystemExit("--negative-prompt: FLUX.1-dev's distilled guidance has no "
+            raise UsageError("--negative-prompt: FLUX.1-dev's distilled guidance has no "
                              "negative branch; drop the option for --backbone flux")
         if args.ref_size is not None:
-            raise SystemExit("--ref-size: FLUX references are VAE-encoded at the frame size; "
+            raise UsageError("--ref-size: FLUX references are VAE-encoded at the frame size; "
                              "drop the option for --backbone flux")
         if args.scheduler == "ddim":
-            raise SystemExit("--scheduler ddim is for SDXL; FLUX takes euler or model")
+            raise UsageError("--scheduler ddim is for SDXL; FLUX takes euler or model")
     elif args.round0_refs != "none":
-        raise SystemExit("--round0-refs characters is for --backbone flux (SDXL's round 0 has "
+        raise UsageError("--round0-refs characters is for --backbone flux (SDXL's round 0 has "
                          "no reference weight); drop it")
     args.preset_info = info if args.preset else None
     return notes
@@ -233,3 +250,49 @@ def configure_backbone(backbone, sampling: Dict[str, Any]):
         backbone.negative_prompt = sampling["negative_prompt"]
         backbone.ref_size = sampling["ref_size"]
     return backbone
+
+
+# -- the plan's rows (see plan.PLAN_ROWS) ----------------------------------------------------
+
+
+def _preset_row(p) -> Optional[str]:
+    info = p.get("preset")
+    if not info:
+        return None
+    over = ", ".join("--" + k.replace("_", "-") for k in info["overridden"])
+    return info["name"] + (f" (given by hand over it: {over})" if over else "")
+
+
+def _text_row(p) -> str:
+    s = p["sampling"]
+    what = "the prompt" if s["prompt_text"] == "prompt" else "prompt + characters + style"
+    names = {v: k for k, v in STYLE_TEMPLATES.items()}
+    t = names.get(s["style_template"], "custom")
+    return what if t == "none" else f"{what} in the {t} template"
+
+
+def _negative_row(p) -> Optional[str]:
+    if p["config"]["backbone"] != "sdxl":
+        return None
+    neg = p["sampling"]["negative_prompt"]
+    return repr(neg) if neg else "none (zero embeddings)"
+
+
+def _scheduler_row(p) -> str:
+    return {"model": "as the model ships", "ddim": "DDIM (official Story-Iter)",
+            "euler": "Euler" if p["config"]["backbone"] == "sdxl"
+            else "flow-matching Euler"}[p["sampling"]["scheduler"]]
+
+
+PLAN_ROWS: List[Tuple[str, Callable[[Dict[str, Any]], Optional[str]]]] = [
+    ("preset", _preset_row),
+    ("frame text", _text_row),
+    ("negative prompt", _negative_row),
+    ("scheduler", _scheduler_row),
+    ("reference size", lambda p: (f"{p['sampling']['ref_size']}x{p['sampling']['ref_size']} "
+                                  "before the image encoder") if p["sampling"]["ref_size"]
+     else None),
+    ("round 0 references", lambda p: "the characters' images"
+     if p["sampling"]["round0_refs"] == "characters" else None),
+    ("vae decode", lambda p: "fp32" if p["sampling"]["vae_fp32"] else None),
+]

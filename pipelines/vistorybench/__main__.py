@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from pipelines.cli_common import UsageError
 from pipelines.story import StoryError
 
 
@@ -34,13 +35,13 @@ def _select(root: Path, args) -> List[str]:
         try:
             text = Path(args.stories_file).read_text(encoding="utf-8")
         except OSError as e:
-            raise SystemExit(f"--stories-file {args.stories_file}: {e.strerror}") from None
+            raise UsageError(f"--stories-file {args.stories_file}: {e.strerror}") from None
         want = [t for t in text.replace(",", " ").split() if not t.startswith("#")]
     if want is None:
         return have
     missing = [s for s in want if s not in have]
     if missing:
-        raise SystemExit(f"story id(s) {', '.join(missing)} not in {root} (it has "
+        raise UsageError(f"story id(s) {', '.join(missing)} not in {root} (it has "
                          f"{', '.join(have[:8])}{' ...' if len(have) > 8 else ''})")
     return want
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     except StoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileExistsError, ValueError) as e:
+    except (FileExistsError, ValueError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,10 +8,12 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+from ..cli_common import UsageError
+
 PREFIX = "vistorybench:"
 
 __all__ = ["PREFIX", "add_arguments", "load_story_arg", "export_run", "check_export_args",
-           "manifest_entry"]
+           "manifest_entry", "export_row"]
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -34,7 +36,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def _split(spec: str):
     path = Path(spec[len(PREFIX):])
     if not spec[len(PREFIX):]:
-        raise SystemExit(f"--story {spec!r}: give vistorybench:ROOT/STORY_ID")
+        raise UsageError(f"--story {spec!r}: give vistorybench:ROOT/STORY_ID")
     return path
 
 
@@ -48,10 +50,10 @@ def load_story_arg(spec: str, args=None):
 
     d = _split(spec)
     if not d.name.isdigit():
-        raise SystemExit(f"--story {spec}: the last part must be a story id such as 01 "
+        raise UsageError(f"--story {spec}: the last part must be a story id such as 01 "
                          "(a folder of the dataset root)")
     if not (d / "story.json").is_file():
-        raise SystemExit(f"--story {spec}: no story.json in {d} (the dataset root is the "
+        raise UsageError(f"--story {spec}: no story.json in {d} (the dataset root is the "
                          "folder holding 01/, 02/, ...)")
     lang = getattr(args, "lang", "en") if args is not None else "en"
     story, _ = read_story(d, lang)
@@ -63,15 +65,15 @@ def check_export_args(args) -> None:
     if not getattr(args, "export", None):
         return
     if not args.export.startswith(PREFIX) or not args.export[len(PREFIX):]:
-        raise SystemExit(f"--export {args.export!r}: give vistorybench:DIR")
+        raise UsageError(f"--export {args.export!r}: give vistorybench:DIR")
     if not args.method:
-        raise SystemExit("--export needs --method NAME (the method folder the evaluator reads)")
+        raise UsageError("--export needs --method NAME (the method folder the evaluator reads)")
     if not (args.story or "").startswith(PREFIX):
-        raise SystemExit("--export vistorybench: needs a ViStoryBench story "
+        raise UsageError("--export vistorybench: needs a ViStoryBench story "
                          "(--story vistorybench:ROOT/STORY_ID)")
     for label, v in (("--method", args.method), ("--vistorybench-mode", args.vistorybench_mode)):
         if "/" in v or "\\" in v or v in (".", ".."):
-            raise SystemExit(f"{label} {v!r}: expected a plain folder name")
+            raise UsageError(f"{label} {v!r}: expected a plain folder name")
 
 
 def export_run(run_dir, to: str, method: str, mode: str = "base", lang: Optional[str] = None,
@@ -83,13 +85,13 @@ def export_run(run_dir, to: str, method: str, mode: str = "base", lang: Optional
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").is_file():
-        raise SystemExit(f"{run_dir}: no manifest.json (not a story_iter output folder)")
+        raise UsageError(f"{run_dir}: no manifest.json (not a story_iter output folder)")
     man = read_json(run_dir / "manifest.json")
     source = man.get("story", {}).get("source") or ""
     if not source.startswith(PREFIX):
-        raise SystemExit(f"{run_dir}: not made from a ViStoryBench story (source {source!r})")
+        raise UsageError(f"{run_dir}: not made from a ViStoryBench story (source {source!r})")
     if man.get("status") != "complete":
-        raise SystemExit(f"{run_dir}: the run is {man.get('status')!r}; finish it (rerun the "
+        raise UsageError(f"{run_dir}: the run is {man.get('status')!r}; finish it (rerun the "
                          "same command) before exporting")
     story_dir = Path(source[len(PREFIX):])
     lang = lang or man.get("vistorybench", {}).get("lang", "en")
@@ -108,3 +110,12 @@ def manifest_entry(args) -> Optional[dict]:
         return None
     return {"lang": args.lang, "story_id": _split(args.story).name,
             "export": args.export, "method": args.method, "mode": args.vistorybench_mode}
+
+
+def export_row(plan) -> Optional[str]:
+    """The plan's row: where the last round goes for the evaluator (None: no export)."""
+    v = plan.get("vistorybench")
+    if not v or not v.get("export"):
+        return None
+    return (f"ViStoryBench: {v['export'][len(PREFIX):]}/{v['method']}/{v['mode']}/{v['lang']}/"
+            f"<timestamp>/{v['story_id']}/NN.png")
