@@ -374,3 +374,8 @@ def test_vae_fp32_decode_in_a_bfloat16_run():
     assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.clip_sample,
             c.set_alpha_to_one, c.steps_offset) == (1000, 0.00085, 0.012, "scaled_linear",
                                                     False, False, 1)
+    set_scheduler(pipe, "euler", "sdxl")
+    from diffusers import EulerDiscreteScheduler
+
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.scheduler.config.beta_end == 0.012   # built from the config it replaced
