@@ -266,19 +266,13 @@ def test_compiled_flux_with_gsa_never_recompiles():
         torch._dynamo.reset()
 
 
-def _assert_caches_equal(a: ReferenceKVCache, b: ReferenceKVCache):
-    assert len(a) == len(b) and a.signature == b.signature
-    for layer in range(a.num_layers):
-        for x, y in zip(a.layer(layer), b.layer(layer)):
-            assert torch.equal(x, y), f"layer {layer} differs"
-
-
 def test_compiled_flux_record_never_recompiles():
     """Record mode compiled with fullgraph=True: after the first record call compiles,
     appending to a cache (new entry numbers, storage growth), recording into a new cache
     and starting one over never recompile, and every cache equals the eager recording
     bit for bit."""
     from test_gsa_processor import flux_inputs, rows, tiny_flux, zero_ref_timesteps
+    from test_record_images import _assert_same
 
     torch._dynamo.reset()
     m = tiny_flux()
@@ -311,7 +305,7 @@ def test_compiled_flux_record_never_recompiles():
         gsa.remove()
         torch._dynamo.reset()
     for e, c in zip(eager, compiled):
-        _assert_caches_equal(c, e)
+        _assert_same(c, e)
     grown, reserved, again = compiled
     assert len(grown) == 6 and grown.capacity == 6 and reserved.capacity == 5 + 1
     k = grown.layer(0)[0]
@@ -358,6 +352,7 @@ def test_compiled_flux_record_images_never_recompiles():
     from PIL import Image
 
     from pipelines.tiny import get_tiny_flux
+    from test_record_images import _assert_same
 
     pipe = FluxPipeline.from_pretrained(get_tiny_flux())
     rng = np.random.default_rng(0)
@@ -379,7 +374,7 @@ def test_compiled_flux_record_images_never_recompiles():
         pipe.transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
         gsa.remove()
         torch._dynamo.reset()
-    _assert_caches_equal(first, eager)
+    _assert_same(first, eager)
     assert len(second) == 2
     # images 2-3 recorded as entries 0-1 are placed differently from entries 2-3
     assert not torch.equal(second.layer(0)[0], eager.layer(0)[0][2:])
