@@ -234,7 +234,8 @@ class ReferenceKVCache:
             self._capacity_hint = max(self._capacity_hint, int(num_entries))
             return
         for layer in range(self._signature.num_layers):
-            self._grow(layer, int(num_entries))
+            k = self._k[layer]
+            self._grow(layer, int(num_entries), tuple(k.shape[1:]), k.dtype, k.device)
 
     def to(self, device: Union[str, torch.device, None] = None,
            dtype: Optional[torch.dtype] = None) -> "ReferenceKVCache":
@@ -282,7 +283,7 @@ class ReferenceKVCache:
                 raise ValueError(f"layer {layer}: keys {tuple(k.shape)} / values {tuple(v.shape)} "
                                  f"do not both have {n} entries of the same shape")
             self._write(layer, start, k, v)
-        self._commit(start, n)
+        self._commit(start, n, range(sig.num_layers))
         return range(start, start + n)
 
     def replace(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
@@ -295,9 +296,12 @@ class ReferenceKVCache:
         return self.extend(keys, values, signature=sig)
 
     # ------------------------------------------------------------------ record protocol
-    # Used by GroupSharedAttention: _begin before a record forward, _write by each
-    # layer's processor, _commit after the forward.  Entries become visible
-    # (len, nbytes) only at _commit, so a failed forward leaves the cache as it was.
+    # Used by GroupSharedAttention, all of it in eager code around the forward (so a
+    # compiled transformer never sees the cache's entry count, storage growth or
+    # signature, which change from call to call): _begin and _record_slots before a
+    # record forward, each layer's processor writes into its slot, _commit after the
+    # forward.  Entries become visible (len, nbytes) only at _commit, so a failed
+    # forward leaves the cache as it was (its storage possibly grown).
     def _begin(self, sig: CacheSignature) -> int:
         if self._signature is not None and self._len > 0:
             self.check_signature(sig, what="record into")
@@ -309,15 +313,14 @@ class ReferenceKVCache:
         self._pending_sig = sig
         return self._len
 
-    def _grow(self, layer: int, need: int, like: Optional[torch.Tensor] = None) -> None:
+    def _grow(self, layer: int, need: int, entry_shape: Tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> None:
         cur = self._k[layer]
-        if like is None:
-            like = cur
-        if (cur is not None and cur.shape[0] >= need and cur.shape[1:] == like.shape[1:]
-                and cur.dtype == like.dtype and cur.device == like.device):
+        if (cur is not None and cur.shape[0] >= need and tuple(cur.shape[1:]) == entry_shape
+                and cur.dtype == dtype and cur.device == device):
             return
         cap = max(need, self._capacity_hint)
-        new_k = torch.empty((cap,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+        new_k = torch.empty((cap,) + entry_shape, dtype=dtype, device=device)
         new_v = torch.empty_like(new_k)
         if cur is not None and self._len:
             # Same per-entry shape and dtype (the signature guarantees it); copy_ also
@@ -326,29 +329,36 @@ class ReferenceKVCache:
             new_v[:self._len].copy_(self._v[layer][:self._len])
         self._k[layer], self._v[layer] = new_k, new_v
 
-    def _slot(self, layer: int, start: int, n: int, like: torch.Tensor
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Storage views ``[start:start+n]`` of ``layer`` (grown if needed) shaped like
-        ``like`` ``[n, Lr, H, D]``, for a processor to write in place."""
+    def _entry_shape(self) -> Tuple[int, int, int]:
         sig = self._pending_sig
-        want = (sig.num_image_tokens, sig.num_heads, sig.head_dim)
-        if tuple(like.shape[1:]) != want or _dtype_name(like.dtype) != sig.dtype:
-            raise ValueError(f"layer {layer}: reference keys {tuple(like.shape)} {like.dtype} do not "
-                             f"match the cache signature [*, {want[0]}, {want[1]}, {want[2]}] "
-                             f"{sig.dtype}")
-        self._grow(layer, start + n, like)
-        return self._k[layer][start:start + n], self._v[layer][start:start + n]
+        return sig.num_image_tokens, sig.num_heads, sig.head_dim
+
+    def _record_slots(self, start: int, n: int, device: torch.device
+                      ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per layer, storage views ``[start:start+n]`` (``[n, Lr, H, D]``, storage
+        grown first) for the record forward's processors to write in place."""
+        shape, dtype = self._entry_shape(), _DTYPES[self._pending_sig.dtype]
+        slots = []
+        for layer in range(self._pending_sig.num_layers):
+            self._grow(layer, start + n, shape, dtype, torch.device(device))
+            slots.append((self._k[layer][start:start + n], self._v[layer][start:start + n]))
+        return tuple(slots)
 
     def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        sk, sv = self._slot(layer, start, k.shape[0], k)
-        with torch.no_grad():
-            sk.copy_(k)
-            sv.copy_(v)
-
-    def _commit(self, start: int, n: int) -> None:
         sig = self._pending_sig
-        short = [l for l in range(sig.num_layers)
-                 if self._k[l] is None or self._k[l].shape[0] < start + n]
+        want = self._entry_shape()
+        if tuple(k.shape[1:]) != want or _dtype_name(k.dtype) != sig.dtype:
+            raise ValueError(f"layer {layer}: reference keys {tuple(k.shape)} {k.dtype} do not "
+                             f"match the cache signature [*, {want[0]}, {want[1]}, {want[2]}] "
+                             f"{sig.dtype}")
+        self._grow(layer, start + k.shape[0], want, k.dtype, k.device)
+        with torch.no_grad():
+            self._k[layer][start:start + k.shape[0]].copy_(k)
+            self._v[layer][start:start + k.shape[0]].copy_(v)
+
+    def _commit(self, start: int, n: int, written: Sequence[int]) -> None:
+        sig = self._pending_sig
+        short = sorted(set(range(sig.num_layers)) - set(written))
         if short:
             raise RuntimeError(f"record forward did not write cache layers {short}; every "
                                "attention layer must run GroupSharedFluxAttnProcessor")

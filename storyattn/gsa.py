@@ -42,6 +42,26 @@ Placement = Union[str, Callable[[int], Sequence[float]]]
 _ARG_HIDDEN, _ARG_ENCODER, _ARG_TIMESTEP, _ARG_JOINT_KW = 0, 1, 3, 7
 
 
+def _hooks_eager_as_top_frames() -> None:
+    """Run GSA's forward hooks without dynamo when dynamo meets them as frames of their
+    own, which is what ``torch.compile(transformer)`` does (it skips nn.Module's call
+    machinery and compiles the hooks and the forward as separate frames).  The hooks
+    do the host work of a mode (record's timestep check, cache growth, entry numbers)
+    that a graph would specialise on and recompile for; run eagerly they hand the
+    forward, itself one graph, only tensors of fixed shapes.  Traced inside a larger
+    compiled function they are still inlined, as before (record mode then breaks the
+    graph at its host work).  Uses dynamo's per-code frame strategy (no public API
+    does this); without it the modes still run, record as a graph break."""
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - other torch versions
+        return
+    skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)  # this frame and callees
+    for fn in (GroupSharedAttention._pre_hook, GroupSharedAttention._post_hook):
+        set_code_exec_strategy(fn.__code__, skip)
+
+
 @dataclass(frozen=True, eq=False)
 class _Mode:
     name: str
@@ -107,7 +127,7 @@ class GroupSharedAttention:
         self.placement = placement
         self.backend = backend
         self._mode: Optional[_Mode] = None
-        self._pending_record: Optional[Tuple[ReferenceKVCache, int, int]] = None
+        self._pending_record: Optional[Tuple[ReferenceKVCache, int, int, list]] = None
 
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
@@ -141,6 +161,7 @@ class GroupSharedAttention:
             new._parallel_config = getattr(attn.processor, "_parallel_config", None)
             attn.set_processor(new)
             self._procs.append(new)
+        _hooks_eager_as_top_frames()
         self._hooks = [
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             model.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -198,6 +219,7 @@ class GroupSharedAttention:
         if self._mode is not None:
             raise RuntimeError(f"GSA mode {mode.name!r} requested while {self._mode.name!r} is "
                                "active; modes do not nest")
+        _hooks_eager_as_top_frames()  # again: a torch._dynamo.reset() may have dropped it
         self._mode = mode
         try:
             yield
@@ -379,21 +401,7 @@ class GroupSharedAttention:
             fields.update(group_size=G, num_targets=T,
                           ref_rotary=self._placement_rotary(0, G - T, hs.device))
         elif mode.name == "record":
-            ts = kwargs["timestep"] if "timestep" in kwargs else (
-                args[_ARG_TIMESTEP] if len(args) > _ARG_TIMESTEP else None)
-            if ts is None or bool(torch.as_tensor(ts).ne(0).any()):
-                got = "no timestep" if ts is None else \
-                    f"timestep {torch.as_tensor(ts).flatten()[:4].tolist()}"
-                raise ValueError(
-                    f"GroupSharedAttention.record: the transformer was called with {got}, but "
-                    "references are recorded clean, at timestep 0 (a whole pipe(...) call inside "
-                    "record() would record the noisy latents of every step); use "
-                    "gsa.record_images(pipe, images, prompts) to record reference images")
-            cache = mode.cache
-            start = cache._begin(self.cache_signature(n_img))
-            self._pending_record = (cache, start, B)
-            fields.update(cache=cache, record_start=start,
-                          ref_rotary=self._placement_rotary(start, B, hs.device))
+            fields.update(self._record_fields(mode.cache, args, kwargs, B, n_img, hs.device))
         else:  # replay
             cache = mode.cache
             if mode.strict_tokens and n_img != cache.num_image_tokens:
@@ -423,9 +431,34 @@ class GroupSharedAttention:
             args = tuple(args)
         return args, kwargs
 
+    @torch.compiler.disable
+    def _record_fields(self, cache: ReferenceKVCache, args, kwargs, B: int, n_img: int,
+                       device) -> dict:
+        """Record mode's host work before the forward: the timestep check, cache storage
+        growth and entry numbers.  The layers get plain slot views and a tensor rotation,
+        so nothing in the forward depends on the entry count."""
+        ts = kwargs["timestep"] if "timestep" in kwargs else (
+            args[_ARG_TIMESTEP] if len(args) > _ARG_TIMESTEP else None)
+        if ts is None or bool(torch.as_tensor(ts).ne(0).any()):
+            got = "no timestep" if ts is None else \
+                f"timestep {torch.as_tensor(ts).flatten()[:4].tolist()}"
+            raise ValueError(
+                f"GroupSharedAttention.record: the transformer was called with {got}, but "
+                "references are recorded clean, at timestep 0 (a whole pipe(...) call inside "
+                "record() would record the noisy latents of every step); use "
+                "gsa.record_images(pipe, images, prompts) to record reference images")
+        start = cache._begin(self.cache_signature(n_img))
+        fields = dict(record_slots=cache._record_slots(start, B, device), record_written=[],
+                      ref_rotary=self._placement_rotary(start, B, device))
+        self._pending_record = (cache, start, B, fields["record_written"])
+        return fields
+
     def _post_hook(self, module, args, kwargs, output):
-        pending, self._pending_record = self._pending_record, None
-        if pending is not None:
-            cache, start, n = pending
-            cache._commit(start, n)
+        if self._pending_record is not None:
+            self._commit_record()
         return None
+
+    @torch.compiler.disable
+    def _commit_record(self) -> None:
+        (cache, start, n, written), self._pending_record = self._pending_record, None
+        cache._commit(start, n, written)

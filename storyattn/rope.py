@@ -441,20 +441,43 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
     return _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary)
 
 
-def _as_index(pool_index, B: int, device) -> torch.Tensor:
+def _as_index(pool_index, B: int, P: int, device) -> Tuple[torch.Tensor, Optional[list]]:
+    """``pool_index`` as an int64 tensor on ``device``, checked, and the rows it writes
+    (a list) or None (every row, under torch.compile with a tensor index).
+
+    A list of ints is checked in Python (at trace time under torch.compile: no
+    device work).  A tensor is checked on the host in eager mode; inside a compiled
+    graph a host read would break the graph, so there its range is asserted on the
+    device instead (duplicates are then the caller's promise)."""
     if isinstance(pool_index, torch.Tensor):
         if pool_index.is_floating_point() or pool_index.dtype == torch.bool:
             raise TypeError(f"pool_index must be an integer tensor, got {pool_index.dtype}")
-        idx = pool_index
+        shape = tuple(pool_index.shape)
     elif isinstance(pool_index, Sequence):
-        idx = torch.tensor(list(pool_index), dtype=torch.int64)
+        ints = [int(i) for i in pool_index]
+        shape = (len(ints),)
     else:
         raise TypeError(f"pool_index must be an int tensor or a list of ints, got "
                         f"{type(pool_index).__name__}")
-    if tuple(idx.shape) != (B,):
+    if shape != (B,):
         raise ValueError(f"pool_index must have shape ({B},) (one entry per row of k), got "
-                         f"{tuple(idx.shape)}")
-    return idx.to(device=device, dtype=torch.int64)
+                         f"{shape}")
+    if isinstance(pool_index, torch.Tensor):
+        idx = pool_index.to(device=device, dtype=torch.int64)
+        if torch.compiler.is_compiling():
+            torch._assert_async(idx.ge(0).all() & idx.lt(P).all(),
+                                f"pool_index values must lie in [0, P = {P}) under torch.compile "
+                                "(pass a list of ints to skip rows with -1)")
+            return idx, None
+        ints = idx.cpu().tolist()
+    if B and (min(ints) < -1 or max(ints) >= P):
+        raise ValueError(f"pool_index values must lie in [-1, P = {P}), got {ints}")
+    used = [e for e in ints if e >= 0]
+    if len(used) != len(set(used)):
+        raise ValueError(f"pool_index has duplicate entries: {ints}")
+    if not isinstance(pool_index, torch.Tensor):
+        idx = torch.tensor(ints, dtype=torch.int64, device=device)
+    return idx, [b for b, e in enumerate(ints) if e >= 0]
 
 
 def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -486,7 +509,10 @@ def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pool_k, pool_v: ``[P, L - pool_start, H, D]``, dtype and device of k;
             written in place (outside autograd: the pool holds constants).
         pool_index: ``[B]`` ints in ``[-1, P)``, ``-1`` = do not write this row;
-            distinct non-negative entries.
+            distinct non-negative entries.  A list of ints is checked in Python (under
+            ``torch.compile`` at trace time, so the call compiles into one graph); a
+            tensor is checked on the host in eager mode, and inside a compiled graph
+            (no host reads there) only asserted on the device to lie in ``[0, P)``.
         pool_start: first pooled token, ``0 <= pool_start <= L``.
         pool_rotary: ``(cos, sin)``, each ``[B, D]`` (one row per row of k), or None.
 
@@ -518,14 +544,7 @@ def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if pool_v.shape[0] != pool_k.shape[0]:
         raise ValueError(f"pool_k and pool_v hold different entry counts: {pool_k.shape[0]} vs "
                          f"{pool_v.shape[0]}")
-    P = pool_k.shape[0]
-    idx = _as_index(pool_index, B, q.device)
-    idx_host = idx.cpu()
-    if B and (int(idx_host.min()) < -1 or int(idx_host.max()) >= P):
-        raise ValueError(f"pool_index values must lie in [-1, P = {P}), got {idx_host.tolist()}")
-    used = idx_host[idx_host >= 0]
-    if used.numel() != used.unique().numel():
-        raise ValueError(f"pool_index has duplicate entries: {idx_host.tolist()}")
+    idx, rows = _as_index(pool_index, B, pool_k.shape[0], q.device)
     pcos = psin = None
     if pool_rotary is not None:
         pcos, psin = _check_rotary_pair(pool_rotary, "pool_rotary", "[B, D]", (B, D),
@@ -538,13 +557,16 @@ def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     pool_index=idx, pool_start=pool_start, pool_cos=pcos, pool_sin=psin)
 
     q_out, k_out = _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary)
-    rows = (idx_host >= 0).nonzero().flatten().to(q.device)
-    if rows.numel():
+    if rows is None or len(rows):
         with torch.no_grad():
-            keys = k_out.detach()[rows, pool_start:]
+            keys, vals, entries = k_out.detach()[:, pool_start:], v.detach()[:, pool_start:], idx
+            if rows is not None and len(rows) < B:
+                sel = torch.tensor(rows, dtype=torch.int64, device=q.device)
+                keys, vals, entries = keys[sel], vals[sel], idx[sel]
+                if pcos is not None:
+                    pcos, psin = pcos[sel], psin[sel]
             if pcos is not None:
-                keys = rotate_keys(keys, pcos[rows], psin[rows])
-            entries = idx[rows]
+                keys = rotate_keys(keys, pcos, psin)
             pool_k.index_copy_(0, entries, keys)
-            pool_v.index_copy_(0, entries, v.detach()[rows, pool_start:])
+            pool_v.index_copy_(0, entries, vals)
     return q_out, k_out

@@ -8,13 +8,17 @@ mode open, diffusers' own features behave exactly as they do without them.
   ``pipe.unload_ip_adapter()`` works; a second ``pipe.load_ip_adapter`` leaves the handle
   refusing to open a round, with the way to reinstall.
 * FLUX with GSA installed: a compiled transformer (``fullgraph=True``) never recompiles
-  between calls (no mode, replay, in-batch); diffusers' FLUX IP-Adapter unloader, which
-  re-creates every processor with no arguments, leaves the modes refusing with the way to
-  reinstall, and ``remove()`` gives back a working stock model.
+  between calls (no mode, replay, in-batch, record: appending to a cache, a new cache,
+  ``record_images``), and records caches bit-equal to eager; called inside a larger
+  compiled function it still gives one graph (no mode, in-batch); diffusers' FLUX
+  IP-Adapter unloader, which re-creates every processor with no arguments, leaves the
+  modes refusing with the way to reinstall, and ``remove()`` gives back a working stock
+  model.
 """
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 pytest.importorskip("diffusers")
 
@@ -260,6 +264,120 @@ def test_compiled_flux_with_gsa_never_recompiles():
     finally:
         gsa.remove()
         torch._dynamo.reset()
+
+
+def test_compiled_flux_record_never_recompiles():
+    """Record mode compiled with fullgraph=True: after the first record call compiles,
+    appending to a cache (new entry numbers, storage growth), recording into a new cache
+    and starting one over never recompile, and every cache equals the eager recording
+    bit for bit."""
+    from test_gsa_processor import flux_inputs, rows, tiny_flux, zero_ref_timesteps
+    from test_record_images import _assert_same
+
+    torch._dynamo.reset()
+    m = tiny_flux()
+    gsa = GroupSharedAttention(m)
+    x = zero_ref_timesteps(flux_inputs(6, seed=9), range(6))
+    parts = [rows(x, [0, 1]), rows(x, [2, 3]), rows(x, [4, 5])]
+
+    def record(model):
+        grown, reserved = ReferenceKVCache(), ReferenceKVCache(capacity=5)
+        for cache in (grown, reserved):
+            for part in parts:  # entries 0-1, then 2-3, then 4-5 of the same cache
+                with gsa.record(cache):
+                    model(**part)
+        again = ReferenceKVCache()
+        with gsa.record(again):
+            model(**parts[2])
+        with gsa.record(again, replace=True):  # a new round in the same storage
+            model(**parts[0])
+        return grown, reserved, again
+
+    counter = CompileCounter()  # runs each graph eagerly and counts them
+    cm = torch.compile(m, backend=counter, fullgraph=True)
+    try:
+        with torch.no_grad():
+            eager = record(m)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = record(cm)
+        assert counter.frame_count == 1 and counter.op_count > 100  # the whole forward
+    finally:
+        gsa.remove()
+        torch._dynamo.reset()
+    for e, c in zip(eager, compiled):
+        _assert_same(c, e)
+    grown, reserved, again = compiled
+    assert len(grown) == 6 and grown.capacity == 6 and reserved.capacity == 5 + 1
+    k = grown.layer(0)[0]
+    assert torch.equal(again.layer(0)[0], k[:2])  # same rows at the same entry numbers
+    assert not torch.equal(k[:2], k[2:4])  # the entries hold different references
+
+
+def test_flux_called_inside_a_compiled_function_stays_one_graph():
+    """GSA's hooks run eagerly only where dynamo meets them as frames of their own
+    (torch.compile(transformer)); inside a larger compiled function they are traced
+    with the rest, so no mode and in-batch still give one graph."""
+    from test_gsa_processor import flux_inputs, tiny_flux
+
+    m = tiny_flux()
+    gsa = GroupSharedAttention(m)
+    x = flux_inputs(2, seed=1)
+
+    def step(inputs):
+        return m(**inputs).sample * 2
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for mode in (None, (2, 1)):
+                counter = CompileCounter()
+                compiled = torch.compile(step, backend=counter, fullgraph=True)
+                torch._dynamo.reset()
+                if mode is None:
+                    got, want = compiled(x), step(x)
+                else:
+                    with gsa.in_batch(*mode):
+                        got, want = compiled(x), step(x)
+                assert torch.equal(got, want) and counter.frame_count == 1
+    finally:
+        gsa.remove()
+        torch._dynamo.reset()
+
+
+def test_compiled_flux_record_images_never_recompiles():
+    """gsa.record_images on a pipeline whose transformer is compiled (fullgraph=True):
+    two batches, then a second call into a new cache, with no recompile after the first
+    forward; the cache equals eager record_images bit for bit."""
+    from diffusers import FluxPipeline
+    from PIL import Image
+
+    from pipelines.tiny import get_tiny_flux
+    from test_record_images import _assert_same
+
+    pipe = FluxPipeline.from_pretrained(get_tiny_flux())
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+              for _ in range(4)]
+    prompts = ["a fox", "a red fox", "a fox in snow", "a fox at night"]
+    kw = dict(batch_size=2, max_sequence_length=32)
+    gsa = GroupSharedAttention(pipe.transformer)
+    torch._dynamo.reset()
+    try:
+        eager = gsa.record_images(pipe, images, prompts, **kw)
+        counter = CompileCounter()
+        pipe.transformer = torch.compile(pipe.transformer, backend=counter, fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            first = gsa.record_images(pipe, images, prompts, **kw)
+            second = gsa.record_images(pipe, images[2:], prompts[2:], **kw)
+        assert counter.frame_count == 1
+    finally:
+        pipe.transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+        gsa.remove()
+        torch._dynamo.reset()
+    _assert_same(first, eager)
+    assert len(second) == 2
+    # images 2-3 recorded as entries 0-1 are placed differently from entries 2-3
+    assert not torch.equal(second.layer(0)[0], eager.layer(0)[0][2:])
 
 
 def test_flux_ip_adapter_unloader_recreated_processors_are_refused():

@@ -384,6 +384,42 @@ def test_cache_write(backend, dtype, placed):
     assert pool_k[untouched].isnan().all() and pool_v[untouched].isnan().all()
 
 
+def test_cache_write_compiles_into_one_graph():
+    """Under torch.compile(fullgraph=True) the index checks do no host reads: a list
+    index (rows with -1 skipped) and a tensor index each give one graph that writes
+    the pool exactly as eager does; a tensor index with -1 is refused on the device."""
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, nq, nk, rot, pos = make_case(B=3, text_len=3, rows=2, cols=3, D=40)
+    v = torch.randn_like(k)
+    cos_e, sin_e = reference_key_rotary(pos, 3)
+
+    def write(index, pool_k, pool_v):
+        return qk_norm_rope_into_cache(q, k, v, nq, nk, rot, pool_k, pool_v, index,
+                                       pool_start=3, pool_rotary=(cos_e, sin_e),
+                                       backend="torch")
+
+    counter = CompileCounter()
+    compiled = torch.compile(write, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for index in ([2, -1, 0], torch.tensor([2, 1, 0])):
+                pools = [torch.full((4,) + tuple(q[:, 3:].shape[1:]), float("nan"))
+                         for _ in range(4)]
+                want = write(index, *pools[:2])
+                got = compiled(index, *pools[2:])
+                assert all(torch.equal(a, b) for a, b in zip(want, got))
+                for w, g in ((pools[0], pools[2]), (pools[1], pools[3])):  # NaN = untouched
+                    torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+                assert pools[2][[0, 2]].isfinite().all() and pools[2][3].isnan().all()
+            assert counter.frame_count == 2
+            with pytest.raises(RuntimeError, match="under torch.compile"):
+                compiled(torch.tensor([2, -1, 0]), *pools[2:])
+    finally:
+        torch._dynamo.reset()
+
+
 def test_cache_write_keeps_autograd_out_of_the_pool():
     q, k, nq, nk, rot, _ = make_case(B=1, D=32)
     k.requires_grad_(True)

@@ -59,8 +59,11 @@ class GSAForwardContext:
         ref_rotary: ``(cos, sin)`` ``[n, D]`` extra rotation placing reference keys
             (``in_batch``: one row per place ``0 .. G-T-1`` in a group; ``record``:
             one row per recorded row); None = keys not moved.
-        cache, record_start: ``record`` target cache (``ReferenceKVCache``) and the
-            entry number of the first row.
+        record_slots: ``record`` per-layer ``(pool_k, pool_v)`` ``[B, Lr, H, D]``
+            views of the cache storage where row ``b``'s entry goes (made before
+            the forward, so a compiled forward sees the same shapes every call).
+        record_written: ``record`` list the layers append their number to once
+            they have written their slot (the cache checks it after the forward).
         pools: ``replay`` per-layer ``(ref_k, ref_v)`` views ``[P, Lr, H, D]``.
         ref_index: ``replay`` page table ``[B, R]`` (-1 = none) or None = all entries.
     """
@@ -71,8 +74,8 @@ class GSAForwardContext:
     group_size: int = 0
     num_targets: int = 0
     ref_rotary: Optional[Rotary] = None
-    cache: Optional[object] = None
-    record_start: int = 0
+    record_slots: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]] = None
+    record_written: Optional[list] = None
     pools: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]] = None
     ref_index: Optional[torch.Tensor] = None
 
@@ -259,12 +262,18 @@ class GroupSharedFluxAttnProcessor:
         """As _norm_rope, writing the placed image-token keys and values into the cache."""
         B = q.shape[0]
         start = 0 if double else text_len
-        pool_k, pool_v = ctx.cache._slot(self.layer_index, ctx.record_start, B, k[:, start:])
-        rows = list(range(B))
+        pool_k, pool_v = ctx.record_slots[self.layer_index]
+        img = k[:, start:]
+        if img.shape != pool_k.shape or img.dtype != pool_k.dtype:
+            raise ValueError(f"layer {self.layer_index}: reference keys {tuple(img.shape)} "
+                             f"{img.dtype} do not match the cache slot {tuple(pool_k.shape)} "
+                             f"{pool_k.dtype} (the cache signature)")
+        rows = list(range(B))  # a Python list: its checks run at trace time, not on device
         if not double:
             q, k = qk_norm_rope_into_cache(q, k, v, attn.norm_q, attn.norm_k, rot, pool_k, pool_v,
                                            rows, pool_start=text_len, pool_rotary=ctx.ref_rotary,
                                            backend=self.rope_backend)
+            ctx.record_written.append(self.layer_index)
             return q, k, v
         D = attn.head_dim
         eq, ek, ev = _heads(eq, D), _heads(ek, D), _heads(ev, D)
@@ -272,6 +281,7 @@ class GroupSharedFluxAttnProcessor:
                                          _split_rotary(rot, text_len, None), pool_k, pool_v, rows,
                                          pool_start=0, pool_rotary=ctx.ref_rotary,
                                          backend=self.rope_backend)
+        ctx.record_written.append(self.layer_index)
         qt, kt = qk_norm_rope(eq, ek, attn.norm_added_q, attn.norm_added_k,
                               _split_rotary(rot, 0, text_len), backend=self.rope_backend)
         return torch.cat([qt, qi], dim=1), torch.cat([kt, ki], dim=1), torch.cat([ev, v], dim=1)
