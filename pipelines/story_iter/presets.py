@@ -216,17 +216,20 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
 
 
 def sampling_config(args, story) -> Dict[str, Any]:
-    """The sampling options as the run uses them (the manifest's record)."""
+    """The sampling options as the run uses them (the manifest's record).  Options left
+    unset (``None``: parsed arguments that :func:`apply` has not seen) take their plain
+    defaults."""
+    opt = {k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in _OFF.items()}
     neg = args.negative_prompt
     if neg is None and story.negative_prompt:
         neg = story.negative_prompt
     elif neg == "":
         neg = None   # given empty by hand: zero embeddings, whatever the story says
     return {"preset": args.preset, "negative_prompt": neg,
-            "style_template": style_template(args.style_template),
-            "prompt_text": args.prompt_text, "scheduler": args.scheduler,
-            "ref_size": args.ref_size, "vae_fp32": bool(args.vae_fp32),
-            "round0_refs": args.round0_refs}
+            "style_template": style_template(opt["style_template"]),
+            "prompt_text": opt["prompt_text"], "scheduler": opt["scheduler"],
+            "ref_size": args.ref_size, "vae_fp32": bool(opt["vae_fp32"]),
+            "round0_refs": opt["round0_refs"]}
 
 
 def config_fields(sampling: Dict[str, Any]) -> Dict[str, Any]:
