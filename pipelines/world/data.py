@@ -1,0 +1,197 @@
+"""The story world's prompts, stories and training data, all seeded.
+
+Prompt grammar (what a frame's prompt controls; identity is never in it)::
+
+    "Pip big on the left and Moss small on the right, snow"
+     <name> <small|big> on the <left|centre|right> [and ...], <day|night|snow|forest|sunset>
+
+``frame_prompt`` writes it and ``parse_prompt`` reads it back.  Generators:
+
+* ``make_story(out, seed)``: a story file in the format of :mod:`pipelines.story` (characters
+  with a name, an empty description and one reference image each; 100 frames, each with one or
+  two of them), plus ``world.json``: the truth (identities, every frame's placements) that the
+  renderer draws from, for tests and for ground-truth frames.
+* ``make_gsa_groups(out, ...)``: stage gsa data (``metadata.jsonl``, one story group per
+  character: the same identity at varying places, sizes and scenes).
+* ``make_base_frames(n, seed)``: (image, prompt) pairs with random identities, for the
+  text-to-image base model.
+* ``write_dpo_pairs(out, scenarios)``: stage dpo scenario pools (``pairs.jsonl``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import render as R
+
+__all__ = ["NAMES", "frame_prompt", "parse_prompt", "PromptError", "random_identities",
+           "random_frame", "make_story", "load_truth", "make_gsa_groups", "make_base_frames",
+           "write_dpo_pairs", "render_truth_frame", "split_identities"]
+
+# names that say nothing of a look
+NAMES = ("Pip", "Moss", "Bo", "Kit", "Tam", "Fen", "Rue", "Jax", "Lu", "Nim", "Ivo", "Wren",
+         "Dot", "Pim", "Zed", "Ash")
+TRUTH_FILE = "world.json"
+
+_CLAUSE = re.compile(r"^\s*([A-Za-z]+) (small|big) on the (left|centre|right)\s*$")
+
+
+class PromptError(ValueError):
+    pass
+
+
+def frame_prompt(scene: str, cast: Sequence[Tuple[str, str, str]]) -> str:
+    """``cast``: (name, size, position) per character, left to right."""
+    clauses = [f"{n} {s} on the {p}" for n, s, p in cast]
+    return " and ".join(clauses) + f", {scene}"
+
+
+def parse_prompt(prompt: str) -> Tuple[str, List[Tuple[str, str, str]]]:
+    """Inverse of :func:`frame_prompt`: (scene, [(name, size, position), ...])."""
+    head, sep, scene = prompt.rpartition(",")
+    scene = scene.strip()
+    if not sep or scene not in R.SCENES:
+        raise PromptError(f"{prompt!r}: does not end in ', <scene>' ({', '.join(R.SCENES)})")
+    cast = []
+    for clause in head.split(" and "):
+        m = _CLAUSE.match(clause)
+        if not m:
+            raise PromptError(f"{prompt!r}: clause {clause!r} is not '<name> <small|big> on the "
+                              f"<left|centre|right>'")
+        cast.append((m.group(1), m.group(2), m.group(3)))
+    return scene, cast
+
+
+def split_identities(seed: int = 0, holdout: int = 48) -> Tuple[List[R.Identity], List[R.Identity]]:
+    """(train, held-out) identities: evaluation stories use identities no training group had."""
+    ids = R.all_identities()
+    order = np.random.default_rng([seed, 7]).permutation(len(ids))
+    held = [ids[i] for i in order[:holdout]]
+    train = [ids[i] for i in order[holdout:]]
+    return train, held
+
+
+def random_identities(rng: np.random.Generator, k: int,
+                      pool: Optional[Sequence[R.Identity]] = None) -> List[R.Identity]:
+    pool = list(pool) if pool is not None else R.all_identities()
+    return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+
+
+def random_frame(rng: np.random.Generator, n_chars: int) -> Tuple[str, List[Tuple[str, str]]]:
+    """A scene and n_chars (size, position) pairs, positions distinct, left to right."""
+    scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
+    pos = sorted(rng.choice(len(R.POSITIONS), size=n_chars, replace=False))
+    return scene, [(R.SIZES[rng.integers(2)], R.POSITIONS[p]) for p in pos]
+
+
+def _save(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    R.to_pil(img).save(path)
+
+
+# ---- stories ------------------------------------------------------------------------------
+
+
+def make_story(out, seed: int = 0, frames: int = 100, n_chars: int = 2, duo_share: float = 0.3,
+               pool: Optional[Sequence[R.Identity]] = None, title: Optional[str] = None) -> Path:
+    """Write ``out/story.json``, ``out/refs/<name>.png`` and ``out/world.json``; return the
+    story file.  Each character's reference is a lone big frame of it in the centre."""
+    out = Path(out)
+    rng = np.random.default_rng([seed, 11])
+    idents = random_identities(rng, n_chars, pool)
+    names = [NAMES[i] for i in rng.choice(len(NAMES), size=n_chars, replace=False)]
+    chars, truth_chars = [], {}
+    for name, ident in zip(names, idents):
+        scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
+        ref = f"refs/{name.lower()}.png"
+        _save(R.render_frame(scene, [R.Placement(ident, "centre", "big")]), out / ref)
+        chars.append({"name": name, "description": "", "reference_images": [ref]})
+        truth_chars[name] = {"identity": ident.as_dict(), "reference": {"scene": scene,
+                                                                       "position": "centre",
+                                                                       "size": "big"}}
+    story_frames, truth_frames = [], []
+    for _ in range(frames):
+        k = 2 if (n_chars > 1 and rng.random() < duo_share) else 1
+        who = sorted(rng.choice(n_chars, size=k, replace=False))
+        scene, places = random_frame(rng, k)
+        order = list(rng.permutation(who))        # who stands where is random
+        cast = [(names[c], s, p) for c, (s, p) in zip(order, places)]
+        story_frames.append({"prompt": frame_prompt(scene, cast),
+                             "characters": [n for n, _, _ in cast]})
+        truth_frames.append({"scene": scene, "cast": [list(c) for c in cast]})
+    story = {"title": title or f"World story {seed}", "style": "", "characters": chars,
+             "frames": story_frames}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "story.json").write_text(json.dumps(story, indent=1) + "\n")
+    (out / TRUTH_FILE).write_text(json.dumps({"seed": seed, "characters": truth_chars,
+                                              "frames": truth_frames}, indent=1) + "\n")
+    return out / "story.json"
+
+
+def load_truth(story_file) -> Optional[dict]:
+    p = Path(story_file).parent / TRUTH_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def render_truth_frame(truth: dict, i: int, identities: Optional[Dict[str, R.Identity]] = None
+                       ) -> np.ndarray:
+    """Frame i as the renderer draws it from the truth (``identities`` overrides who is who)."""
+    fr = truth["frames"][i]
+    ids = identities or {n: R.Identity(**c["identity"]) for n, c in truth["characters"].items()}
+    return R.render_frame(fr["scene"], [R.Placement(ids[n], p, s) for n, s, p in fr["cast"]])
+
+
+# ---- training data ------------------------------------------------------------------------
+
+
+def make_gsa_groups(out, n_groups: int = 160, per_group: int = 6, seed: int = 0,
+                    pool: Optional[Sequence[R.Identity]] = None) -> Path:
+    """Stage gsa data: one group per character, ``per_group`` lone frames of it."""
+    out = Path(out)
+    rng = np.random.default_rng([seed, 13])
+    pool = list(pool) if pool is not None else R.all_identities()
+    lines = []
+    for g in range(n_groups):
+        ident = pool[g % len(pool)] if n_groups <= len(pool) else pool[rng.integers(len(pool))]
+        name = NAMES[rng.integers(len(NAMES))]
+        for j in range(per_group):
+            scene, places = random_frame(rng, 1)
+            size, pos = places[0]
+            rel = f"g{g:04d}/{j:02d}.png"
+            _save(R.render_frame(scene, [R.Placement(ident, pos, size)]), out / rel)
+            lines.append({"file_name": rel, "text": frame_prompt(scene, [(name, size, pos)]),
+                          "group": f"g{g:04d}"})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return out
+
+
+def make_base_frames(n: int, seed: int = 0, duo_share: float = 0.3,
+                     pool: Optional[Sequence[R.Identity]] = None):
+    """n (uint8 image, prompt) pairs with random identities and random names."""
+    rng = np.random.default_rng([seed, 17])
+    pool = list(pool) if pool is not None else R.all_identities()
+    out = []
+    for _ in range(n):
+        k = 2 if rng.random() < duo_share else 1
+        scene, places = random_frame(rng, k)
+        names = [NAMES[i] for i in rng.choice(len(NAMES), size=k, replace=False)]
+        ids = random_identities(rng, k, pool)
+        img = R.render_frame(scene, [R.Placement(i, p, s) for i, (s, p) in zip(ids, places)])
+        out.append((img, frame_prompt(scene, [(nm, s, p) for nm, (s, p) in zip(names, places)])))
+    return out
+
+
+def write_dpo_pairs(out, scenarios: Sequence[dict]) -> Path:
+    """``scenarios``: dicts with prompt, references, winners, losers (paths relative to
+    ``out``); writes ``out/pairs.jsonl`` in the scenario-pool format the trainer expands."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"scenario": s.get("scenario", str(i)), "prompt": s["prompt"],
+                         "references": list(s["references"]), "winners": list(s["winners"]),
+                         "losers": list(s["losers"])}) for i, s in enumerate(scenarios)]
+    (out / "pairs.jsonl").write_text("".join(l + "\n" for l in lines))
+    return out / "pairs.jsonl"

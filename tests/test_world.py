@@ -1,0 +1,205 @@
+"""The story world: renderer, exact reader, prompt grammar, data generators, metrics.
+
+The reader is checked against the renderer's own ground truth (what it was asked to draw), on
+clean frames and on corrupted ones; the metrics on frames whose answer is known by
+construction (perfect, identities swapped, random identities, references pasted).
+"""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pipelines.story import load_story
+from pipelines.world import data as D
+from pipelines.world import metrics as M
+from pipelines.world import render as R
+from pipelines.world.reader import UNKNOWN, read_image
+
+
+def _random_scenes(n, seed):
+    rng = np.random.default_rng(seed)
+    ids = R.all_identities()
+    out = []
+    for k in range(n):
+        scene, places = D.random_frame(rng, 1 + k % 2)
+        pl = [R.Placement(ids[rng.integers(len(ids))], p, s) for s, p in places]
+        out.append((scene, pl))
+    return out
+
+
+def _accuracy(corrupt, n=120, seed=0):
+    right = total = 0
+    for scene, pl in _random_scenes(n, seed):
+        reading = read_image(corrupt(R.render_frame(scene, pl)))
+        total += 2
+        right += (reading.scene == scene) + (len(reading.characters) == len(pl))
+        for p in pl:
+            ch = reading.at(p.position)
+            for a in R.ATTRIBUTES:
+                total += 1
+                right += ch is not None and ch[a] == getattr(p.identity, a)
+            total += 1
+            right += ch is not None and ch["size"] == p.size
+    return right / total
+
+
+def test_world_has_hundreds_of_identities_and_renders_deterministically():
+    ids = R.all_identities()
+    assert len(ids) == len(set(ids)) == 288
+    pl = [R.Placement(ids[5], "left", "big"), R.Placement(ids[100], "right", "small")]
+    a, b = R.render_frame("snow", pl), R.render_frame("snow", pl)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    with pytest.raises(ValueError, match="two characters in one slot"):
+        R.render_frame("day", [pl[0], pl[0]])
+    with pytest.raises(ValueError, match="scene"):
+        R.render_frame("mars", [])
+
+
+def test_every_identity_size_and_slot_reads_back_exactly():
+    """All 288 identities x 2 sizes, slots and scenes cycling: every attribute right."""
+    wrong = []
+    for k, ident in enumerate(R.all_identities()):
+        for size in R.SIZES:
+            pos = R.POSITIONS[k % 3]
+            scene = list(R.SCENES)[k % len(R.SCENES)]
+            reading = read_image(R.render_frame(scene, [R.Placement(ident, pos, size)]))
+            ch = reading.at(pos)
+            got = None if ch is None else (ch["shape"], ch["colour"], ch["pattern"],
+                                           ch["accessory"], ch["size"])
+            want = (ident.shape, ident.colour, ident.pattern, ident.accessory, size)
+            if reading.scene != scene or len(reading.characters) != 1 or got != want:
+                wrong.append((want, pos, scene, reading.scene, got))
+    assert not wrong, f"{len(wrong)} misread, e.g. {wrong[:3]}"
+
+
+def test_reader_on_clean_and_corrupted_frames():
+    rng = np.random.default_rng(3)
+
+    def noise(img):
+        return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+    def blur(img):
+        return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.7)))
+
+    def jpeg(img):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=70)
+        return np.asarray(Image.open(buf).convert("RGB"))
+
+    assert _accuracy(lambda x: x) >= 0.99
+    assert _accuracy(noise) >= 0.97
+    assert _accuracy(blur) >= 0.95
+    assert _accuracy(jpeg) >= 0.90
+
+
+def test_reader_is_graceful_on_images_that_are_not_world_frames():
+    rng = np.random.default_rng(0)
+    junk = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),        # noise
+            np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8),
+            rng.random((32, 48, 3)),                                     # float, other size
+            Image.new("L", (80, 80), 128)]                               # grey PIL, other size
+    for img in junk:
+        reading = read_image(img)
+        assert reading.scene == UNKNOWN
+        for ch in reading.characters:
+            assert set(R.ATTRIBUTES) <= set(ch)
+    # a scene with nothing on it: the scene, no characters
+    assert read_image(R.render_frame("night")).as_dict() == {"scene": "night", "characters": []}
+    # a body in a colour the world does not have reads as no palette colour
+    img = R.render_frame("day", [R.Placement(R.Identity("square", "red", "solid", "none"))])
+    img[img[..., 0] == 220] = (128, 128, 128)
+    assert all(ch["colour"] != "red" for ch in read_image(img).characters)
+    with pytest.raises(ValueError, match="RGB"):
+        read_image(np.zeros((64, 64)))
+
+
+def test_prompt_grammar_round_trips_and_names_its_errors():
+    cast = [("Pip", "big", "left"), ("Moss", "small", "right")]
+    p = D.frame_prompt("snow", cast)
+    assert p == "Pip big on the left and Moss small on the right, snow"
+    assert D.parse_prompt(p) == ("snow", cast)
+    with pytest.raises(D.PromptError, match="scene"):
+        D.parse_prompt("Pip big on the left, moon")
+    with pytest.raises(D.PromptError, match="clause"):
+        D.parse_prompt("Pip huge on the left, day")
+    # no prompt states a look
+    words = set(p.lower().replace(",", " ").split())
+    look = {*R.SHAPES, *R.COLOURS, *R.PATTERNS, *R.ACCESSORIES} - {"none"}
+    assert not words & look
+
+
+def test_story_file_loads_with_the_story_format_and_matches_its_truth(tmp_path):
+    path = D.make_story(tmp_path / "s", seed=4, frames=100)
+    story = load_story(path)
+    truth = D.load_truth(path)
+    assert len(story.frames) == 100 and len(story.characters) == 2
+    assert all(c.reference_images and c.description == "" for c in story.characters)
+    assert story.full_prompt(0) == story.frames[0].prompt       # nothing about the look added
+    duo = sum(len(f.characters) == 2 for f in story.frames)
+    assert 15 <= duo <= 45
+    for name, c in truth["characters"].items():
+        ch = read_image(story.character(name).reference_images[0]).characters[0]
+        assert {a: ch[a] for a in R.ATTRIBUTES} == c["identity"]
+    # same seed, same bytes
+    again = D.make_story(tmp_path / "t", seed=4, frames=100)
+    assert again.read_text().replace("t", "") == path.read_text().replace("t", "")
+
+
+def test_gsa_groups_and_dpo_pairs_load_with_the_trainers_readers(tmp_path):
+    from pipelines.train.data import load_preference_pairs, load_story_groups
+
+    train, held = D.split_identities()
+    assert not set(train) & set(held) and len(train) + len(held) == 288
+    root = D.make_gsa_groups(tmp_path / "g", n_groups=4, per_group=3, pool=train)
+    ds = load_story_groups(root)
+    assert len(ds.groups) == 4 and len(ds) == 12
+    for grp in ds.groups:     # one identity per group, read back from its images
+        idents = {tuple(read_image(ds.paths[i]).characters[0][a] for a in R.ATTRIBUTES)
+                  for i in grp}
+        assert len(idents) == 1
+    pairs = D.write_dpo_pairs(tmp_path / "g", [{"prompt": ds.captions[0],
+                                                "references": ["g0000/00.png"],
+                                                "winners": ["g0000/01.png"],
+                                                "losers": ["g0001/00.png", "g0001/01.png"]}])
+    pp = load_preference_pairs(pairs)
+    assert len(pp) == 2 and json.loads(pairs.read_text().splitlines()[0])["scenario"] == "0"
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    path = D.make_story(tmp_path_factory.mktemp("story"), seed=1, frames=40)
+    return load_story(path), D.load_truth(path)
+
+
+def test_metrics_perfect_frames_score_one(story):
+    st, truth = story
+    s = M.score_frames(st, [D.render_truth_frame(truth, i) for i in range(40)])
+    assert s["identity_cross"] == s["identity_cross_all"] == 1.0
+    assert s["identity_self"] == s["prompt_adherence"] == 1.0
+    assert s["copy_paste"] == 0.0
+
+
+def test_metrics_swapped_and_random_identities_score_low(story):
+    st, truth = story
+    names = list(truth["characters"])
+    ids = {n: R.Identity(**truth["characters"][n]["identity"]) for n in names}
+    swapped = {names[0]: ids[names[1]], names[1]: ids[names[0]]}
+    s = M.score_frames(st, [D.render_truth_frame(truth, i, swapped) for i in range(40)])
+    assert s["identity_cross_all"] == 0.0 and s["identity_cross"] < 0.8
+    assert s["identity_self"] == 1.0 and s["prompt_adherence"] == 1.0   # consistent, just wrong
+    rng = np.random.default_rng(0)
+    pool = R.all_identities()
+    frames = [D.render_truth_frame(truth, i, {n: pool[rng.integers(288)] for n in names})
+              for i in range(40)]
+    s = M.score_frames(st, frames)
+    assert s["identity_cross"] < M.CHANCE_IDENTITY_CROSS + 0.15
+    assert s["identity_self"] < 0.6 and s["prompt_adherence"] == 1.0
+
+
+def test_metrics_pasted_references_are_copy_paste(story):
+    st, _ = story
+    refs = {c.name: c.reference_images[0] for c in st.characters}
+    s = M.score_frames(st, [refs[st.frames[i].characters[0]] for i in range(40)])
+    assert s["copy_paste"] > 0.6 and s["prompt_adherence"] < 0.6
