@@ -262,8 +262,9 @@ def _bpe_split(word: str, ranks: dict) -> list:
     return symbols
 
 
-def _build_clip_tokenizer(model_max_length: int):
-    """A CLIP tokenizer (byte-level BPE, '</w>' end-of-word suffix) over the word list."""
+def _build_clip_tokenizer(model_max_length: int, words=None):
+    """A CLIP tokenizer (byte-level BPE, '</w>' end-of-word suffix) over the word list
+    (``words`` when given: the story world adds its names)."""
     from transformers import CLIPTokenizer
 
     alphabet = [_byte_to_unicode()[b] for b in range(256)]
@@ -274,7 +275,7 @@ def _build_clip_tokenizer(model_max_length: int):
         vocab[ch + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    for word in _WORDS:
+    for word in words or _WORDS:
         # every word is ASCII, so its byte-level characters are its letters. Append merges
         # until the word is one token; merges added later never change how earlier words
         # split (BPE always applies the lowest-ranked available merge first).
@@ -293,8 +294,8 @@ def _build_clip_tokenizer(model_max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _build_t5_tokenizer(model_max_length: int):
-    """A T5 tokenizer (Unigram, '\u2581' word prefix) over the word list."""
+def _build_t5_tokenizer(model_max_length: int, words=None):
+    """A T5 tokenizer (Unigram, '\u2581' word prefix) over the word list (or ``words``)."""
     from transformers import T5TokenizerFast
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
@@ -303,7 +304,7 @@ def _build_t5_tokenizer(model_max_length: int):
     for ch in chars:
         pieces.append((ch, -10.0))
         known.add(ch)
-    for word in _WORDS:
+    for word in words or _WORDS:
         piece = "\u2581" + word
         if piece not in known:
             known.add(piece)

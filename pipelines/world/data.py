@@ -195,3 +195,15 @@ def write_dpo_pairs(out, scenarios: Sequence[dict]) -> Path:
                          "losers": list(s["losers"])}) for i, s in enumerate(scenarios)]
     (out / "pairs.jsonl").write_text("".join(l + "\n" for l in lines))
     return out / "pairs.jsonl"
+
+
+def strip_references(story_file, name: str = "story_norefs.json") -> Path:
+    """A copy of a world story without reference images (next to it, so ``world.json`` still
+    gives the metrics the truth)."""
+    story_file = Path(story_file)
+    obj = json.loads(story_file.read_text())
+    for c in obj["characters"]:
+        c.pop("reference_images", None)
+    out = story_file.parent / name
+    out.write_text(json.dumps(obj, indent=1) + "\n")
+    return out

@@ -1,0 +1,321 @@
+"""``python -m pipelines.world build``: train the world's models from a seed, stage by stage.
+
+Stages (``STAGES``, in order; each writes its result under ``--out`` and is skipped when that
+result is there, so an interrupted build resumes at the first unfinished stage):
+
+========  ==========================================================================
+vae       AutoencoderKL trained for reconstruction on rendered frames
+base      FluxTransformer2DModel trained text-to-image (full weights, no references);
+          writes the pipeline folder ``base/`` (``FluxPipeline.from_pretrained``)
+gsa_data  story groups for stage gsa (identities of the training split)
+gsa       ``python -m pipelines.train --stage gsa`` (LoRA, GSA in-batch, clean references)
+dpo_data  candidates drawn by base + stage 1 with references, labelled by the reader:
+          winner = accessory and colour of the reference, loser = wrong accessory (a
+          scenario with losers only gets the rendered right frame as its winner)
+dpo       ``python -m pipelines.train --stage dpo`` on those pools
+export    the pipeline folder and both LoRA files copied to ``--weights``
+========  ==========================================================================
+
+A stage is a :class:`Stage` (name, what it writes, a function); other backbones add theirs
+with ``register_stage`` (or by appending to ``STAGES``).  ``build.json`` in ``--out`` keeps
+every stage's figures (losses, steps, seconds).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from . import data as D
+from . import render as R
+
+__all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Context"]
+
+# steps per stage: "full" is the committed build, "quick" a smoke test of the whole chain
+SETTINGS: Dict[str, Dict[str, int]] = {
+    "full": dict(vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=240,
+                 gsa_steps=1500, gsa_batch=8, dpo_scenarios=96, dpo_candidates=6, dpo_steps=200,
+                 dpo_batch=4, sample_steps=20),
+    "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
+                  gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=2, dpo_steps=2,
+                  dpo_batch=1, sample_steps=2),
+}
+
+
+@dataclass
+class Context:
+    out: Path
+    weights: Path
+    seed: int
+    device: str
+    settings: Dict[str, int]
+    results: Dict[str, Any]
+
+    def log(self, rec: Dict[str, Any]) -> None:
+        with open(self.out / "build_log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def cpu_flag(self) -> List[str]:
+        return ["--cpu"] if self.device == "cpu" else []
+
+
+@dataclass
+class Stage:
+    name: str
+    done_marker: str                       # path under --out that exists once the stage is done
+    run: Callable[[Context], Dict[str, Any]]
+
+
+STAGES: List[Stage] = []
+
+
+def register_stage(stage: Stage, after: Optional[str] = None) -> None:
+    """Add a stage (at the end, or right after the stage named ``after``)."""
+    if any(s.name == stage.name for s in STAGES):
+        raise ValueError(f"stage {stage.name!r} is already registered")
+    if after is None:
+        STAGES.append(stage)
+    else:
+        STAGES.insert([s.name for s in STAGES].index(after) + 1, stage)
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+
+def _stage_vae(ctx: Context) -> Dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .models import world_vae_config
+    from .train_base import train_vae
+
+    torch.manual_seed(ctx.seed)
+    vae = AutoencoderKL(**world_vae_config())
+    s = ctx.settings
+    res = train_vae(vae, s["vae_steps"], s["vae_batch"], ctx.seed, ctx.device, log=ctx.log)
+    vae.to("cpu").save_pretrained(str(ctx.out / "vae"), safe_serialization=True)
+    return res
+
+
+def _stage_base(ctx: Context) -> Dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    from .models import build_world_pipeline
+    from .train_base import train_base
+
+    tmp = ctx.out / "base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae = AutoencoderKL.from_pretrained(str(ctx.out / "vae"))
+    build_world_pipeline(tmp, seed=ctx.seed, vae=vae)
+    pipe = FluxPipeline.from_pretrained(str(tmp), local_files_only=True)
+    torch.manual_seed(ctx.seed)
+    s = ctx.settings
+    res = train_base(pipe, s["base_steps"], s["base_batch"], ctx.seed, ctx.device, log=ctx.log)
+    pipe.to("cpu")
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(ctx.out / "base", ignore_errors=True)
+    tmp.rename(ctx.out / "base")
+    return res
+
+
+def _stage_gsa_data(ctx: Context) -> Dict[str, Any]:
+    train, _ = D.split_identities(ctx.seed)
+    tmp = ctx.out / "gsa_data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    D.make_gsa_groups(tmp, n_groups=ctx.settings["gsa_groups"], per_group=6, seed=ctx.seed,
+                      pool=train)
+    tmp.rename(ctx.out / "gsa_data")
+    return {"groups": ctx.settings["gsa_groups"], "per_group": 6}
+
+
+def _train(ctx: Context, argv: List[str]) -> Dict[str, Any]:
+    """Run the project's trainer as a subprocess (its own process: accelerate state, peft
+    injection and memory stay out of the build)."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "pipelines.train", *argv, *ctx.cpu_flag()]
+    print("[world] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    out = Path(argv[argv.index("--output-dir") + 1])
+    summary = json.loads((out / "train_summary.json").read_text())
+    losses = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    k = max(1, len(losses) // 10)
+    return {"steps": summary["steps"], "first_loss": float(np.mean([r["loss"] for r in losses[:k]])),
+            "final_loss": float(np.mean([r["loss"] for r in losses[-k:]])),
+            "last": summary["last"], "train_time_s": summary["train_time_s"],
+            "time_s": round(time.perf_counter() - t0, 1), "command": " ".join(cmd)}
+
+
+def _stage_gsa(ctx: Context) -> Dict[str, Any]:
+    s = ctx.settings
+    return _train(ctx, ["--stage", "gsa", "--model", str(ctx.out / "base"),
+                        "--data", str(ctx.out / "gsa_data"), "--output-dir", str(ctx.out / "gsa"),
+                        "--max-steps", str(s["gsa_steps"]), "--batch-size", str(s["gsa_batch"]),
+                        "--num-refs", "1", "--learning-rate", "3e-3", "--lr-warmup-steps", "20",
+                        # identity is undecided only at high noise: there the references are
+                        # the only source of it, so the stage trains mostly there
+                        "--timestep-shift", "3",
+                        "--cache-latents", "--no-gradient-checkpointing", "--checkpoint-every", "0",
+                        "--mixed-precision", "no",
+                        "--seed", str(ctx.seed), "--log-every", "10"])
+
+
+def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
+    """Candidates from base + stage 1 with the character's reference, labelled by the reader."""
+    from storyattn import GroupSharedAttention
+
+    from .reader import read_image
+    from .sample import draw, load_world, reference_prompt
+
+    s = ctx.settings
+    t0 = time.perf_counter()
+    train, _ = D.split_identities(ctx.seed)
+    rng = np.random.default_rng([ctx.seed, 23])
+    pipe = load_world(ctx.out / "base", [str(ctx.out / "gsa")], device=ctx.device)
+    gsa = GroupSharedAttention(pipe.transformer)
+    tmp = ctx.out / "dpo_data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    scen, prompts, refs, rprompts, seeds = [], [], [], [], []
+    for k in range(s["dpo_scenarios"]):
+        ident = train[rng.integers(len(train))]
+        name = D.NAMES[rng.integers(len(D.NAMES))]
+        ref_scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
+        ref = R.render_frame(ref_scene, [R.Placement(ident, "centre", "big")])
+        scene, places = D.random_frame(rng, 1)
+        prompt = D.frame_prompt(scene, [(name, *places[0])])
+        (tmp / f"s{k:03d}").mkdir(parents=True, exist_ok=True)
+        R.to_pil(ref).save(tmp / f"s{k:03d}" / "ref.png")
+        scen.append((k, ident, prompt))
+        for j in range(s["dpo_candidates"]):
+            prompts.append(prompt)
+            refs.append([ref])
+            rprompts.append([reference_prompt(ref, name)])
+            seeds.append(ctx.seed * 100000 + k * 100 + j)
+    images = draw(pipe, prompts, seeds, steps=s["sample_steps"], refs=refs, ref_prompts=rprompts,
+                  gsa=gsa, batch=32)
+    pools, n_w, n_l, n_truth = [], 0, 0, 0
+    for k, ident, prompt in scen:
+        winners, losers = [], []
+        for j in range(s["dpo_candidates"]):
+            img = images[k * s["dpo_candidates"] + j]
+            rel = f"s{k:03d}/c{j}.png"
+            R.to_pil(img).save(tmp / rel)
+            chars = read_image(img).characters
+            ch = chars[0] if len(chars) == 1 else None
+            if ch is not None and ch["accessory"] == ident.accessory and ch["colour"] == ident.colour:
+                winners.append(rel)
+            elif ch is None or ch["accessory"] != ident.accessory:
+                losers.append(rel)
+        n_w += len(winners)
+        n_l += len(losers)
+        if losers and not winners:
+            # no candidate got it right: the rendered frame the prompt asks for stands in for
+            # the expert's drawing (counted in the summary)
+            sc, places = D.parse_prompt(prompt)[0], D.parse_prompt(prompt)[1]
+            truth = R.render_frame(sc, [R.Placement(ident, places[0][2], places[0][1])])
+            R.to_pil(truth).save(tmp / f"s{k:03d}" / "truth.png")
+            winners.append(f"s{k:03d}/truth.png")
+            n_truth += 1
+        if winners and losers:
+            pools.append({"scenario": f"s{k:03d}", "prompt": prompt,
+                          "references": [f"s{k:03d}/ref.png"], "winners": winners,
+                          "losers": losers})
+    if not pools:
+        raise RuntimeError("no scenario had both a winner and a loser among the candidates; "
+                           "stage 1 is too weak (or too strong) for reader-labelled pairs")
+    D.write_dpo_pairs(tmp, pools)
+    shutil.rmtree(ctx.out / "dpo_data", ignore_errors=True)
+    tmp.rename(ctx.out / "dpo_data")
+    n = s["dpo_scenarios"] * s["dpo_candidates"]
+    return {"scenarios": s["dpo_scenarios"], "candidates": n, "winners": n_w, "losers": n_l,
+            "winner_rate": n_w / n, "truth_winners": n_truth, "pools_kept": len(pools),
+            "pairs": sum(len(p["winners"]) * len(p["losers"]) for p in pools),
+            "time_s": round(time.perf_counter() - t0, 1)}
+
+
+def _stage_dpo(ctx: Context) -> Dict[str, Any]:
+    s = ctx.settings
+    return _train(ctx, ["--stage", "dpo", "--model", str(ctx.out / "base"),
+                        "--stage1-lora", str(ctx.out / "gsa"),
+                        "--data", str(ctx.out / "dpo_data"), "--output-dir", str(ctx.out / "dpo"),
+                        "--max-steps", str(s["dpo_steps"]), "--batch-size", str(s["dpo_batch"]),
+                        "--num-refs", "1", "--learning-rate", "1e-4", "--beta", "1000",
+                        "--cache-latents", "--no-gradient-checkpointing", "--checkpoint-every", "0",
+                        "--mixed-precision", "no",
+                        "--seed", str(ctx.seed), "--log-every", "10"])
+
+
+def _stage_export(ctx: Context) -> Dict[str, Any]:
+    from ..train.model import LORA_WEIGHT_NAME
+    from . import weights as W
+
+    dst = ctx.weights
+    tmp = dst.parent / (dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ctx.out / "base", tmp / W.FLUX_DIR)
+    shutil.copy(ctx.out / "gsa" / LORA_WEIGHT_NAME, tmp / W.GSA_LORA)
+    shutil.copy(ctx.out / "dpo" / LORA_WEIGHT_NAME, tmp / W.DPO_LORA)
+    results = {k: v for k, v in ctx.results.items() if k != "export"}
+    (tmp / W.BUILD_FILE).write_text(json.dumps({"seed": ctx.seed, "device": ctx.device,
+                                                "settings": ctx.settings, "stages": results},
+                                               indent=1) + "\n")
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    return {"weights": str(dst), "bytes": size}
+
+
+for _s in (Stage("vae", "vae/config.json", _stage_vae),
+           Stage("base", "base/model_index.json", _stage_base),
+           Stage("gsa_data", "gsa_data/metadata.jsonl", _stage_gsa_data),
+           Stage("gsa", "gsa/pytorch_lora_weights.safetensors", _stage_gsa),
+           Stage("dpo_data", "dpo_data/pairs.jsonl", _stage_dpo_data),
+           Stage("dpo", "dpo/pytorch_lora_weights.safetensors", _stage_dpo),
+           Stage("export", "export.done", _stage_export)):
+    register_stage(_s)
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+
+def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: str = "full",
+              only: Optional[List[str]] = None) -> Dict[str, Any]:
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state_path = out / "build.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state and (state.get("seed") != seed or state.get("mode") != mode):
+        raise SystemExit(f"{out} holds a build with seed {state.get('seed')} mode "
+                         f"{state.get('mode')}; this one is seed {seed} mode {mode}: pass "
+                         f"another --out")
+    state.update(seed=seed, mode=mode)
+    state.setdefault("stages", {})
+    ctx = Context(out, Path(weights), seed, device, SETTINGS[mode], state["stages"])
+    for stage in STAGES:
+        if only and stage.name not in only:
+            continue
+        if (out / stage.done_marker).exists() and stage.name in state["stages"]:
+            print(f"[world] stage {stage.name}: done ({stage.done_marker}), skipped", flush=True)
+            continue
+        print(f"[world] stage {stage.name} ...", flush=True)
+        t0 = time.perf_counter()
+        res = stage.run(ctx)
+        res["stage_time_s"] = round(time.perf_counter() - t0, 1)
+        res["device"] = device
+        state["stages"][stage.name] = res
+        if stage.name == "export":
+            (out / stage.done_marker).write_text("done\n")
+        state_path.write_text(json.dumps(state, indent=1) + "\n")
+        print(f"[world] stage {stage.name}: {json.dumps(res)}", flush=True)
+    return state

@@ -1,0 +1,53 @@
+"""Where the committed world weights live and how to load them.
+
+``pipelines/world/weights/`` (package data), written by ``python -m pipelines.world build``::
+
+    flux/                    FluxPipeline folder: world-trained transformer and VAE, tiny text
+                             encoders (FluxPipeline.from_pretrained(flux_path()))
+    lora_gsa.safetensors     stage 1 (GSA in-batch) LoRA, diffusers format
+    lora_dpo.safetensors     stage 2 (DPO) LoRA, applied on top of stage 1
+    build.json               seed, settings and every stage's figures
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+__all__ = ["WEIGHTS_DIR", "FLUX_DIR", "GSA_LORA", "DPO_LORA", "BUILD_FILE", "flux_path",
+           "gsa_lora_path", "dpo_lora_path", "available", "build_info"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FLUX_DIR = "flux"
+GSA_LORA = "lora_gsa.safetensors"
+DPO_LORA = "lora_dpo.safetensors"
+BUILD_FILE = "build.json"
+
+
+def available(root=None) -> bool:
+    root = Path(root or WEIGHTS_DIR)
+    return (root / FLUX_DIR / "model_index.json").is_file() and (root / GSA_LORA).is_file()
+
+
+def _need(root) -> Path:
+    root = Path(root or WEIGHTS_DIR)
+    if not available(root):
+        raise FileNotFoundError(f"no world weights in {root}: build them with "
+                                f"`python -m pipelines.world build`")
+    return root
+
+
+def flux_path(root=None) -> str:
+    return str(_need(root) / FLUX_DIR)
+
+
+def gsa_lora_path(root=None) -> str:
+    return str(_need(root) / GSA_LORA)
+
+
+def dpo_lora_path(root=None) -> str:
+    return str(_need(root) / DPO_LORA)
+
+
+def build_info(root=None) -> Dict[str, Any]:
+    return json.loads((_need(root) / BUILD_FILE).read_text())
