@@ -84,7 +84,9 @@ setup(
     packages=["storyattn", "storyattn.backends", "storyattn.processors", "storyattn.kernels"]
     + find_packages(include=["pipelines", "pipelines.*"]),
     package_dir={"storyattn.kernels": "kernels"},
-    package_data={"pipelines.studio": ["static/*.html", "static/*.js", "static/*.css"]},
+    package_data={"pipelines.studio": ["static/*.html", "static/*.js", "static/*.css"],
+                  # the story world's trained weights (python -m pipelines.world build)
+                  "pipelines.world": ["weights/*", "weights/*/*", "weights/*/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system=='Linux'",

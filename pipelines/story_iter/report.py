@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "save_png_atomic", "frame_path", "round_dir",
-    "PeakMemory", "versions", "write_index_html", "read_json",
+    "PeakMemory", "versions", "write_index_html", "read_json", "world_metrics_html",
 ]
 
 
@@ -144,6 +144,39 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def world_metrics_html(out: Path, manifest: Dict[str, Any]) -> str:
+    """Consistency metrics per finished round (a table), when the run's story is a story-world
+    story (prompts in the world's grammar, file on disk); else the empty string."""
+    try:
+        from pipelines.world.data import PromptError, parse_prompt
+        from pipelines.world.metrics import score_run
+    except ImportError:
+        return ""
+    prompts = manifest.get("prompts") or [""]
+    try:
+        parse_prompt(prompts[0])
+        scores = score_run(out)["rounds"]
+    except (PromptError, ValueError, OSError, KeyError):
+        return ""
+    if not scores:
+        return ""
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    rows = "".join(
+        f"<tr><th>round {r}</th><td>{f(s['identity_cross'])}</td>"
+        f"<td>{f(s['identity_cross_all'])}</td><td>{f(s['identity_self'])}</td>"
+        f"<td>{f(s['prompt_adherence'])}</td><td>{f(s['copy_paste'])}</td></tr>"
+        for r, s in sorted(scores.items()))
+    return ("<h2>Consistency (story-world reader)</h2><table><tr><th></th><th>identity-cross</th>"
+            "<th>all 4 attributes</th><th>identity-self</th><th>prompt adherence</th>"
+            f"<th>copy-paste</th></tr>{rows}</table>"
+            "<p><small>identity-cross: attributes equal to the character's reference (chance "
+            "0.26); identity-self: agreement of a character with itself across frames; "
+            "adherence: scene, count, slot and size as prompted.</small></p>")
+
+
 def write_index_html(out: Path, manifest: Dict[str, Any]) -> None:
     """Contact sheet: one row per round, one column per frame; missing frames are blank."""
     out = Path(out)
@@ -189,6 +222,7 @@ img {{ display: block; image-rendering: auto; }}
 <p>{n_frames} frames x {n_rounds} rounds ({html.escape(cfg['backbone'])}, {cfg['steps']} steps,
 guidance {cfg['guidance']}, seed {cfg['seed']}). Status: {status}.
 Hover a thumbnail for its prompt; <a href="manifest.json">manifest.json</a>.</p>
+{world_metrics_html(out, manifest)}
 <div style="overflow-x: auto"><table>
 {chr(10).join(rows)}
 </table></div>

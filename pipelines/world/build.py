@@ -41,8 +41,8 @@ __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Contex
 # steps per stage: "full" is the committed build, "quick" a smoke test of the whole chain
 SETTINGS: Dict[str, Dict[str, int]] = {
     "full": dict(vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=240,
-                 gsa_steps=1500, gsa_batch=8, dpo_scenarios=96, dpo_candidates=6, dpo_steps=200,
-                 dpo_batch=4, sample_steps=20),
+                 gsa_steps=1500, gsa_batch=8, dpo_scenarios=24, dpo_candidates=4, dpo_steps=60,
+                 dpo_batch=2, sample_steps=10),
     "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
                   gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=2, dpo_steps=2,
                   dpo_batch=1, sample_steps=2),

@@ -139,7 +139,7 @@ def score_frames(story, images: Sequence, refs: Optional[Dict[str, Dict[str, Any
 def score_run(run_dir, story_file=None, keep_frames: bool = False) -> Dict[str, Any]:
     """Metrics per finished round of a ``python -m pipelines.story_iter`` output folder.
 
-    ``story_file``: the run's story (default: the ``story_file`` the manifest names); its
+    ``story_file``: the run's story (default: the story file the manifest names); its
     fingerprint must match the manifest's, so frames are never scored against another story."""
     from pipelines.story import load_story
     from pipelines.story_iter.report import frame_path
@@ -150,9 +150,10 @@ def score_run(run_dir, story_file=None, keep_frames: bool = False) -> Dict[str, 
         raise FileNotFoundError(f"{run_dir}: no manifest.json (not a story_iter output folder)")
     manifest = json.loads(man_path.read_text())
     cfg = manifest.get("config", {})
-    story_file = story_file or manifest.get("story_file")
-    if story_file is None:
-        raise ValueError(f"{run_dir}: the manifest names no story file; pass story_file")
+    story_file = story_file or manifest.get("story", {}).get("source")
+    if story_file is None or not Path(story_file).is_file():
+        raise ValueError(f"{run_dir}: the manifest names no story file on disk "
+                         f"({story_file!r}); pass story_file")
     story = load_story(story_file).truncated(cfg.get("frames"))
     want = cfg.get("story_fingerprint")
     if want is not None and story.fingerprint() != want:

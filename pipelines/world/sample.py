@@ -71,7 +71,8 @@ def draw(pipe, prompts: List[str], seeds: Sequence[int], steps: int = 20,
          gsa=None, batch: int = 16, ref_sigma: float = 0.0) -> List[np.ndarray]:
     """Draw one 64x64 frame per prompt; ``refs[i]``: reference images of frame i (needs
     ``gsa``, a ``GroupSharedAttention`` on ``pipe.transformer``).  Frame i's noise comes from
-    ``seeds[i]`` alone, so a frame does not depend on its batch.  ``ref_sigma`` > 0 feeds the
+    ``seeds[i]`` alone (the same noise ``FluxPipeline`` draws from a generator with that seed),
+    so a frame does not depend on its batch.  ``ref_sigma`` > 0 feeds the
     references noised to that level (a check that clean references matter)."""
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
@@ -97,9 +98,11 @@ def draw(pipe, prompts: List[str], seeds: Sequence[int], steps: int = 20,
             text = TM.encode_prompts(pipe, rows_prompts, device, MAX_SEQUENCE_LENGTH)
             emb = torch.stack([text[p][0] for p in rows_prompts]).to(device, dtype)
             pooled = torch.stack([text[p][1] for p in rows_prompts]).to(device, dtype)
-            noise = torch.stack([torch.randn(hw * hw // 4, 64, generator=torch.Generator()
-                                             .manual_seed(int(seeds[i]))) for i in chunk])
-            x = noise.to(device, dtype)
+            # the noise FluxPipeline draws for a generator seeded so: [1, C, h, w], packed
+            c = pipe.transformer.config.in_channels // 4
+            noise = torch.cat([torch.randn((1, c, hw, hw), generator=torch.Generator()
+                                           .manual_seed(int(seeds[i]))) for i in chunk])
+            x = TM.pack_latents(noise).to(device, dtype)
             ref_lat = None
             if k:
                 pix = images_to_tensor([np.asarray(im.convert("RGB") if hasattr(im, "convert")

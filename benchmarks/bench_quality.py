@@ -1,0 +1,237 @@
+"""The method's effect, measured in the story world: the GSA paper's ablation and Story-Iter's
+rounds, on the same world story, scored by the exact reader.
+
+Rows (every one on the same story of held-out identities, same prompts, same seeds):
+
+  base, no refs                the world base model, text only
+  stage 1 GSA, in-batch        base + stage-1 LoRA; each frame's characters' reference images in
+                               the batch at timestep 0 (``GroupSharedAttention.in_batch``)
+  stage 1 GSA, replay          the same references recorded once into a ``ReferenceKVCache`` and
+                               replayed (Story-Iter's FLUX backbone, stock ``FluxPipeline``)
+  stage 1 + DPO, in-batch      base + stage 1 + stage-2 DPO LoRA
+  Story-Iter FLUX, refs        ``python -m pipelines.story_iter --backbone flux`` with stage 1,
+                               rounds 0..R, character reference images added from round 1
+  Story-Iter FLUX, no refs     the same story without reference images (rounds read only the
+                               previous round's frames)
+
+Expected (issue 11) and whether the measurement met it are columns of the table; a row that
+misses keeps its figure.  Metrics: :mod:`pipelines.world.metrics` (chance identity-cross 0.26).
+
+Usage:
+  python benchmarks/bench_quality.py [--frames 100] [--rounds 2] [--steps 20] [--seed 300]
+Writes benchmarks/results/bench_quality_{cpu,gpu}.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import environment, markdown_table, text_table, write_results  # noqa: E402
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _load_refs(story):
+    from PIL import Image
+
+    from pipelines.world.sample import reference_prompt
+
+    refs, rprompts = [], []
+    for f in story.frames:
+        ims = [Image.open(story.character(n).reference_images[0]).convert("RGB")
+               for n in f.characters]
+        refs.append(ims)
+        rprompts.append([reference_prompt(im, n) for im, n in zip(ims, f.characters)])
+    return refs, rprompts
+
+
+def row_in_batch(story, loras, refs, rprompts, args, device):
+    from storyattn import GroupSharedAttention
+    from pipelines.world import weights as W
+    from pipelines.world.sample import draw, load_world
+
+    pipe = load_world(W.flux_path(), loras, device=device)
+    gsa = GroupSharedAttention(pipe.transformer)
+    seeds = [args.seed + i for i in range(len(story.frames))]
+    return draw(pipe, [f.prompt for f in story.frames], seeds, steps=args.steps, refs=refs,
+                ref_prompts=rprompts, gsa=gsa, batch=32)
+
+
+def row_replay(story, loras, refs, rprompts, args, device):
+    """Stage 1 through Story-Iter's FLUX backbone: the characters' references recorded once
+    into the cache (entry j = character j), each frame replaying its characters' entries."""
+    import torch
+
+    from pipelines.story_iter.backbone_flux import FluxBackbone
+    from pipelines.world import weights as W
+
+    bb = FluxBackbone(W.flux_path(), loras=loras, device=device, height=64, width=64,
+                      steps=args.steps, guidance=1.0, step_progress=False)
+    bb.load()
+    names = [c.name for c in story.characters]
+    from PIL import Image
+
+    from pipelines.world.sample import reference_prompt
+
+    imgs = [Image.open(c.reference_images[0]).convert("RGB") for c in story.characters]
+    bb.begin_round(imgs, 0.0, [reference_prompt(im, c.name)
+                               for im, c in zip(imgs, story.characters)])
+    out = []
+    frames = story.frames
+    for s in range(0, len(frames), 16):
+        chunk = list(range(s, min(s + 16, len(frames))))
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in chunk]
+        idx = [[names.index(n) for n in frames[i].characters] for i in chunk]
+        out += [np.asarray(im) for im in bb.draw([frames[i].prompt for i in chunk], gens, idx)]
+    bb.end_round()
+    return out
+
+
+def story_iter_rows(story_file, loras, args, device, work: Path, tag: str):
+    from pipelines.story_iter.cli import main as story_iter_main
+    from pipelines.world.metrics import score_run
+
+    out = work / f"story_iter_{tag}"
+    argv = ["--story", str(story_file), "--backbone", "flux", "--model", args.model_path,
+            "--lora", *loras, "--rounds", str(args.rounds), "--steps", str(args.steps),
+            "--refs", args.refs, "--batch-size", "25", "--frames", str(args.frames),
+            "--seed", str(args.seed), "--seed-per-frame", "--out", str(out),
+            "--no-step-progress", "--device", device]
+    t0 = time.perf_counter()
+    rc = story_iter_main(argv)
+    if rc:
+        raise RuntimeError(f"story_iter exited with {rc}")
+    return score_run(out, story_file), time.perf_counter() - t0, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=300, help="story seed; frame i uses seed + i")
+    ap.add_argument("--refs", default="topk:3", help="Story-Iter FLUX --refs")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", default=None, help="keep generated stories and runs here")
+    ap.add_argument("--skip-story-iter", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    from pipelines.story import load_story
+    from pipelines.world import data as D
+    from pipelines.world import metrics as M
+    from pipelines.world import weights as W
+
+    args.model_path = W.flux_path()
+    gsa = W.gsa_lora_path()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_quality_"))
+    _, held = D.split_identities(0)
+    story_file = D.make_story(work / "story", seed=args.seed, frames=args.frames, pool=held)
+    norefs_file = D.strip_references(story_file)
+    story = load_story(story_file)
+    refs, rprompts = _load_refs(story)
+    chance = M.CHANCE_IDENTITY_CROSS
+
+    rows: List[Dict[str, Any]] = []
+    strips: List[np.ndarray] = []
+
+    def add(name, imgs, secs, expected, check, scores=None):
+        s = scores or M.score_frames(story, imgs)
+        s.pop("per_frame", None)
+        ok = check(s)
+        rows.append({"row": name, "expected": expected, "met": ok, "time_s": round(secs, 1),
+                     **{k: s[k] for k in ("identity_cross", "identity_cross_all", "identity_self",
+                                          "prompt_adherence", "copy_paste", "attribute_rate",
+                                          "adherence", "frames")}})
+        if imgs is not None:
+            strips.append(np.concatenate([np.asarray(i) for i in imgs[:12]], 1))
+        print(f"{name:34s} {M.format_scores(s)}  [{secs:.0f} s]", flush=True)
+        return s
+
+    t = time.perf_counter()
+    base = row_in_batch(story, [], None, None, args, args.device)
+    sb = add("base, no refs", base, time.perf_counter() - t,
+             "identity-cross near chance; adherence >= 0.9",
+             lambda s: abs(s["identity_cross"] - chance) < 0.1 and s["prompt_adherence"] >= 0.9)
+    t = time.perf_counter()
+    ib = row_in_batch(story, [gsa], refs, rprompts, args, args.device)
+    s1 = add("stage 1 GSA, in-batch", ib, time.perf_counter() - t,
+             "identity-cross >= 0.9, adherence >= 0.9, copy-paste low",
+             lambda s: s["identity_cross"] >= 0.9 and s["prompt_adherence"] >= 0.9
+             and (s["copy_paste"] or 0) < 0.1)
+    t = time.perf_counter()
+    rp = row_replay(story, [gsa], refs, rprompts, args, args.device)
+    diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ib, rp))
+    add("stage 1 GSA, replay from cache", rp, time.perf_counter() - t,
+        f"equal to in-batch within sampling noise (max pixel diff {diff})",
+        lambda s: abs(s["identity_cross"] - s1["identity_cross"]) <= 0.03)
+    if not args.skip_story_iter:
+        for tag, sf, label in (("refs", story_file, "with character refs"),
+                               ("norefs", norefs_file, "without character refs")):
+            res, secs, out = story_iter_rows(sf, [gsa], args, args.device, work, tag)
+            curve = [res["rounds"][r]["identity_self"] for r in sorted(res["rounds"])]
+            for r in sorted(res["rounds"]):
+                from pipelines.story_iter.report import frame_path
+
+                imgs = [np.asarray(Image.open(frame_path(out, r, i)).convert("RGB"))
+                        for i in range(min(12, args.frames))]
+                add(f"Story-Iter FLUX+GSA {label}, round {r}", imgs, secs / len(res["rounds"]),
+                    "identity-self rises from round 0",
+                    lambda s, r=r: r == 0 or s["identity_self"] > curve[0],
+                    scores=dict(res["rounds"][r]))
+
+    # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
+    t = time.perf_counter()
+    dp = row_in_batch(story, [gsa, W.dpo_lora_path()], refs, rprompts, args, args.device)
+
+    def dpo_check(s):
+        a1 = s1["attribute_rate"]["accessory"]
+        return (s["attribute_rate"]["accessory"] - a1 >= 0.10
+                and s["identity_cross"] >= s1["identity_cross"] - 0.02)
+    add("stage 1 + stage 2 DPO", dp, time.perf_counter() - t,
+        "accessory rate +10 points over stage 1, identity kept", dpo_check)
+    rows.insert(3, rows.pop())
+    strips.insert(3, strips.pop())
+
+    headers = ["row", "id-cross", "id-cross all-4", "id-self", "adherence", "copy-paste",
+               "accessory", "expected", "met", "s"]
+    table = [[r["row"], _fmt(r["identity_cross"]), _fmt(r["identity_cross_all"]),
+              _fmt(r["identity_self"]), _fmt(r["prompt_adherence"]), _fmt(r["copy_paste"]),
+              _fmt(r["attribute_rate"]["accessory"]), r["expected"], "yes" if r["met"] else "NO",
+              r["time_s"]] for r in rows]
+    print()
+    print(text_table(headers, table))
+    env = environment(args.device)
+    env.update(frames=args.frames, rounds=args.rounds, steps=args.steps, story_seed=args.seed,
+               refs=args.refs, chance_identity_cross=round(chance, 3))
+    notes = (f"One world story of {args.frames} frames (2 characters with held-out identities, "
+             f"one reference image each), {args.steps} sampling steps, frame i seeded "
+             f"{args.seed}+i. Chance identity-cross = {chance:.3f}; a character missing from its "
+             f"slot counts 0. Weights: pipelines/world/weights (see build.json there). Strip: the "
+             f"first 12 frames of each row, top to bottom in table order.")
+
+    def plot(path):
+        img = np.concatenate(strips, 0)
+        Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
+
+    paths = write_results("bench_quality", env, rows, markdown_table(headers, table), notes,
+                          plot=plot)
+    print("wrote", ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
