@@ -44,22 +44,22 @@ def world_demo(root=None) -> Optional[Dict[str, Any]]:
             "loras": [W.gsa_lora_path()], **SETTINGS}
 
 
-def world_default(args) -> Optional[Dict[str, Any]]:
-    """For ``python -m pipelines.story_iter``: with neither ``--model`` nor ``--story`` (and no
-    backbone or ``--backbone flux``), point ``args`` at the world demo (story, model, stage-1
-    LoRA unless ``--lora`` was given) and return its run settings plus a note; else leave the
-    tiny random presets in charge (``--backbone`` defaults to sdxl) and return None."""
-    world = None
-    if args.model is None and args.story is None and args.backbone in (None, "flux"):
-        world = world_demo()
+def world_default(args, argv) -> Optional[Dict[str, Any]]:
+    """For ``python -m pipelines.story_iter``: with no ``--model``, ``--story``, ``--lora`` or
+    ``--preset`` (and no ``--backbone`` other than flux in ``argv``), point ``args`` at the
+    world demo (story, world model, stage-1 LoRA) and return ``{"settings", "note"}``; else
+    change nothing (the tiny random presets stay in charge) and return None."""
+    given = any(a == "--backbone" or a.startswith("--backbone=") for a in argv)
+    if (args.model is not None or args.story is not None or args.lora
+            or getattr(args, "preset", None) or (given and args.backbone != "flux")):
+        return None
+    world = world_demo()
     if world is None:
-        args.backbone = args.backbone or "sdxl"
         return None
     args.backbone = "flux"
-    args.story, args.model = world["story"], world["model"]
-    args.lora = list(args.lora) or world["loras"]
-    note = (f"No --model or --story given: drawing the built-in story-world demo ({args.story}) "
-            f"with the world FLUX model trained here (pipelines/world/weights) and its stage-1 "
-            f"GSA LoRA, {SETTINGS['rounds']} rounds x {SETTINGS['steps']} steps at 64x64. The "
-            f"contact sheet shows the reader's consistency metrics per round.")
-    return {**{k: world[k] for k in SETTINGS}, "note": note}
+    args.story, args.model, args.lora = world["story"], world["model"], list(world["loras"])
+    note = (f"no --model or --story: the built-in story-world demo ({args.story}) on the world "
+            f"FLUX model trained here (pipelines/world/weights) with its stage-1 GSA LoRA; "
+            f"{SETTINGS['rounds']} rounds x {SETTINGS['steps']} steps at 64x64 unless given; "
+            f"the contact sheet shows the reader's consistency metrics per round")
+    return {"settings": {k: world[k] for k in SETTINGS}, "note": note}
