@@ -106,6 +106,7 @@ def story_iter_rows(story_file, loras, args, device, work: Path, tag: str):
     argv = ["--story", str(story_file), "--backbone", "flux", "--model", args.model_path,
             "--lora", *loras, "--rounds", str(args.rounds), "--steps", str(args.steps),
             "--refs", args.refs, "--batch-size", "25", "--frames", str(args.frames),
+            "--height", "64", "--width", "64",
             "--seed", str(args.seed), "--seed-per-frame", "--out", str(out),
             "--no-step-progress", "--device", device]
     t0 = time.perf_counter()
