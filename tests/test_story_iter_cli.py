@@ -20,8 +20,9 @@ from pipelines.tiny import get_tiny_flux, get_tiny_sdxl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m pipelines.story_iter"
-SMALL = ["--frames", "2", "--rounds", "1", "--steps", "1", "--height", "32", "--width", "32",
-         "--batch-size", "1"]
+# the tiny random SDXL preset (without --backbone, no --model and no --story draw the world)
+SMALL = ["--backbone", "sdxl", "--frames", "2", "--rounds", "1", "--steps", "1", "--height", "32",
+         "--width", "32", "--batch-size", "1"]
 
 
 def _env():
@@ -181,8 +182,7 @@ def test_ctrl_c_then_a_clean_resumed_run(tmp_path):
     output is the plan, progress lines and the result, with nothing at all on stderr
     (no library warnings or notices, no bars: stderr is not a terminal)."""
     out = tmp_path / "run"
-    args = ["--frames", "2", "--rounds", "1", "--steps", "1", "--height", "32", "--width", "32",
-            "--batch-size", "1", "--out", str(out)]
+    args = [*SMALL, "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.story_iter", *args], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -271,6 +271,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         from .presets import apply as apply_preset
 
+        from pipelines.world.demo import world_default
+
+        # no --model/--story/--lora/--preset: the story world's trained model, when built
+        args.world = world_default(args, sys.argv[1:] if argv is None else argv)
         args.preset_notes = apply_preset(args, parser, argv)  # --preset fills what is unset
         check_export_args(args)
     except UsageError as e:

@@ -179,6 +179,11 @@ def resolve(args, dist) -> Dict[str, Any]:
     if native and not small:
         base.update(height=native, width=native)
 
+    world = getattr(args, "world", None)
+    if world:
+        base.update(world["settings"])
+        notes.append(world["note"])
+
     def pick(name):
         v = getattr(args, name)
         return v if v is not None else base.get(name, PUBLISHED[name])
