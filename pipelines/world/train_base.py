@@ -45,6 +45,25 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=2.0)
 
 
+def _update(loss, module, opt, sched) -> None:
+    """One optimizer step with the gradient norm clipped to 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
+def _track(bar, hist: List[float], value: float, stage: str, key: str, step: int,
+           log: Optional[Callable], every: int) -> None:
+    """Keep the value, show its running mean on the bar, log the mean every ``every`` steps."""
+    hist.append(value)
+    bar.set_postfix({key: f"{np.mean(hist[-every // 4:]):.4f}"}, refresh=False)
+    bar.update(1)
+    if log and (step + 1) % every == 0:
+        log({"stage": stage, "step": step + 1, key: float(np.mean(hist[-every:]))})
+
+
 def train_vae(vae, steps: int, batch: int, seed: int, device, lr: float = 1e-3,
               kl_weight: float = 1e-6, n_frames: int = 4096, log: Optional[Callable] = None
               ) -> Dict[str, float]:
@@ -68,16 +87,8 @@ def train_vae(vae, steps: int, batch: int, seed: int, device, lr: float = 1e-3,
         mse = (rec - x).pow(2).mean()
         kl = post.kl().mean() / x[0].numel()
         loss = l1 + mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        hist.append(float(mse))
-        bar.set_postfix(mse=f"{np.mean(hist[-20:]):.4f}", refresh=False)
-        bar.update(1)
-        if log and (step + 1) % 100 == 0:
-            log({"stage": "vae", "step": step + 1, "mse": float(np.mean(hist[-100:]))})
+        _update(loss, vae, opt, sched)
+        _track(bar, hist, float(mse), "vae", "mse", step, log, every=100)
     bar.close()
     vae.eval().requires_grad_(False)
     # latent statistics -> shift and scale factors
@@ -130,16 +141,8 @@ def train_base(pipe, steps: int, batch: int, seed: int, device, lr: float = 1e-3
         p = torch.where(drop[:, None], pooled_empty.expand_as(pooled[idx]), pooled[idx])
         pred = TM.flux_forward(tr, xt, e, p, sigma, img_ids, None)
         loss = L.flow_matching_errors(pred, x0, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        hist.append(float(loss))
-        bar.set_postfix(loss=f"{np.mean(hist[-50:]):.4f}", refresh=False)
-        bar.update(1)
-        if log and (step + 1) % 200 == 0:
-            log({"stage": "base", "step": step + 1, "loss": float(np.mean(hist[-200:]))})
+        _update(loss, tr, opt, sched)
+        _track(bar, hist, float(loss), "base", "loss", step, log, every=200)
     bar.close()
     tr.eval().requires_grad_(False)
     return {"steps": steps, "batch": batch, "first_loss": float(np.mean(hist[:50])),
