@@ -98,6 +98,13 @@ def test_story_iter_default_is_the_world(tmp_path, capsys):
     assert scores[0]["adherence"]["scene"] >= 0.75
     assert all(s["frames"] == 4 for s in scores.values())
     assert "Consistency (story-world reader)" in (out / "index.html").read_text()
+    # the studio's hook: the same figures per round, the headline ones only
+    per_round = M.round_metrics(out, m)
+    assert sorted(per_round) == [0, 1]
+    assert per_round[1]["identity_cross"] == scores[1]["identity_cross"]
+    assert set(per_round[0]) == set(M.HEADLINE)
+    m_other = dict(m, prompts=["a snowman waves"] * 4)   # not a world prompt: does not apply
+    assert M.round_metrics(out, m_other) is None
 
 
 @pytest.mark.slow

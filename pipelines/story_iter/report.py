@@ -148,16 +148,10 @@ def world_metrics_html(out: Path, manifest: Dict[str, Any]) -> str:
     """Consistency metrics per finished round (a table), when the run's story is a story-world
     story (prompts in the world's grammar, file on disk); else the empty string."""
     try:
-        from pipelines.world.data import PromptError, parse_prompt
-        from pipelines.world.metrics import score_run
+        from pipelines.world.metrics import round_metrics
     except ImportError:
         return ""
-    prompts = manifest.get("prompts") or [""]
-    try:
-        parse_prompt(prompts[0])
-        scores = score_run(out)["rounds"]
-    except (PromptError, ValueError, OSError, KeyError):
-        return ""
+    scores = round_metrics(out, manifest)
     if not scores:
         return ""
 

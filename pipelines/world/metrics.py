@@ -173,6 +173,27 @@ def score_run(run_dir, story_file=None, keep_frames: bool = False) -> Dict[str, 
     return {"run": str(run_dir), "story": str(story_file), "rounds": rounds}
 
 
+HEADLINE = ("identity_cross", "identity_cross_all", "identity_self", "prompt_adherence",
+            "copy_paste")
+
+
+def round_metrics(run_dir, manifest: Optional[Dict[str, Any]] = None
+                  ) -> Optional[Dict[int, Dict[str, Any]]]:
+    """The headline metrics per finished round of a story_iter run drawn from a story-world
+    story, or None when the run is not one (its prompts are not in the world's grammar, or
+    its story file is not on disk).  The contact sheet and the studio show these."""
+
+    if manifest is None:
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    prompts = manifest.get("prompts") or [""]
+    try:
+        parse_prompt(prompts[0])
+        rounds = score_run(run_dir)["rounds"]
+    except (PromptError, ValueError, OSError, KeyError):
+        return None
+    return {r: {k: s[k] for k in HEADLINE} for r, s in rounds.items()} or None
+
+
 def format_scores(s: Dict[str, Any]) -> str:
     """One line: the headline numbers of a ``score_frames`` result."""
     def f(x):
