@@ -86,7 +86,8 @@ setup(
     package_dir={"storyattn.kernels": "kernels"},
     package_data={"pipelines.studio": ["static/*.html", "static/*.js", "static/*.css"],
                   # the story world's trained weights (python -m pipelines.world build)
-                  "pipelines.world": ["weights/*", "weights/*/*", "weights/*/*/*"]},
+                  "pipelines.world": ["weights/*", "weights/*/*", "weights/*/*/*",
+                                      "weights/*/*/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system=='Linux'",

@@ -13,13 +13,17 @@ Rows (every one on the same story of held-out identities, same prompts, same see
                                rounds 0..R, character reference images added from round 1
   Story-Iter FLUX, no refs     the same story without reference images (rounds read only the
                                previous round's frames)
+  Story-Iter SDXL, refs /      ``python -m pipelines.story_iter --backbone sdxl`` (the published
+  no refs                      method: GRCA over the world-trained IP-Adapter), the same rounds
 
 Expected (issue 11) and whether the measurement met it are columns of the table; a row that
 misses keeps its figure.  Metrics: :mod:`pipelines.world.metrics` (chance identity-cross 0.26).
 
 Usage:
   python benchmarks/bench_quality.py [--frames 100] [--rounds 2] [--steps 20] [--seed 300]
-Writes benchmarks/results/bench_quality_{cpu,gpu}.{json,md,png}.
+      [--only-sdxl] [--skip-sdxl]
+Writes benchmarks/results/bench_quality_{cpu,gpu}.{json,md,png} (``--only-sdxl``: the SDXL rows
+alone, to bench_quality_sdxl_*).
 """
 from __future__ import annotations
 
@@ -98,13 +102,26 @@ def row_replay(story, loras, refs, rprompts, args, device):
     return out
 
 
-def story_iter_rows(story_file, loras, args, device, work: Path, tag: str):
+def _sdxl_argv(args):
+    from pipelines.world import weights as W
+    from pipelines.world.train_sdxl import IP_SUBFOLDER, IP_WEIGHT_NAME
+
+    model = W.sdxl_path()
+    return ["--backbone", "sdxl", "--model", model,
+            "--ip-adapter", f"{model}/{IP_SUBFOLDER}/{IP_WEIGHT_NAME}",
+            "--guidance", str(args.sdxl_guidance), "--scales", args.sdxl_scales,
+            "--height", "64", "--width", "64"]
+
+
+def story_iter_rows(story_file, loras, args, device, work: Path, tag: str, backbone="flux"):
     from pipelines.story_iter.cli import main as story_iter_main
     from pipelines.world.metrics import score_run
 
-    out = work / f"story_iter_{tag}"
-    argv = ["--story", str(story_file), "--backbone", "flux", "--model", args.model_path,
-            "--lora", *loras, "--rounds", str(args.rounds), "--steps", str(args.steps),
+    out = work / f"story_iter_{backbone}_{tag}"
+    model = (_sdxl_argv(args) if backbone == "sdxl" else
+             ["--backbone", "flux", "--model", args.model_path, "--lora", *loras])
+    argv = ["--story", str(story_file), *model, "--rounds", str(args.rounds),
+            "--steps", str(args.steps),
             "--refs", args.refs, "--batch-size", "25", "--frames", str(args.frames),
             "--height", "64", "--width", "64",
             "--seed", str(args.seed), "--seed-per-frame", "--out", str(out),
@@ -126,6 +143,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="keep generated stories and runs here")
     ap.add_argument("--skip-story-iter", action="store_true")
+    ap.add_argument("--skip-sdxl", action="store_true", help="no Story-Iter SDXL rows")
+    ap.add_argument("--only-sdxl", action="store_true", help="only the Story-Iter SDXL rows")
+    ap.add_argument("--sdxl-scales", default="0.3:0.5",
+                    help="Story-Iter SDXL reference weights A:B (published 0.3:0.5)")
+    ap.add_argument("--sdxl-guidance", type=float, default=3.0, help="Story-Iter SDXL CFG scale")
     args = ap.parse_args(argv)
 
     import torch
@@ -162,6 +184,26 @@ def main(argv=None) -> int:
         print(f"{name:34s} {M.format_scores(s)}  [{secs:.0f} s]", flush=True)
         return s
 
+    def story_iter_curve(tag, sf, label, backbone, title):
+        res, secs, out = story_iter_rows(sf, [gsa], args, args.device, work, tag, backbone)
+        curve = [res["rounds"][r]["identity_self"] for r in sorted(res["rounds"])]
+        from pipelines.story_iter.report import frame_path
+
+        for r in sorted(res["rounds"]):
+            imgs = [np.asarray(Image.open(frame_path(out, r, i)).convert("RGB"))
+                    for i in range(min(12, args.frames))]
+            add(f"Story-Iter {title} {label}, round {r}", imgs, secs / len(res["rounds"]),
+                "identity-self rises from round 0",
+                lambda s, r=r: r == 0 or s["identity_self"] > curve[0],
+                scores=dict(res["rounds"][r]))
+
+    sdxl_runs = (("refs", story_file, "with character refs"),
+                 ("norefs", norefs_file, "without character refs"))
+    if args.only_sdxl:
+        for tag, sf, label in sdxl_runs:
+            story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
+        return _write(args, rows, strips, chance, "bench_quality_sdxl")
+
     t = time.perf_counter()
     base = row_in_batch(story, [], None, None, args, args.device)
     sb = add("base, no refs", base, time.perf_counter() - t,
@@ -180,19 +222,11 @@ def main(argv=None) -> int:
         f"equal to in-batch within sampling noise (max pixel diff {diff})",
         lambda s: abs(s["identity_cross"] - s1["identity_cross"]) <= 0.03)
     if not args.skip_story_iter:
-        for tag, sf, label in (("refs", story_file, "with character refs"),
-                               ("norefs", norefs_file, "without character refs")):
-            res, secs, out = story_iter_rows(sf, [gsa], args, args.device, work, tag)
-            curve = [res["rounds"][r]["identity_self"] for r in sorted(res["rounds"])]
-            for r in sorted(res["rounds"]):
-                from pipelines.story_iter.report import frame_path
-
-                imgs = [np.asarray(Image.open(frame_path(out, r, i)).convert("RGB"))
-                        for i in range(min(12, args.frames))]
-                add(f"Story-Iter FLUX+GSA {label}, round {r}", imgs, secs / len(res["rounds"]),
-                    "identity-self rises from round 0",
-                    lambda s, r=r: r == 0 or s["identity_self"] > curve[0],
-                    scores=dict(res["rounds"][r]))
+        for tag, sf, label in sdxl_runs:
+            story_iter_curve(tag, sf, label, "flux", "FLUX+GSA")
+        if not args.skip_sdxl:
+            for tag, sf, label in sdxl_runs:
+                story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
 
     # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
     t = time.perf_counter()
@@ -206,6 +240,11 @@ def main(argv=None) -> int:
         "accessory rate +10 points over stage 1, identity kept", dpo_check)
     rows.insert(3, rows.pop())
     strips.insert(3, strips.pop())
+    return _write(args, rows, strips, chance, "bench_quality")
+
+
+def _write(args, rows, strips, chance, name) -> int:
+    from PIL import Image
 
     headers = ["row", "id-cross", "id-cross all-4", "id-self", "adherence", "copy-paste",
                "accessory", "expected", "met", "s"]
@@ -217,7 +256,8 @@ def main(argv=None) -> int:
     print(text_table(headers, table))
     env = environment(args.device)
     env.update(frames=args.frames, rounds=args.rounds, steps=args.steps, story_seed=args.seed,
-               refs=args.refs, chance_identity_cross=round(chance, 3))
+               refs=args.refs, chance_identity_cross=round(chance, 3),
+               sdxl_scales=args.sdxl_scales, sdxl_guidance=args.sdxl_guidance)
     notes = (f"One world story of {args.frames} frames (2 characters with held-out identities, "
              f"one reference image each), {args.steps} sampling steps, frame i seeded "
              f"{args.seed}+i. Chance identity-cross = {chance:.3f}; a character missing from its "
@@ -228,7 +268,7 @@ def main(argv=None) -> int:
         img = np.concatenate(strips, 0)
         Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
-    paths = write_results("bench_quality", env, rows, markdown_table(headers, table), notes,
+    paths = write_results(name, env, rows, markdown_table(headers, table), notes,
                           plot=plot)
     print("wrote", ", ".join(paths))
     return 0

@@ -38,14 +38,17 @@ from . import render as R
 
 __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Context"]
 
+SDXL_BASE_STEPS, SDXL_IP_STEPS = 2000, 1000   # ~15 min of the shared 2-core CPU
 # steps per stage: "full" is the committed build, "quick" a smoke test of the whole chain
 SETTINGS: Dict[str, Dict[str, int]] = {
     "full": dict(vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=240,
                  gsa_steps=1500, gsa_batch=8, dpo_scenarios=24, dpo_candidates=4, dpo_steps=60,
-                 dpo_batch=2, sample_steps=10),
+                 dpo_batch=2, sample_steps=10, sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32,
+                 sdxl_ip_steps=SDXL_IP_STEPS, sdxl_ip_batch=32),
     "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
                   gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=2, dpo_steps=2,
-                  dpo_batch=1, sample_steps=2),
+                  dpo_batch=1, sample_steps=2, sdxl_base_steps=4, sdxl_base_batch=4,
+                  sdxl_ip_steps=4, sdxl_ip_batch=4),
 }
 
 
@@ -266,6 +269,8 @@ def _stage_export(ctx: Context) -> Dict[str, Any]:
     (tmp / W.BUILD_FILE).write_text(json.dumps({"seed": ctx.seed, "device": ctx.device,
                                                 "settings": ctx.settings, "stages": results},
                                                indent=1) + "\n")
+    if (dst / W.SDXL_DIR).is_dir():          # written by stage sdxl_export: keep it
+        shutil.copytree(dst / W.SDXL_DIR, tmp / W.SDXL_DIR)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
@@ -281,6 +286,25 @@ for _s in (Stage("vae", "vae/config.json", _stage_vae),
            Stage("dpo", "dpo/pytorch_lora_weights.safetensors", _stage_dpo),
            Stage("export", "export.done", _stage_export)):
     register_stage(_s)
+
+
+def _sdxl_stages() -> None:
+    """The SDXL stages (:mod:`.train_sdxl`, imported when a stage runs)."""
+    def lazy(fn: str) -> Callable[[Context], Dict[str, Any]]:
+        def run(ctx: Context) -> Dict[str, Any]:
+            from . import train_sdxl
+
+            return getattr(train_sdxl, fn)(ctx)
+        return run
+
+    for st in (Stage("sdxl_base", "sdxl_base/model_index.json", lazy("stage_sdxl_base")),
+               Stage("sdxl_ip", "sdxl_ip/ip_adapter/ip-adapter_world.safetensors",
+                     lazy("stage_sdxl_ip")),
+               Stage("sdxl_export", "sdxl_export.done", lazy("stage_sdxl_export"))):
+        register_stage(st)
+
+
+_sdxl_stages()
 
 
 # ---- driver ---------------------------------------------------------------------------------

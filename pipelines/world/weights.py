@@ -4,6 +4,10 @@
 
     flux/                    FluxPipeline folder: world-trained transformer and VAE, tiny text
                              encoders (FluxPipeline.from_pretrained(flux_path()))
+    sdxl/                    StableDiffusionXLPipeline folder: world-trained UNet, the world VAE,
+                             tiny CLIP text encoders; sdxl/ip_adapter/ holds the world-trained
+                             IP-Adapter and its image encoder (pipe.load_ip_adapter(
+                             **train_sdxl.ip_adapter_kwargs(sdxl_path())))
     lora_gsa.safetensors     stage 1 (GSA in-batch) LoRA, diffusers format
     lora_dpo.safetensors     stage 2 (DPO) LoRA, applied on top of stage 1
     build.json               seed, settings and every stage's figures
@@ -15,10 +19,11 @@ from pathlib import Path
 from typing import Any, Dict
 
 __all__ = ["WEIGHTS_DIR", "FLUX_DIR", "GSA_LORA", "DPO_LORA", "BUILD_FILE", "flux_path",
-           "gsa_lora_path", "dpo_lora_path", "available", "build_info"]
+           "gsa_lora_path", "SDXL_DIR", "sdxl_path", "dpo_lora_path", "available", "build_info"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FLUX_DIR = "flux"
+SDXL_DIR = "sdxl"
 GSA_LORA = "lora_gsa.safetensors"
 DPO_LORA = "lora_dpo.safetensors"
 BUILD_FILE = "build.json"
@@ -39,6 +44,16 @@ def _need(root) -> Path:
 
 def flux_path(root=None) -> str:
     return str(_need(root) / FLUX_DIR)
+
+
+def sdxl_path(root=None) -> str:
+    """The world SDXL pipeline folder (with its IP-Adapter under ``ip_adapter/``)."""
+    root = Path(root or WEIGHTS_DIR)
+    if not (root / SDXL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"no world SDXL weights in {root}: build them with "
+                                f"`python -m pipelines.world build --only sdxl_base sdxl_ip "
+                                f"sdxl_export`")
+    return str(root / SDXL_DIR)
 
 
 def gsa_lora_path(root=None) -> str:
