@@ -14,6 +14,9 @@ dpo_data  candidates drawn by base + stage 1 with references, labelled by the re
           scenario with losers only gets the rendered right frame as its winner)
 dpo       ``python -m pipelines.train --stage dpo`` on those pools
 export    the pipeline folder and both LoRA files copied to ``--weights``
+sdxl_*    the SDXL family (:mod:`.train_sdxl`): ``sdxl_base`` (text-to-image UNet on the
+          world VAE), ``sdxl_ip`` (IP-Adapter on the frozen base), ``sdxl_export``
+          (``--weights``/sdxl/); an SDXL-only build takes the committed VAE
 ========  ==========================================================================
 
 A stage is a :class:`Stage` (name, what it writes, a function); other backbones add theirs

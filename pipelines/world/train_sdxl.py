@@ -4,9 +4,10 @@ Three build stages (registered after the FLUX stages by :mod:`.build`):
 
 ==============  ==================================================================================
 sdxl_base       ``UNet2DConditionModel`` (the tiny SDXL layout of :mod:`pipelines.tiny`, 16 latent
-                channels) trained text-to-image with the noise-prediction loss of the pipeline's
-                own scheduler (``DDPMScheduler`` built from its config: the same betas, so the
-                same ``alphas_cumprod`` that ``EulerDiscreteScheduler`` samples with).  The VAE is
+                channels) trained text-to-image with the denoising loss of the pipeline's own
+                scheduler (``DDPMScheduler`` built from its config: the same betas, so the same
+                ``alphas_cumprod`` that ``EulerDiscreteScheduler`` samples with; SDXL's betas
+                rescaled to zero terminal SNR, v-prediction, see the scheduler's comment).  The VAE is
                 the world's FLUX VAE (4x, 16 channels): SDXL's pipeline scales latents by
                 ``scaling_factor`` only, which is what this stage trains on.  The text encoders
                 are the tiny CLIP pair at seeded random weights, frozen.  Captions are dropped
@@ -88,11 +89,14 @@ def build_world_sdxl_pipeline(path, vae, seed: int = 0, unet=None) -> str:
         te2 = CLIPTextModelWithProjection(tiny._clip_text_config(
             len(tok2), tok2.eos_token_id, tok2.bos_token_id, hidden=tiny._SDXL_TE2_HIDDEN,
             heads=4, proj=tiny._SDXL_TE2_PROJ, max_len=MAX_SEQUENCE_LENGTH))
-    # SDXL's scheduler; "trailing" spacing starts sampling at the last training timestep, so
-    # a few steps still begin from pure noise
+    # SDXL's betas, rescaled to zero terminal SNR with v-prediction and "trailing" spacing
+    # (Lin et al., 2023; diffusers supports all three): with SDXL's plain schedule the last
+    # timestep keeps 7% of the image, so the frame's mean colour (here: the scene) comes from
+    # the initial noise; an eps-trained base (2000 steps) drew the prompted scene at chance
+    # (0.25 of 24 frames)
     sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", prediction_type="epsilon",
-                                   timestep_spacing="trailing")
+                                   beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                   timestep_spacing="trailing", rescale_betas_zero_snr=True)
     pipe = StableDiffusionXLPipeline(vae=vae.eval(), text_encoder=te.eval(),
                                      text_encoder_2=te2.eval(), tokenizer=tok, tokenizer_2=tok2,
                                      unet=unet.eval(), scheduler=sched)
@@ -128,7 +132,8 @@ def _latents(vae, images, device) -> torch.Tensor:
 
 
 class _EpsLoss:
-    """Noise-prediction loss with the pipeline scheduler's betas."""
+    """The denoising loss of the pipeline's scheduler (its betas and prediction type: noise,
+    or v = sqrt(a) noise - sqrt(1 - a) x0)."""
 
     def __init__(self, pipe, device):
         from diffusers import DDPMScheduler
@@ -146,7 +151,9 @@ class _EpsLoss:
         if image_embeds is not None:
             cond["image_embeds"] = [image_embeds[:, None]]
         pred = unet(xt, t, encoder_hidden_states=emb, added_cond_kwargs=cond).sample
-        return (pred - noise).pow(2).mean()
+        target = (self.sched.get_velocity(x0, noise, t)
+                  if self.sched.config.prediction_type == "v_prediction" else noise)
+        return (pred - target).pow(2).mean()
 
 
 def _drop(x: torch.Tensor, p: float, g) -> torch.Tensor:
