@@ -109,8 +109,7 @@ def _sdxl_argv(args):
     model = W.sdxl_path()
     return ["--backbone", "sdxl", "--model", model,
             "--ip-adapter", f"{model}/{IP_SUBFOLDER}/{IP_WEIGHT_NAME}",
-            "--guidance", str(args.sdxl_guidance), "--scales", args.sdxl_scales,
-            "--height", "64", "--width", "64"]
+            "--guidance", str(args.sdxl_guidance), "--scales", args.sdxl_scales]
 
 
 def story_iter_rows(story_file, loras, args, device, work: Path, tag: str, backbone="flux"):

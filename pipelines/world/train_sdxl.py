@@ -44,7 +44,7 @@ from .. import tiny
 from . import data as D
 from . import render as R
 from .models import MAX_SEQUENCE_LENGTH, WORLD_WORDS, images_to_tensor
-from .train_base import _bar, _cosine
+from .train_base import _bar, _cosine, _track, _update
 
 __all__ = ["IP_SUBFOLDER", "IP_WEIGHT_NAME", "IMAGE_ENCODER_FOLDER", "world_sdxl_unet_config",
            "build_world_sdxl_pipeline", "ip_adapter_kwargs", "train_sdxl_base",
@@ -176,7 +176,7 @@ def train_sdxl_base(pipe, steps: int, batch: int, seed: int, device, lr: float =
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, 50))
     g = torch.Generator().manual_seed(seed + 102)
-    return _loop("sdxl_base", steps, unet.parameters(), opt, sched, log, lambda: _base_step(
+    return _loop("sdxl_base", steps, unet, opt, sched, log, lambda: _base_step(
         unet, loss_fn, lat, emb, pooled, batch, caption_dropout, g), lambda: unet.eval()
         .requires_grad_(False), extra={"batch": batch, "frames": n_frames})
 
@@ -189,23 +189,16 @@ def _base_step(unet, loss_fn, lat, emb, pooled, batch, p_drop, g):
     return loss_fn(unet, lat[idx], e, p, g)
 
 
-def _loop(name, steps, params, opt, sched, log, step_fn, finish, extra) -> Dict[str, float]:
-    params = [p for p in params if p.requires_grad]
+def _loop(name, steps, module, opt, sched, log, step_fn, finish, extra) -> Dict[str, float]:
+    """``steps`` optimizer steps of ``step_fn()``'s loss (gradients clipped over ``module``,
+    whose frozen parameters have none)."""
     bar = _bar(steps, name)
     t0 = time.perf_counter()
     hist: List[float] = []
     for step in range(steps):
         loss = step_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        hist.append(float(loss))
-        bar.set_postfix(loss=f"{np.mean(hist[-50:]):.4f}", refresh=False)
-        bar.update(1)
-        if log and (step + 1) % 100 == 0:
-            log({"stage": name, "step": step + 1, "loss": float(np.mean(hist[-100:]))})
+        _update(loss, module, opt, sched)
+        _track(bar, hist, float(loss.detach()), name, "loss", step, log, 100)
     bar.close()
     finish()
     k = max(1, min(50, steps // 10))
@@ -331,7 +324,7 @@ def train_sdxl_ip_adapter(pipe, steps: int, batch: int, seed: int, device, pool,
         unet.requires_grad_(False)
 
     n_trained = sum(p.numel() for p in ip_params) + sum(p.numel() for p in enc.parameters())
-    return _loop("sdxl_ip", steps, ip_params + list(enc.parameters()), opt, sched, log, step,
+    return _loop("sdxl_ip", steps, torch.nn.ModuleList([unet, enc]), opt, sched, log, step,
                  finish, extra={"batch": batch, "pairs": n_pairs, "trained_params": n_trained,
                                 "image_encoder": "trained jointly"})
 
