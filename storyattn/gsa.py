@@ -62,6 +62,19 @@ def _hooks_eager_as_top_frames() -> None:
         set_code_exec_strategy(fn.__code__, skip)
 
 
+def _host_work_out_of_graphs() -> None:
+    """Mark record mode's host work (:meth:`GroupSharedAttention._record_fields`,
+    :meth:`~GroupSharedAttention._commit_record`) ``torch.compiler.disable``, once, when the
+    first handle is made rather than as decorators: ``torch.compiler.disable`` imports
+    dynamo, which loads triton, and ``import storyattn`` stays light."""
+    cls = GroupSharedAttention
+    if cls.__dict__.get("_host_work_disabled"):
+        return
+    for name in ("_record_fields", "_commit_record"):
+        setattr(cls, name, torch.compiler.disable(cls.__dict__[name]))
+    cls._host_work_disabled = True
+
+
 @dataclass(frozen=True, eq=False)
 class _Mode:
     name: str
@@ -161,6 +174,7 @@ class GroupSharedAttention:
             new._parallel_config = getattr(attn.processor, "_parallel_config", None)
             attn.set_processor(new)
             self._procs.append(new)
+        _host_work_out_of_graphs()
         _hooks_eager_as_top_frames()
         self._hooks = [
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
@@ -431,7 +445,6 @@ class GroupSharedAttention:
             args = tuple(args)
         return args, kwargs
 
-    @torch.compiler.disable
     def _record_fields(self, cache: ReferenceKVCache, args, kwargs, B: int, n_img: int,
                        device) -> dict:
         """Record mode's host work before the forward: the timestep check, cache storage
@@ -458,7 +471,6 @@ class GroupSharedAttention:
             self._commit_record()
         return None
 
-    @torch.compiler.disable
     def _commit_record(self) -> None:
         (cache, start, n, written), self._pending_record = self._pending_record, None
         cache._commit(start, n, written)
