@@ -90,3 +90,17 @@ def lora_load_error(path: str, exc: BaseException, backbone: str, arg: str = "--
     why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return UsageError(f"{arg} {path}: does not fit this {backbone.upper()} model ({why}); give "
                       "a LoRA trained for this model")
+
+
+def load_lora_files(pipe, loras, backbone: str, arg: str = "--lora") -> List[str]:
+    """Load each LoRA file into ``pipe`` as adapter ``lora<i>``; a file diffusers cannot load
+    becomes the one-line :func:`lora_load_error`.  Returns the adapter names."""
+    names = []
+    for i, lora in enumerate(loras):
+        lp, name = Path(lora), f"lora{i}"
+        try:
+            pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise lora_load_error(lora, e, backbone, arg) from None
+        names.append(name)
+    return names

@@ -15,13 +15,11 @@ VAE-encoder count in the manifest then exceeds N).
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from pipelines.lora_files import lora_load_error
+from pipelines.lora_files import load_lora_files
 from storyattn import GroupSharedAttention, ReferenceKVCache
 
 __all__ = ["FluxBackbone"]
@@ -57,25 +55,12 @@ class FluxBackbone:
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline.from_pretrained(self.model, dtype=self.dtype)
-        names = []
-        for i, lora in enumerate(self.loras):
-            lp = Path(lora)
-            name = f"lora{i}"
-            try:
-                pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=name)
-            except (ValueError, RuntimeError, KeyError) as e:
-                raise lora_load_error(lora, e, "flux") from None
-            names.append(name)
+        names = load_lora_files(pipe, self.loras, "flux")
         if len(names) > 1:
             pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
-        pipe.to(self.device)
-        from pipelines.story_iter.sampling import decode_vae_in_fp32, set_scheduler
+        from pipelines.story_iter.sampling import prepare_pipe
 
-        set_scheduler(pipe, self.scheduler, "flux")
-        if self.vae_fp32 and self.dtype != torch.float32:
-            decode_vae_in_fp32(pipe, self.model)
-        pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
-                                     position=2)
+        prepare_pipe(pipe, self, "flux")
         self.pipe = pipe
         self.max_seq = min(512, int(pipe.tokenizer_2.model_max_length))
         # Reference j (its number in the round: frame j of round r-1, then the character

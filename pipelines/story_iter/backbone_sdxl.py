@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from pipelines.lora_files import lora_load_error
+from pipelines.lora_files import load_lora_files
 from storyattn.processors.grca import install_global_reference_attention
 
 __all__ = ["SDXLBackbone", "resolve_ip_adapter"]
@@ -81,20 +81,10 @@ class SDXLBackbone:
         pipe.register_modules(image_encoder=enc, feature_extractor=fe)
         pipe.load_ip_adapter(self.ip_dir, subfolder="", weight_name=self.ip_weight,
                              image_encoder_folder=None)
-        for i, lora in enumerate(self.loras):
-            lp = Path(lora)
-            try:
-                pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=f"lora{i}")
-            except (ValueError, RuntimeError, KeyError) as e:
-                raise lora_load_error(lora, e, "sdxl") from None
-        pipe.to(self.device)
-        from pipelines.story_iter.sampling import decode_vae_in_fp32, set_scheduler
+        load_lora_files(pipe, self.loras, "sdxl")
+        from pipelines.story_iter.sampling import prepare_pipe
 
-        set_scheduler(pipe, self.scheduler, "sdxl")
-        if self.vae_fp32 and self.dtype != torch.float32:
-            decode_vae_in_fp32(pipe, self.model)
-        pipe.set_progress_bar_config(disable=not self.step_progress, leave=False, desc="steps",
-                                     position=2)
+        prepare_pipe(pipe, self, "sdxl")
         self.pipe = pipe
         self.handle = install_global_reference_attention(pipe.unet)
         from diffusers.models.embeddings import ImageProjection
