@@ -10,6 +10,8 @@
                              **train_sdxl.ip_adapter_kwargs(sdxl_path())))
     lora_gsa.safetensors     stage 1 (GSA in-batch) LoRA, diffusers format
     lora_dpo.safetensors     stage 2 (DPO) LoRA, applied on top of stage 1
+    dpo_data/                the preference pools stage 2 was trained from (``pairs.jsonl`` and
+                             its images: candidates of stage 1, labelled through the studio)
     build.json               seed, settings and every stage's figures
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 __all__ = ["WEIGHTS_DIR", "FLUX_DIR", "GSA_LORA", "DPO_LORA", "BUILD_FILE", "flux_path",
-           "gsa_lora_path", "SDXL_DIR", "sdxl_path", "dpo_lora_path", "available", "build_info"]
+           "gsa_lora_path", "SDXL_DIR", "sdxl_path", "dpo_lora_path", "DPO_DATA", "dpo_data_path", "available", "build_info"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FLUX_DIR = "flux"
@@ -27,6 +29,7 @@ SDXL_DIR = "sdxl"
 GSA_LORA = "lora_gsa.safetensors"
 DPO_LORA = "lora_dpo.safetensors"
 BUILD_FILE = "build.json"
+DPO_DATA = "dpo_data"
 
 
 def available(root=None) -> bool:
@@ -62,6 +65,15 @@ def gsa_lora_path(root=None) -> str:
 
 def dpo_lora_path(root=None) -> str:
     return str(_need(root) / DPO_LORA)
+
+
+def dpo_data_path(root=None) -> str:
+    """The committed stage-2 training pools (a folder with ``pairs.jsonl``)."""
+    root = _need(root)
+    if not (root / DPO_DATA / "pairs.jsonl").is_file():
+        raise FileNotFoundError(f"no preference pools in {root / DPO_DATA}: make them with "
+                                f"`python -m pipelines.world build --only dpo_data dpo export`")
+    return str(root / DPO_DATA)
 
 
 def build_info(root=None) -> Dict[str, Any]:
