@@ -62,10 +62,13 @@ class Trainer(StepMixin):
 
             with acc.main_process_first():
                 args.model = get_tiny_flux()
-            say(acc, f"no --model given: using the tiny FLUX built offline with random weights "
+            say(acc, f"--model tiny: the tiny FLUX built offline with random weights "
                      f"({args.model})")
         else:
             M.check_model_path(args.model)
+            if args.world_model:
+                say(acc, f"no --model given: the committed story-world FLUX ({args.model}), "
+                         f"world recipe defaults")
         res, seq = M.model_defaults(args.model)
         args.resolution = args.resolution or res
         step = 2 * M.vae_scale_factor(args.model)
@@ -78,6 +81,7 @@ class Trainer(StepMixin):
             from . import synthetic as S
 
             root = self.out / "synthetic_data"
+            why = "no --data given" if args.data is None else "--data synthetic"
             with acc.main_process_first():
                 if args.stage == "gsa":
                     args.data = str(S.make_story_groups(root / "groups", size=args.resolution,
@@ -85,8 +89,20 @@ class Trainer(StepMixin):
                 else:
                     args.data = str(S.make_dpo_pairs(root / "pairs", size=args.resolution,
                                                      seed=args.seed))
-            say(acc, f"no --data given: training on a synthetic {args.stage} dataset written to "
-                     f"{args.data}")
+            say(acc, f"{why}: a synthetic "
+                     f"{args.stage} dataset written to {args.data}")
+        elif args.world_data and args.stage == "gsa":
+            from .world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, world_gsa_data
+
+            with acc.main_process_first():
+                args.data = str(world_gsa_data(self.out / "world_data", seed=args.seed))
+            say(acc, f"no --data given: world story groups ({WORLD_GROUPS} training identities x "
+                     f"{WORLD_PER_GROUP} frames, seed {args.seed}) in {args.data}")
+        elif args.world_data:
+            say(acc, f"no --data given: the committed world preference pools ({args.data})")
+        if getattr(args, "world_stage1", False):
+            say(acc, f"no --stage1-lora given: the committed world stage-1 LoRA "
+                     f"({args.stage1_lora})")
 
     def _load_data(self, acc):
         args = self.args
@@ -149,7 +165,7 @@ class Trainer(StepMixin):
         sub = self.out / "stage1"
         say(acc, f"no --stage1-lora given: training a short stage gsa on synthetic data into {sub}")
         argv = ["--stage", "gsa", "--output-dir", str(sub), "--model", self.args.model,
-                "--seed", str(self.args.seed), "--num-refs", str(self.args.num_refs),
+                "--data", "synthetic", "--seed", str(self.args.seed), "--num-refs", str(self.args.num_refs),
                 "--rank", str(self.args.rank), "--max-steps", "4", "--checkpoint-every", "0"]
         if self.args.cpu:
             argv.append("--cpu")
@@ -296,6 +312,10 @@ class Trainer(StepMixin):
             rec = {"step": step + 1, **vals, "lr": lr, "epoch": round(self.sampler.epoch(step), 4),
                    "step_time_s": round(time.perf_counter() - t0, 4)}
             last = rec
+            if step == start + 1 and step + 1 < args.max_steps:   # the first step warms up
+                left = (args.max_steps - step - 1) * rec["step_time_s"]
+                say(acc, f"step time {rec['step_time_s']:.2f} s: the remaining "
+                         f"{args.max_steps - step - 1} steps take about {_duration(left)}")
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -324,6 +344,7 @@ class Trainer(StepMixin):
             summary = {"stage": args.stage, "adapter": self.adapter, "lora": str(lora_path),
                        "model": str(args.model), "data": str(args.data),
                        "synthetic_model": args.synthetic_model, "synthetic_data": args.synthetic_data,
+                       "world_model": args.world_model, "world_data": args.world_data,
                        "steps": args.max_steps, "resumed_from": start, "last": last,
                        "num_processes": acc.num_processes, "processes_in_sync": in_sync,
                        "train_time_s": round(time.perf_counter() - t_start, 2),
@@ -338,3 +359,9 @@ class Trainer(StepMixin):
             h.remove()
         acc.free_memory()
         return {"lora": str(lora_path) if lora_path else None, "last": last, "start": start}
+
+
+def _duration(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {sec:02d} s" if m else f"{sec} s"

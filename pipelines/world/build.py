@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..train.world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv, \
+    world_gsa_data
 from . import data as D
 from . import render as R
 
@@ -44,9 +46,13 @@ __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Contex
 SDXL_BASE_STEPS, SDXL_IP_STEPS = 2000, 1000   # ~15 min of the shared 2-core CPU
 # steps per stage: "full" is the committed build, "quick" a smoke test of the whole chain
 SETTINGS: Dict[str, Dict[str, int]] = {
-    "full": dict(vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=240,
-                 gsa_steps=1500, gsa_batch=8, dpo_scenarios=24, dpo_candidates=4, dpo_steps=60,
-                 dpo_batch=2, sample_steps=10, sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32,
+    # the gsa / dpo batch and the dpo steps are the world recipe's (pipelines.train's defaults
+    # for the world model); stage gsa trains longer here than a user's CPU run does
+    "full": dict(vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64,
+                 gsa_groups=WORLD_GROUPS, gsa_steps=1500,
+                 gsa_batch=WORLD_RECIPE["gsa"]["batch_size"], dpo_scenarios=24,
+                 dpo_candidates=4, dpo_steps=WORLD_RECIPE["dpo"]["max_steps"],
+                 dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10, sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32,
                  sdxl_ip_steps=SDXL_IP_STEPS, sdxl_ip_batch=32),
     "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
                   gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=2, dpo_steps=2,
@@ -133,13 +139,8 @@ def _stage_base(ctx: Context) -> Dict[str, Any]:
 
 
 def _stage_gsa_data(ctx: Context) -> Dict[str, Any]:
-    train, _ = D.split_identities(ctx.seed)
-    tmp = ctx.out / "gsa_data.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    D.make_gsa_groups(tmp, n_groups=ctx.settings["gsa_groups"], per_group=6, seed=ctx.seed,
-                      pool=train)
-    tmp.rename(ctx.out / "gsa_data")
-    return {"groups": ctx.settings["gsa_groups"], "per_group": 6}
+    world_gsa_data(ctx.out / "gsa_data", seed=ctx.seed, n_groups=ctx.settings["gsa_groups"])
+    return {"groups": ctx.settings["gsa_groups"], "per_group": WORLD_PER_GROUP}
 
 
 def _train(ctx: Context, argv: List[str]) -> Dict[str, Any]:
@@ -163,14 +164,8 @@ def _stage_gsa(ctx: Context) -> Dict[str, Any]:
     s = ctx.settings
     return _train(ctx, ["--stage", "gsa", "--model", str(ctx.out / "base"),
                         "--data", str(ctx.out / "gsa_data"), "--output-dir", str(ctx.out / "gsa"),
-                        "--max-steps", str(s["gsa_steps"]), "--batch-size", str(s["gsa_batch"]),
-                        "--num-refs", "1", "--learning-rate", "3e-3", "--lr-warmup-steps", "20",
-                        # identity is undecided only at high noise: there the references are
-                        # the only source of it, so the stage trains mostly there
-                        "--timestep-shift", "3",
-                        "--cache-latents", "--no-gradient-checkpointing", "--checkpoint-every", "0",
-                        "--mixed-precision", "no",
-                        "--seed", str(ctx.seed), "--log-every", "10"])
+                        *recipe_argv("gsa", max_steps=s["gsa_steps"], batch_size=s["gsa_batch"],
+                                     checkpoint_every=0, seed=ctx.seed)])
 
 
 def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
@@ -251,11 +246,8 @@ def _stage_dpo(ctx: Context) -> Dict[str, Any]:
     return _train(ctx, ["--stage", "dpo", "--model", str(ctx.out / "base"),
                         "--stage1-lora", str(ctx.out / "gsa"),
                         "--data", str(ctx.out / "dpo_data"), "--output-dir", str(ctx.out / "dpo"),
-                        "--max-steps", str(s["dpo_steps"]), "--batch-size", str(s["dpo_batch"]),
-                        "--num-refs", "1", "--learning-rate", "1e-4", "--beta", "1000",
-                        "--cache-latents", "--no-gradient-checkpointing", "--checkpoint-every", "0",
-                        "--mixed-precision", "no",
-                        "--seed", str(ctx.seed), "--log-every", "10"])
+                        *recipe_argv("dpo", max_steps=s["dpo_steps"], batch_size=s["dpo_batch"],
+                                     checkpoint_every=0, seed=ctx.seed)])
 
 
 def _stage_export(ctx: Context) -> Dict[str, Any]:

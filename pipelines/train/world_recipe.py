@@ -1,0 +1,69 @@
+"""The story world's training recipe: one table read by both ``python -m pipelines.train``
+(its defaults when ``--model`` is not given, i.e. the committed world FLUX) and
+``python -m pipelines.world build`` (the flags of its ``gsa`` and ``dpo`` stages), so the
+two cannot drift apart.
+
+Keys are the trainer's argument names (``args.<key>``).  ``max_steps`` is what a user's run
+gets (sized for a CPU); the build passes its own step count and batch (``SETTINGS``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List
+
+__all__ = ["WORLD_RECIPE", "WORLD_GROUPS", "WORLD_PER_GROUP", "recipe_argv", "world_gsa_data"]
+
+# the world frames are 64x64 (pipelines.world.render.SIZE) and its prompts fit 32 T5 tokens
+_COMMON: Dict[str, Any] = dict(resolution=64, max_sequence_length=32, num_refs=1,
+                               cache_latents=True, gradient_checkpointing=False,
+                               mixed_precision="no", log_every=10)
+
+WORLD_RECIPE: Dict[str, Dict[str, Any]] = {
+    # identity is undecided only at high noise: there the references are the only source of
+    # it, so stage gsa trains mostly there (timestep shift 3)
+    "gsa": dict(_COMMON, max_steps=300, batch_size=8, learning_rate=3e-3, lr_warmup_steps=20,
+                timestep_shift=3.0, checkpoint_every=50),
+    "dpo": dict(_COMMON, max_steps=60, batch_size=2, learning_rate=1e-4, beta=1000.0,
+                checkpoint_every=20),
+}
+
+# stage gsa data: one group per training identity, this many lone frames each
+WORLD_GROUPS, WORLD_PER_GROUP = 240, 6
+_RECORD = "world_data.json"
+
+
+def recipe_argv(stage: str, **override: Any) -> List[str]:
+    """The recipe of ``stage`` as command-line flags (``override`` wins, by key)."""
+    argv: List[str] = []
+    for key, val in {**WORLD_RECIPE[stage], **override}.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(val, bool):
+            argv.append(flag if val else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(val)]
+    return argv
+
+
+def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
+                   per_group: int = WORLD_PER_GROUP) -> Path:
+    """Story groups of the world's training identities in ``dst``, made once: a folder that
+    already holds the same (seed, groups, per group) is reused.  Written to ``dst.tmp`` and
+    renamed, so an interrupted run never leaves a half-made folder behind."""
+    from ..world import data as WD
+
+    dst = Path(dst)
+    record = {"seed": seed, "n_groups": n_groups, "per_group": per_group}
+    rec = dst / _RECORD
+    if (dst / "metadata.jsonl").is_file() and rec.is_file() \
+            and json.loads(rec.read_text()) == record:
+        return dst
+    train, _ = WD.split_identities(seed)
+    tmp = dst.parent / (dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    WD.make_gsa_groups(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train)
+    (tmp / _RECORD).write_text(json.dumps(record) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
