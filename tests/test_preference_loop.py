@@ -69,7 +69,8 @@ def pixel_labeller(base: str) -> dict:
 def test_stage1_to_dpo_through_the_studio(tmp_path):
     tiny = get_tiny_flux(os.environ.get("STORYATTN_TINY_DIR") or tmp_path / "tiny")
     s1 = tmp_path / "stage1"
-    train(["--stage", "gsa", "--model", tiny, "--output-dir", str(s1), "--max-steps", "1",
+    train(["--stage", "gsa", "--model", tiny, "--data", "synthetic", "--output-dir", str(s1),
+           "--max-steps", "1",
            "--rank", "4", "--checkpoint-every", "0", "--learning-rate", "1e-3"])
     lora = s1 / "pytorch_lora_weights.safetensors"
     assert lora.is_file()

@@ -234,8 +234,10 @@ def test_train_help_shows_each_default_once():
 @pytest.mark.parametrize("argv, needles", [
     (["--stage", "gsa", "--resolution", "63"], ["--resolution 63", "multiple of 8"]),
     (["--stage", "gsa", "--model", "{sdxl}"], ["--model", "StableDiffusionXLPipeline"]),
-    (["--stage", "dpo", "--stage1-lora", "{pickled}"], ["--stage1-lora", "not a safetensors"]),
-    (["--stage", "dpo", "--stage1-lora", "{nolora}"], ["--stage1-lora", "no LoRA weights"]),
+    (["--stage", "dpo", "--model", "tiny", "--stage1-lora", "{pickled}"],
+     ["--stage1-lora", "not a safetensors"]),
+    (["--stage", "dpo", "--model", "tiny", "--stage1-lora", "{nolora}"],
+     ["--stage1-lora", "no LoRA weights"]),
 ])
 def test_train_mistakes_stop_before_loading_and_leave_no_folder(argv, needles, files, tmp_path,
                                                                 capsys):

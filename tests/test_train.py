@@ -35,7 +35,8 @@ def tiny_flux(tmp_path_factory):
 def stage1(tiny_flux, tmp_path_factory):
     """A short stage gsa run shared by the DPO / loading tests."""
     out = tmp_path_factory.mktemp("stage1")
-    tr = run_trainer(["--stage", "gsa", "--model", tiny_flux, "--output-dir", str(out),
+    tr = run_trainer(["--stage", "gsa", "--model", tiny_flux, "--data", "synthetic",
+                      "--output-dir", str(out),
                       "--max-steps", "3", "--checkpoint-every", "0", "--learning-rate", "1e-3"])
     return out, tr
 
@@ -225,7 +226,8 @@ def test_dpo_starts_at_log2_and_stage1_stays_frozen(tiny_flux, stage1, tmp_path)
 
     s1_out, _ = stage1
     out = tmp_path / "dpo"
-    tr = run_trainer(["--stage", "dpo", "--model", tiny_flux, "--stage1-lora", str(s1_out),
+    tr = run_trainer(["--stage", "dpo", "--model", tiny_flux, "--data", "synthetic",
+                      "--stage1-lora", str(s1_out),
                       "--output-dir", str(out), "--max-steps", "3", "--checkpoint-every", "0",
                       "--learning-rate", "1e-3", "--beta", "500"])
     rows = metrics(out)
@@ -257,7 +259,8 @@ def test_dpo_starts_at_log2_and_stage1_stays_frozen(tiny_flux, stage1, tmp_path)
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_flux, tmp_path):
-    common = ["--stage", "gsa", "--model", tiny_flux, "--num-refs", "2", "--batch-size", "2",
+    common = ["--stage", "gsa", "--model", tiny_flux, "--data", "synthetic", "--num-refs", "2",
+              "--batch-size", "2",
               "--learning-rate", "1e-3", "--checkpoint-every", "2", "--seed", "3"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_trainer(common + ["--output-dir", str(full), "--max-steps", "4"])
@@ -285,8 +288,8 @@ def test_two_process_gloo_run(tiny_flux, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "pipelines.train", "--stage", "gsa", "--cpu",
-           "--model", tiny_flux, "--output-dir", str(out), "--max-steps", "2",
-           "--checkpoint-every", "0"]
+           "--model", tiny_flux, "--data", "synthetic", "--output-dir", str(out),
+           "--max-steps", "2", "--checkpoint-every", "0"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 processes" in res.stdout
@@ -313,7 +316,8 @@ def test_dpo_loss_formula():
 
 
 def test_cached_latents_match_on_the_fly(tiny_flux, tmp_path):
-    common = ["--stage", "gsa", "--model", tiny_flux, "--max-steps", "2", "--checkpoint-every", "0"]
+    common = ["--stage", "gsa", "--model", tiny_flux, "--data", "synthetic", "--max-steps", "2",
+              "--checkpoint-every", "0"]
     run_trainer(common + ["--output-dir", str(tmp_path / "a")])
     tr = run_trainer(common + ["--output-dir", str(tmp_path / "b"), "--cache-latents"])
     assert len(tr.latent_cache) == 12 and tr.vae is None
@@ -322,17 +326,20 @@ def test_cached_latents_match_on_the_fly(tiny_flux, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
 
 
-def test_no_argument_runs_say_synthetic(tmp_path):
-    """``python -m pipelines.train --stage dpo`` with nothing else: tiny model, synthetic
-    data, a short stage-1 run first, all announced; LoRAs land in outputs/."""
+def test_tiny_preset_runs_say_synthetic(tmp_path):
+    """``python -m pipelines.train --stage dpo --model tiny`` with nothing else: the random
+    tiny model, synthetic data, a short stage-1 run first, all announced; LoRAs land in
+    outputs/.  (Without --model the committed world model is the default:
+    tests/test_train_defaults.py.)"""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-m", "pipelines.train", "--stage", "dpo", "--max-steps", "2"],
+    res = subprocess.run([sys.executable, "-m", "pipelines.train", "--stage", "dpo", "--model",
+                          "tiny", "--max-steps", "2"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for msg in ("no --model given: using the tiny FLUX built offline",
-                "no --data given: training on a synthetic dpo dataset",
+    for msg in ("--model tiny: the tiny FLUX built offline with random weights",
+                "no --data given: a synthetic dpo dataset",
                 "no --stage1-lora given: training a short stage gsa",
-                "no --data given: training on a synthetic gsa dataset", "CPU -> fp32"):
+                "--data synthetic: a synthetic gsa dataset", "CPU -> fp32"):
         assert msg in res.stdout, msg
     out = tmp_path / "outputs" / "train_dpo"
     assert (out / "pytorch_lora_weights.safetensors").is_file()

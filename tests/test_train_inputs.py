@@ -171,7 +171,8 @@ def _foreign_lora(tmp_path) -> Path:
 def test_stage1_lora_for_another_model(tiny_flux, tmp_path, capsys):
     lora = _foreign_lora(tmp_path)
     out = tmp_path / "out"
-    rc, text = run_main(["--stage", "dpo", "--model", tiny_flux, "--stage1-lora", str(lora),
+    rc, text = run_main(["--stage", "dpo", "--model", tiny_flux, "--data", "synthetic",
+                         "--stage1-lora", str(lora),
                          "--output-dir", str(out)], capsys)
     assert_stopped(rc, text, out, "does not fit this model", "lora_A: shape")
 
@@ -197,20 +198,21 @@ def test_stage1_lora_with_unknown_layers(tiny_flux, tmp_path, capsys):
 
 def test_stage1_lora_missing(tiny_flux, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, text = run_main(["--stage", "dpo", "--model", tiny_flux, "--stage1-lora",
-                         str(tmp_path / "nothing"), "--output-dir", str(out)], capsys)
+    rc, text = run_main(["--stage", "dpo", "--model", tiny_flux, "--data", "synthetic",
+                         "--stage1-lora", str(tmp_path / "nothing"), "--output-dir", str(out)], capsys)
     assert_stopped(rc, text, out, "stage-1 LoRA", "does not exist")
 
 
 def test_dpo_with_model_needs_stage1(tiny_flux, tmp_path, capsys):
-    rc, text = run_main(["--stage", "dpo", "--model", tiny_flux, "--output-dir",
-                         str(tmp_path / "o")], capsys)
+    rc, text = run_main(["--stage", "dpo", "--model", tiny_flux, "--data", "synthetic",
+                         "--output-dir", str(tmp_path / "o")], capsys)
     assert_stopped(rc, text, tmp_path / "o", "needs --stage1-lora")
 
 
 def test_bad_resume_path_and_ranges(tiny_flux, tmp_path, capsys):
-    rc, text = run_main(["--stage", "gsa", "--model", tiny_flux, "--resume", str(tmp_path / "x"),
-                         "--output-dir", str(tmp_path / "o")], capsys)
+    rc, text = run_main(["--stage", "gsa", "--model", tiny_flux, "--data", "synthetic",
+                         "--resume", str(tmp_path / "x"), "--output-dir", str(tmp_path / "o")],
+                        capsys)
     assert_stopped(rc, text, tmp_path / "o", "not a checkpoint folder")
     rc, text = run_main(["--stage", "gsa", "--num-refs", "0", "--output-dir",
                          str(tmp_path / "o")], capsys)

@@ -306,10 +306,11 @@ def check_lora_matches(transformer, path) -> Tuple[Dict[str, torch.Tensor], int]
             problems.append(f"{mod_name}.lora_B: shape {tuple(b.shape)}, this model needs "
                             f"[{base.out_features}, {a.shape[0]}]")
     if problems:
-        shown = "\n  ".join(problems[:15])
-        more = f"\n  ... and {len(problems) - 15} more" if len(problems) > 15 else ""
+        # one line (a user's mistake): the first few problems stand for the rest
+        shown = "; ".join(problems[:3])
+        more = f"; ... and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ModelError(f"stage-1 LoRA {p} does not fit this model ({len(problems)} problem(s)); "
-                         f"was it trained on a different model?\n  {shown}{more}")
+                         f"was it trained on a different model? {shown}{more}")
     return tsd, len(layers)
 
 
