@@ -29,7 +29,7 @@ GENERIC = dict(batch_size=1, num_refs=2, lr_warmup_steps=0, timestep_shift=1.0,
                log_every=1)
 
 EPILOG = """\
-WORLD: the defaults when --model is not given (the committed story-world FLUX in
+WORLD: the values used when --model is not given (the committed story-world FLUX in
 pipelines/world/weights/flux): the world recipe of pipelines/train/world_recipe.py, which
 `python -m pipelines.world build` trains with too.  An explicit --model gets the others."""
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="local FLUX.1 pipeline folder, or 'tiny' (a tiny FLUX with random "
                         "weights built offline: shapes only, for tests); default: the committed "
-                        "story-world FLUX, whose defaults are marked WORLD")
+                        "story-world FLUX (its values are marked WORLD)")
     p.add_argument("--data", default=None,
                    help="gsa: folder with metadata.jsonl; dpo: pairs.jsonl or its folder; "
                         "'synthetic': a small dataset written to OUTPUT_DIR/synthetic_data; "

@@ -1,6 +1,6 @@
 """LoRA training for Group-Shared Attention (GSA) on FLUX.1: stage ``gsa`` and ``dpo``.
 
-    python -m pipelines.train --stage gsa [--model PATH] [--data DIR] [--output-dir DIR] ...
+    python -m pipelines.train --stage gsa [--model PATH|tiny] [--data DIR|synthetic] ...
     python -m pipelines.train --stage dpo --stage1-lora DIR_OR_FILE [--data pairs.jsonl] ...
 
 Stage gsa (supervised): each sample is one target plus ``--num-refs`` references
@@ -18,8 +18,13 @@ policy = gsa alone.  Winner and loser of a pair share noise, sigma and the
 references (one GSA group ``[winner, loser, refs...]`` with two targets).
 Loss ``-log sigmoid(-beta/2 ((e_w - e_w_ref) - (e_l - e_l_ref)))``.
 
-Without ``--model``/``--data`` the stage runs on a tiny FLUX built offline and a
-synthetic dataset it writes itself, and says so.
+Without ``--model`` the stage trains the committed story-world FLUX
+(``pipelines/world/weights/``) with the world recipe (:mod:`.world_recipe`, also what
+``python -m pipelines.world build`` runs); without ``--data`` on world story groups it writes
+to ``OUTPUT_DIR/world_data`` (gsa) or the committed preference pools (dpo), and for dpo
+without ``--stage1-lora`` on the committed stage-1 LoRA; each default is announced.
+``--model tiny`` (a random-weight FLUX built offline) with ``--data synthetic`` (the
+default with it) is the quick preset of the tests.
 
 Outputs in ``--output-dir``: ``pytorch_lora_weights.safetensors`` (diffusers
 format: ``FluxPipeline.load_lora_weights(OUT, adapter_name=...)``),
