@@ -2,6 +2,7 @@
 the world recipe's defaults, world story groups (gsa) and the committed preference pools (dpo);
 missing world files and mismatched presets are one-line errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,15 @@ def _train(argv, cwd):
 
 def _resolved(argv):
     return T.resolve_args(T.build_parser().parse_args(argv))
+
+
+def _weights_without(tmp_path, monkeypatch, keep):
+    """A weights folder holding only ``keep`` (links to the committed files)."""
+    root = tmp_path / "weights"
+    root.mkdir()
+    for name in keep:
+        (root / name).symlink_to(W.WEIGHTS_DIR / name)
+    monkeypatch.setattr(W, "WEIGHTS_DIR", root)
 
 
 @needs_world
@@ -82,6 +92,34 @@ def test_default_dpo_run_uses_the_committed_stage1_and_pools(tmp_path):
 
 
 @needs_world
+def test_default_dpo_wiring_with_stand_in_pools(tmp_path, monkeypatch, capsys):
+    """Until the committed pools exist: ``--stage dpo`` alone reads the pools
+    folder of the weights, here a stand-in with synthetic pairs, on the world model and its
+    committed stage-1 LoRA, with the world recipe."""
+    from pipelines.train.synthetic import make_dpo_pairs
+
+    try:
+        W.dpo_data_path()
+        pytest.skip("the committed pools exist: test_default_dpo_run_uses_the_committed_... "
+                    "runs on them")
+    except FileNotFoundError:
+        pass
+    _weights_without(tmp_path, monkeypatch, [W.FLUX_DIR, W.GSA_LORA])
+    make_dpo_pairs(W.WEIGHTS_DIR / W.DPO_DATA, size=64, seed=0)
+    out = tmp_path / "dpo"
+    assert T.main(["--stage", "dpo", "--max-steps", "2", "--output-dir", str(out), "--cpu"]) == 0
+    log = capsys.readouterr().out
+    assert "no --stage1-lora given: the committed world stage-1 LoRA" in log
+    assert f"no --data given: the committed world preference pools ({W.dpo_data_path()})" in log
+    assert "batch 2 x 1 process(es), 1 reference(s) per sample, lr 0.0001" in log
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["model"] == W.flux_path() and summary["data"] == W.dpo_data_path()
+    assert summary["stage1_lora"] == W.gsa_lora_path() and summary["world_data"] is True
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2))
+
+
+@needs_world
 def test_world_defaults_are_the_recipe_the_build_passes(tmp_path):
     """The defaults without --model equal what ``pipelines.world build`` passes as flags
     (both read pipelines/train/world_recipe.py), and an explicit --model gets the generic
@@ -98,15 +136,6 @@ def test_world_defaults_are_the_recipe_the_build_passes(tmp_path):
         assert generic.batch_size == 1 and generic.num_refs == 2
         assert generic.cache_latents is False and generic.gradient_checkpointing is True
     assert "WORLD 300 gsa / 60 dpo" in T.build_parser().format_help()
-
-
-def _weights_without(tmp_path, monkeypatch, keep):
-    """A weights folder holding only ``keep`` (links to the committed files)."""
-    root = tmp_path / "weights"
-    root.mkdir()
-    for name in keep:
-        (root / name).symlink_to(W.WEIGHTS_DIR / name)
-    monkeypatch.setattr(W, "WEIGHTS_DIR", root)
 
 
 @needs_world
