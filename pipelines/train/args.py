@@ -34,14 +34,15 @@ pipelines/world/weights/flux): the world recipe of pipelines/train/world_recipe.
 `python -m pipelines.world build` trains with too.  An explicit --model gets the others."""
 
 
-def _w(key: str, fallback=None) -> str:
-    """The world recipe's value of ``key`` for the --help text."""
+def _w(key: str) -> str:
+    """The world recipe's value of ``key`` for the --help text (a stage's recipe that does
+    not set it keeps the generic default)."""
     def fmt(v) -> str:
         if isinstance(v, bool):
             return "on" if v else "off"
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    g, d = (WORLD_RECIPE[s].get(key, fallback) for s in ("gsa", "dpo"))
+    g, d = (WORLD_RECIPE[s].get(key, GENERIC.get(key)) for s in ("gsa", "dpo"))
     return fmt(g) if g == d else f"{fmt(g)} gsa / {fmt(d)} dpo"
 
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"WORLD {_w('learning_rate')})")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--lr-warmup-steps", type=int, default=None,
-                   help=f"(default 0; WORLD {_w('lr_warmup_steps', 0)})")
+                   help=f"(default 0; WORLD {_w('lr_warmup_steps')})")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=1000.0, help="DPO beta")
     p.add_argument("--checkpoint-every", type=int, default=None,
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-mean", type=float, default=0.0)
     p.add_argument("--logit-std", type=float, default=1.0)
     p.add_argument("--timestep-shift", type=float, default=None,
-                   help=f"(default 1; WORLD {_w('timestep_shift', 1.0)})")
+                   help=f"(default 1; WORLD {_w('timestep_shift')})")
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default=None,
                    help=f"auto = bf16 on GPU, none (fp32) on CPU (default auto; "
                         f"WORLD {_w('mixed_precision')})")
