@@ -21,7 +21,9 @@ Output (the folder the studio labels)::
     OUT/<id>/cand_00.png ...     each written atomically as soon as it is drawn
 
 Rerunning the same command resumes with the first missing candidate.  With no
-``--model`` the tiny FLUX preset is built offline (random weights: a plumbing demo).
+``--model`` the story world's FLUX model (``pipelines/world/weights``) draws, with its
+committed stage-1 LoRA unless ``--lora`` names others, at the world's 64x64 and 20 steps;
+``--model tiny`` builds the tiny FLUX preset offline (random weights: a plumbing demo).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ __all__ = ["main", "build_parser", "candidate_seed", "FORMAT", "MANIFEST"]
 FORMAT = "storyattn.candidates/1"
 MANIFEST = "candidates.json"
 TINY = dict(steps=4, height=64, width=64)
+WORLD = dict(steps=20, height=64, width=64)      # the world model's sampling setting
 FULL = dict(steps=28, height=1024, width=1024)
 
 
@@ -57,11 +60,14 @@ Rerun the same command to resume. Format of the scenarios file: docs/candidates.
     ap.add_argument("--scenarios", required=True, help="scenarios JSON (docs/candidates.md)")
     ap.add_argument("--out", default="outputs/candidates", help="output folder (a candidate set)")
     ap.add_argument("-k", "--candidates", type=int, default=4, help="candidates per scenario")
-    ap.add_argument("--model", help="local FLUX pipeline folder (default: the tiny offline preset)")
-    ap.add_argument("--lora", nargs="*", default=[], help="LoRA .safetensors file(s), e.g. stage 1")
-    ap.add_argument("--steps", type=int, help="denoising steps (default 28; tiny preset 4)")
-    ap.add_argument("--height", type=int, help="default 1024; tiny preset 64")
-    ap.add_argument("--width", type=int, help="default 1024; tiny preset 64")
+    ap.add_argument("--model", help="local FLUX pipeline folder, or 'tiny' for the tiny offline "
+                                    "preset (default: the story world's model)")
+    ap.add_argument("--lora", nargs="*", default=None,
+                    help="LoRA .safetensors file(s), e.g. stage 1 (default with no --model: the "
+                         "world's committed stage-1 LoRA; else none)")
+    ap.add_argument("--steps", type=int, help="denoising steps (default 28; world 20; tiny 4)")
+    ap.add_argument("--height", type=int, help="default 1024; world and tiny 64")
+    ap.add_argument("--width", type=int, help="default 1024; world and tiny 64")
     ap.add_argument("--guidance", type=float, default=3.5)
     ap.add_argument("--seed", type=int, default=0, help="base seed; per-candidate seeds derive from it")
     ap.add_argument("--batch-size", type=int, default=4, help="candidates drawn per forward")
@@ -84,18 +90,28 @@ class UserError(Exception):
     pass
 
 
-def _is_tiny(model: str) -> bool:
-    """The tiny preset's transformer (pipelines/tiny.py) gets the tiny sizes by default."""
+def _config_matches(model: str, want: dict) -> bool:
+    """Whether the folder's transformer has every key of ``want`` (a preset's config)."""
     import json
-
-    from pipelines.tiny import tiny_flux_transformer_config
 
     try:
         cfg = json.loads((Path(model) / "transformer" / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    tiny = tiny_flux_transformer_config()
-    return all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in tiny.items())
+    return all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in want.items())
+
+
+def _preset_sizes(model: str):
+    """Sizes for a model folder: the tiny preset's and the world's architectures (whatever
+    weights they hold, e.g. a build's ``base/``) get their own, anything else FLUX's."""
+    from pipelines.tiny import tiny_flux_transformer_config
+    from pipelines.world.models import world_transformer_config
+
+    if _config_matches(model, tiny_flux_transformer_config()):
+        return "tiny", TINY
+    if _config_matches(model, world_transformer_config()):
+        return "world", WORLD
+    return None, FULL
 
 
 def _resolve(args) -> dict:
@@ -106,23 +122,38 @@ def _resolve(args) -> dict:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     notes = []
+    lora_args = args.lora if args.lora is not None else []
+    world = None
     if args.model is None:
+        from pipelines.world import weights as W
+
+        world = W.available()
+    if args.model == "tiny" or (args.model is None and not world):
         from pipelines.tiny import get_tiny_flux
 
         model = get_tiny_flux()
-        notes.append(f"no --model given: using the tiny FLUX preset built offline ({model}); "
-                     "random weights, so the pictures are noise-like")
+        notes.append(f"{'--model tiny' if args.model else 'no --model and no world weights'}: "
+                     f"the tiny FLUX preset built offline ({model}); random weights, so the "
+                     "pictures are noise-like")
         sizes = TINY
+    elif args.model is None:
+        model = W.flux_path()
+        if args.lora is None:
+            lora_args = [W.gsa_lora_path()]
+        notes.append(f"no --model: the story world's FLUX model ({model}) with "
+                     + ("its committed stage-1 LoRA" if args.lora is None else "--lora")
+                     + f"; defaults {WORLD}")
+        sizes = WORLD
     else:
         model = str(Path(args.model).resolve())
         if not (Path(model) / "model_index.json").is_file():
             raise UserError(f"--model {args.model}: no model_index.json there; pass a local "
-                            "diffusers FLUX pipeline folder")
-        sizes = TINY if _is_tiny(model) else FULL
-        if sizes is TINY:
-            notes.append(f"--model {args.model} is the tiny preset: defaults {TINY}")
+                            "diffusers FLUX pipeline folder (or 'tiny')")
+        kind, sizes = _preset_sizes(model)
+        if kind:
+            notes.append(f"--model {args.model} has the {kind} architecture: defaults {sizes}")
     loras = []
-    for lora in args.lora:
+    for lora in lora_args:
         p = Path(lora)
         if p.is_dir():
             p = p / "pytorch_lora_weights.safetensors"
@@ -239,7 +270,7 @@ def run(args) -> int:
                 continue
             refs = _copy_references(out, s)
             # one cache per scenario: its references recorded once, read by every candidate
-            bb.begin_round(refs, 0.0, ref_prompts=[s.prompt] * len(refs))
+            bb.begin_round(refs, 0.0, ref_prompts=s.ref_prompts())
             try:
                 cands = entry["candidates"]
                 for b in range(0, len(cands), args.batch_size):

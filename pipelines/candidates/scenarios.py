@@ -6,7 +6,8 @@
       {"id": "fox-meets-snowman",                 # optional, default s000, s001, ...
        "prompt": "a red fox meets a snowman in the snowy forest",
        "references": ["refs/fox.png", "refs/snowman.png"],   # relative to the JSON file
-       "characters": ["fox", "snowman"]}           # optional names, one per reference
+       "characters": ["fox", "snowman"],          # optional names, one per reference
+       "reference_prompts": ["a red fox", "a snowman"]}   # optional, one per reference
     ]}
 
 A bare list of scenario objects is accepted too.  Every problem is reported with the
@@ -36,10 +37,20 @@ class Scenario:
     prompt: str
     references: List[Path]
     characters: List[str] = field(default_factory=list)
+    # the text each reference is recorded with (default: the scenario's prompt); a model
+    # trained on groups of captioned frames (the story world's) reads a reference best with
+    # its own caption
+    reference_prompts: List[str] = field(default_factory=list)
+
+    def ref_prompts(self) -> List[str]:
+        return list(self.reference_prompts) or [self.prompt] * len(self.references)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "prompt": self.prompt, "characters": list(self.characters),
-                "source_references": [str(p) for p in self.references]}
+        d = {"id": self.id, "prompt": self.prompt, "characters": list(self.characters),
+             "source_references": [str(p) for p in self.references]}
+        if self.reference_prompts:
+            d["reference_prompts"] = list(self.reference_prompts)
+        return d
 
 
 def _image_problem(path: Path) -> Optional[str]:
@@ -100,9 +111,14 @@ def load_scenarios(path) -> List[Scenario]:
         if chars and len(chars) != len(refs):
             raise ScenarioError(f"{where} ({sid}): {len(chars)} character names for {len(refs)} "
                                 "references; give one name per reference or none")
-        unknown = set(obj) - {"id", "prompt", "references", "characters"}
+        rprompts = obj.get("reference_prompts", [])
+        if (not isinstance(rprompts, list) or not all(isinstance(t, str) for t in rprompts)
+                or (rprompts and len(rprompts) != len(refs))):
+            raise ScenarioError(f"{where} ({sid}): 'reference_prompts' must be a list of "
+                                f"{len(refs)} strings, one per reference (or left out)")
+        unknown = set(obj) - {"id", "prompt", "references", "characters", "reference_prompts"}
         if unknown:
             raise ScenarioError(f"{where} ({sid}): unknown key(s) {sorted(unknown)}; allowed: id, "
-                                "prompt, references, characters")
-        out.append(Scenario(sid, prompt.strip(), ref_paths, list(chars)))
+                                "prompt, references, characters, reference_prompts")
+        out.append(Scenario(sid, prompt.strip(), ref_paths, list(chars), list(rprompts)))
     return out

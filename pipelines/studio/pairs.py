@@ -17,7 +17,7 @@ from typing import Dict
 
 from pipelines.studio.journal import JOURNAL_NAME, Journal
 
-__all__ = ["export_pairs", "ExportError", "PAIRS_NAME"]
+__all__ = ["export_pairs", "copy_pairs", "ExportError", "PAIRS_NAME"]
 
 PAIRS_NAME = "pairs.jsonl"
 
@@ -62,3 +62,32 @@ def export_pairs(set_dir, out=None) -> Dict:
                           "some first")
     atomic_write_bytes(out, "".join(json.dumps(l) + "\n" for l in lines).encode())
     return {"path": str(out), "scenarios": len(lines), "pairs": n_pairs, "skipped": skipped}
+
+
+def copy_pairs(pairs_file, dst) -> Dict:
+    """Copy ``pairs_file`` and every image it names into folder ``dst``, paths kept as written
+    (relative ones only: the copy must stand alone).  Return {"files", "bytes"}."""
+    import shutil
+
+    pairs_file = Path(pairs_file)
+    src, dst = pairs_file.parent.resolve(), Path(dst)
+    names = set()
+    for line in pairs_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        for key in ("references", "winners", "losers"):
+            names.update(obj.get(key, []))
+        names.update(obj[k] for k in ("winner", "loser") if k in obj)
+    dst.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for rel in sorted(names):
+        p = (src / rel).resolve()
+        if Path(rel).is_absolute() or not p.is_relative_to(src):
+            raise ExportError(f"{pairs_file}: {rel!r} is not under the file's folder; only a "
+                              "pool with relative paths inside it can be copied")
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dst / rel)
+        total += p.stat().st_size
+    shutil.copyfile(pairs_file, dst / PAIRS_NAME)
+    return {"files": len(names) + 1, "bytes": total + pairs_file.stat().st_size}

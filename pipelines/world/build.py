@@ -9,15 +9,21 @@ base      FluxTransformer2DModel trained text-to-image (full weights, no referen
           writes the pipeline folder ``base/`` (``FluxPipeline.from_pretrained``)
 gsa_data  story groups for stage gsa (identities of the training split)
 gsa       ``python -m pipelines.train --stage gsa`` (LoRA, GSA in-batch, clean references)
-dpo_data  candidates drawn by base + stage 1 with references, labelled by the reader:
-          winner = accessory and colour of the reference, loser = wrong accessory (a
-          scenario with losers only gets the rendered right frame as its winner)
-dpo       ``python -m pipelines.train --stage dpo`` on those pools
-export    the pipeline folder and both LoRA files copied to ``--weights``
+dpo_data  the preference loop: ``python -m pipelines.world scenarios`` (training
+          identities), ``python -m pipelines.candidates`` with base + stage 1, a studio
+          (``python -m pipelines.studio``) on a free 127.0.0.1 port, the reader labeller
+          (:mod:`.label`) over its HTTP API, the studio's export: ``dpo_data/set/pairs.jsonl``
+dpo       ``python -m pipelines.train --stage dpo`` on that export
+export    the pipeline folder, both LoRA files and the exported pools (``dpo_data/``)
+          copied to ``--weights``
 sdxl_*    the SDXL family (:mod:`.train_sdxl`): ``sdxl_base`` (text-to-image UNet on the
           world VAE), ``sdxl_ip`` (IP-Adapter on the frozen base), ``sdxl_export``
           (``--weights``/sdxl/); an SDXL-only build takes the committed VAE
 ========  ==========================================================================
+
+``--from-weights DIR`` starts a build from committed weights instead of training them:
+``vae``, ``base`` and ``gsa`` are taken from DIR (copied, with DIR's figures for them in
+``build.json``, marked ``from_weights``), so ``--only dpo_data dpo export`` reruns stage 2 alone.
 
 A stage is a :class:`Stage` (name, what it writes, a function); other backbones add theirs
 with ``register_stage`` (or by appending to ``STAGES``).  ``build.json`` in ``--out`` keeps
@@ -39,7 +45,6 @@ import numpy as np
 from ..train.world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv, \
     world_gsa_data
 from . import data as D
-from . import render as R
 
 __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Context"]
 
@@ -168,76 +173,43 @@ def _stage_gsa(ctx: Context) -> Dict[str, Any]:
                                      checkpoint_every=0, seed=ctx.seed)])
 
 
-def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
-    """Candidates from base + stage 1 with the character's reference, labelled by the reader."""
-    from storyattn import GroupSharedAttention
+DPO_SET = "dpo_data/set"        # the candidate set (studio ROOT: dpo_data/)
 
-    from .reader import read_image
-    from .sample import draw, load_world, reference_prompt
+
+def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
+    """The preference loop a user runs, with the reader for the expert: world scenarios ->
+    ``python -m pipelines.candidates`` (base + this build's stage 1) -> a studio on a free
+    loopback port -> the reader labeller over its HTTP API -> the studio's export."""
+    from ..studio.local import studio_process
+    from .label import label_set
+    from .scenarios import load_truth, make_scenarios
 
     s = ctx.settings
     t0 = time.perf_counter()
-    train, _ = D.split_identities(ctx.seed)
-    rng = np.random.default_rng([ctx.seed, 23])
-    pipe = load_world(ctx.out / "base", [str(ctx.out / "gsa")], device=ctx.device)
-    gsa = GroupSharedAttention(pipe.transformer)
-    tmp = ctx.out / "dpo_data.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    scen, prompts, refs, rprompts, seeds = [], [], [], [], []
-    for k in range(s["dpo_scenarios"]):
-        ident = train[rng.integers(len(train))]
-        name = D.NAMES[rng.integers(len(D.NAMES))]
-        ref_scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
-        ref = R.render_frame(ref_scene, [R.Placement(ident, "centre", "big")])
-        scene, places = D.random_frame(rng, 1)
-        prompt = D.frame_prompt(scene, [(name, *places[0])])
-        (tmp / f"s{k:03d}").mkdir(parents=True, exist_ok=True)
-        R.to_pil(ref).save(tmp / f"s{k:03d}" / "ref.png")
-        scen.append((k, ident, prompt))
-        for j in range(s["dpo_candidates"]):
-            prompts.append(prompt)
-            refs.append([ref])
-            rprompts.append([reference_prompt(ref, name)])
-            seeds.append(ctx.seed * 100000 + k * 100 + j)
-    images = draw(pipe, prompts, seeds, steps=s["sample_steps"], refs=refs, ref_prompts=rprompts,
-                  gsa=gsa, batch=32)
-    pools, n_w, n_l, n_truth = [], 0, 0, 0
-    for k, ident, prompt in scen:
-        winners, losers = [], []
-        for j in range(s["dpo_candidates"]):
-            img = images[k * s["dpo_candidates"] + j]
-            rel = f"s{k:03d}/c{j}.png"
-            R.to_pil(img).save(tmp / rel)
-            chars = read_image(img).characters
-            ch = chars[0] if len(chars) == 1 else None
-            if ch is not None and ch["accessory"] == ident.accessory and ch["colour"] == ident.colour:
-                winners.append(rel)
-            elif ch is None or ch["accessory"] != ident.accessory:
-                losers.append(rel)
-        n_w += len(winners)
-        n_l += len(losers)
-        if losers and not winners:
-            # no candidate got it right: the rendered frame the prompt asks for stands in for
-            # the expert's drawing (counted in the summary)
-            sc, places = D.parse_prompt(prompt)[0], D.parse_prompt(prompt)[1]
-            truth = R.render_frame(sc, [R.Placement(ident, places[0][2], places[0][1])])
-            R.to_pil(truth).save(tmp / f"s{k:03d}" / "truth.png")
-            winners.append(f"s{k:03d}/truth.png")
-            n_truth += 1
-        if winners and losers:
-            pools.append({"scenario": f"s{k:03d}", "prompt": prompt,
-                          "references": [f"s{k:03d}/ref.png"], "winners": winners,
-                          "losers": losers})
-    if not pools:
-        raise RuntimeError("no scenario had both a winner and a loser among the candidates; "
-                           "stage 1 is too weak (or too strong) for reader-labelled pairs")
-    D.write_dpo_pairs(tmp, pools)
-    shutil.rmtree(ctx.out / "dpo_data", ignore_errors=True)
-    tmp.rename(ctx.out / "dpo_data")
-    n = s["dpo_scenarios"] * s["dpo_candidates"]
-    return {"scenarios": s["dpo_scenarios"], "candidates": n, "winners": n_w, "losers": n_l,
-            "winner_rate": n_w / n, "truth_winners": n_truth, "pools_kept": len(pools),
-            "pairs": sum(len(p["winners"]) * len(p["losers"]) for p in pools),
+    root = ctx.out / "dpo_data"
+    # same seed, same files: a rerun finds the candidate set's scenarios unchanged and resumes
+    scen = make_scenarios(root / "scenarios", n=s["dpo_scenarios"], seed=ctx.seed,
+                          split_seed=ctx.seed)
+    cmd = [sys.executable, "-m", "pipelines.candidates", "--scenarios", str(scen),
+           "--out", str(ctx.out / DPO_SET), "-k", str(s["dpo_candidates"]),
+           "--model", str(ctx.out / "base"), "--lora", str(ctx.out / "gsa" / "pytorch_lora_weights.safetensors"),
+           "--steps", str(s["sample_steps"]), "--seed", str(ctx.seed),
+           "--batch-size", str(s["dpo_candidates"]), "--device", ctx.device, "--no-step-progress"]
+    print("[world] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    t_cand = time.perf_counter() - t0
+    with studio_process(root) as url:
+        print(f"[world] studio at {url}; the reader labels {DPO_SET} through it", flush=True)
+        res = label_set(url, "set", truth=load_truth(scen.parent))
+    n = res["candidates"]
+    return {"scenarios": s["dpo_scenarios"], "candidates": n, "sample_steps": s["sample_steps"],
+            "candidates_time_s": round(t_cand, 1), "winners": res["winners"],
+            "losers": res["losers"], "unmarked": res["unmarked"],
+            "winner_rate": res["winners"] / n, "accessory_rate": res["right_accessory"] / n,
+            "colour_rate": res["right_colour"] / n, "pools_kept": res["export"]["scenarios"],
+            "losers_only_left_out": res["losers_only"], "winners_only": res["winners_only"],
+            "pairs": res["export"]["pairs"], "label_time_s": round(time.perf_counter() - t0 - t_cand, 1),
+            "pairs_file": str(ctx.out / DPO_SET / "pairs.jsonl"), "candidates_command": " ".join(cmd),
             "time_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -245,12 +217,14 @@ def _stage_dpo(ctx: Context) -> Dict[str, Any]:
     s = ctx.settings
     return _train(ctx, ["--stage", "dpo", "--model", str(ctx.out / "base"),
                         "--stage1-lora", str(ctx.out / "gsa"),
-                        "--data", str(ctx.out / "dpo_data"), "--output-dir", str(ctx.out / "dpo"),
+                        "--data", str(ctx.out / DPO_SET / "pairs.jsonl"),
+                        "--output-dir", str(ctx.out / "dpo"),
                         *recipe_argv("dpo", max_steps=s["dpo_steps"], batch_size=s["dpo_batch"],
                                      checkpoint_every=0, seed=ctx.seed)])
 
 
 def _stage_export(ctx: Context) -> Dict[str, Any]:
+    from ..studio.pairs import copy_pairs
     from ..train.model import LORA_WEIGHT_NAME
     from . import weights as W
 
@@ -260,6 +234,8 @@ def _stage_export(ctx: Context) -> Dict[str, Any]:
     shutil.copytree(ctx.out / "base", tmp / W.FLUX_DIR)
     shutil.copy(ctx.out / "gsa" / LORA_WEIGHT_NAME, tmp / W.GSA_LORA)
     shutil.copy(ctx.out / "dpo" / LORA_WEIGHT_NAME, tmp / W.DPO_LORA)
+    # the pools stage 2 learned from, committed with it (small: 64x64 PNGs)
+    copy_pairs(ctx.out / DPO_SET / "pairs.jsonl", tmp / W.DPO_DATA)
     results = {k: v for k, v in ctx.results.items() if k != "export"}
     (tmp / W.BUILD_FILE).write_text(json.dumps({"seed": ctx.seed, "device": ctx.device,
                                                 "settings": ctx.settings, "stages": results},
@@ -277,7 +253,7 @@ for _s in (Stage("vae", "vae/config.json", _stage_vae),
            Stage("base", "base/model_index.json", _stage_base),
            Stage("gsa_data", "gsa_data/metadata.jsonl", _stage_gsa_data),
            Stage("gsa", "gsa/pytorch_lora_weights.safetensors", _stage_gsa),
-           Stage("dpo_data", "dpo_data/pairs.jsonl", _stage_dpo_data),
+           Stage("dpo_data", DPO_SET + "/pairs.jsonl", _stage_dpo_data),
            Stage("dpo", "dpo/pytorch_lora_weights.safetensors", _stage_dpo),
            Stage("export", "export.done", _stage_export)):
     register_stage(_s)
@@ -305,8 +281,37 @@ _sdxl_stages()
 # ---- driver ---------------------------------------------------------------------------------
 
 
+FROM_WEIGHTS_STAGES = ("vae", "base", "gsa_data", "gsa")
+
+
+def seed_from_weights(out: Path, src: Path, state: Dict[str, Any]) -> List[str]:
+    """Make ``out`` a build whose vae, base and stage 1 are the weights in ``src`` (copies),
+    their figures taken from ``src``'s build.json; return the stages so provided."""
+    from ..train.model import LORA_WEIGHT_NAME
+    from . import weights as W
+
+    if not W.available(src):
+        raise SystemExit(f"--from-weights {src}: no {W.FLUX_DIR}/ and {W.GSA_LORA} there; pass "
+                         "a weights folder written by the export stage")
+    info = W.build_info(src)
+    if info.get("seed") != state["seed"]:
+        raise SystemExit(f"--from-weights {src} was built with seed {info.get('seed')}; pass "
+                         f"--seed {info.get('seed')} (the scenarios' identity split follows it)")
+    if not (out / "base" / "model_index.json").is_file():
+        shutil.copytree(src / W.FLUX_DIR, out / "base.tmp", dirs_exist_ok=True)
+        (out / "base.tmp").rename(out / "base")
+    if not (out / "vae" / "config.json").is_file():
+        shutil.copytree(out / "base" / "vae", out / "vae", dirs_exist_ok=True)
+    (out / "gsa").mkdir(exist_ok=True)
+    shutil.copyfile(src / W.GSA_LORA, out / "gsa" / LORA_WEIGHT_NAME)
+    for name, fig in info.get("stages", {}).items():
+        if name in FROM_WEIGHTS_STAGES or name.startswith("sdxl"):
+            state["stages"][name] = {**fig, "from_weights": str(src)}
+    return [n for n in FROM_WEIGHTS_STAGES if n in state["stages"]]
+
+
 def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: str = "full",
-              only: Optional[List[str]] = None) -> Dict[str, Any]:
+              only: Optional[List[str]] = None, from_weights=None) -> Dict[str, Any]:
     import torch
 
     out = Path(out)
@@ -320,6 +325,10 @@ def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: s
                          f"another --out")
     state.update(seed=seed, mode=mode)
     state.setdefault("stages", {})
+    if from_weights is not None:
+        got = seed_from_weights(out, Path(from_weights), state)
+        state_path.write_text(json.dumps(state, indent=1) + "\n")
+        print(f"[world] stages {', '.join(got)} taken from {from_weights}", flush=True)
     ctx = Context(out, Path(weights), seed, device, SETTINGS[mode], state["stages"])
     for stage in STAGES:
         if only and stage.name not in only:

@@ -3,6 +3,8 @@
     python -m pipelines.world build [--out DIR] [--weights DIR] [--seed S] [--device D]
                                     [--quick] [--only STAGE ...]
     python -m pipelines.world story --out DIR [--seed S] [--frames N] [--no-refs]
+    python -m pipelines.world scenarios OUT [--n N] [--seed S]
+    python -m pipelines.world label --url URL SET [--truth FILE] [--no-export]
 """
 from __future__ import annotations
 
@@ -27,17 +29,60 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="a few steps per stage: checks the whole chain, trains nothing useful")
     b.add_argument("--only", nargs="+", default=None, help="run only these stages")
+    b.add_argument("--from-weights", default=None, metavar="DIR",
+                   help="take vae, base and stage 1 from a weights folder (e.g. the package's) "
+                        "instead of training them; with --only dpo_data dpo export: stage 2 alone")
     s = sub.add_parser("story", help="write a world story file (story.json, refs/, world.json)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--frames", type=int, default=100)
     s.add_argument("--no-refs", action="store_true",
                    help="characters without reference images (identity from nowhere)")
+    c = sub.add_parser("scenarios", help="one-character scenarios (training identities) for "
+                                         "python -m pipelines.candidates, with their truth")
+    c.add_argument("out", help="folder: scenarios.json, refs/, truth.json")
+    c.add_argument("--n", type=int, default=24, help="number of scenarios")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/held-out identity split (the build's --seed)")
+    lab = sub.add_parser("label", help="label a candidate set with the reader, through a running "
+                                       "studio's HTTP API, then export pairs.jsonl")
+    lab.add_argument("set", help="the set's id or its folder relative to the studio's ROOT")
+    lab.add_argument("--url", default="http://127.0.0.1:8765", help="the studio")
+    lab.add_argument("--truth", help="truth.json of the scenarios: checks the references' reading")
+    lab.add_argument("--no-export", action="store_true", help="post the marks only")
     return ap
+
+
+def _label(args) -> int:
+    import json
+
+    from .label import LabelError, label_set
+    from .scenarios import load_truth
+
+    try:
+        truth = load_truth(args.truth) if args.truth else None
+        res = label_set(args.url, args.set, truth=truth, export=not args.no_export)
+    except (LabelError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res.pop("labels")
+    print(json.dumps(res))
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "label":
+        return _label(args)
+    if args.cmd == "scenarios":
+        from .scenarios import make_scenarios
+
+        if args.n < 1:
+            print(f"error: --n must be >= 1, got {args.n}", file=sys.stderr)
+            return 2
+        print(f"wrote {make_scenarios(args.out, n=args.n, seed=args.seed, split_seed=args.split_seed)}")
+        return 0
     if args.cmd == "build":
         from .build import STAGES, run_build
 
@@ -47,7 +92,8 @@ def main(argv=None) -> int:
             print(f"error: unknown stage(s) {bad}; stages: {', '.join(names)}", file=sys.stderr)
             return 2
         state = run_build(args.out, args.weights, seed=args.seed, device=args.device,
-                          mode="quick" if args.quick else "full", only=args.only)
+                          mode="quick" if args.quick else "full", only=args.only,
+                          from_weights=args.from_weights)
         total = sum(v.get("stage_time_s", 0) for v in state["stages"].values())
         print(f"[world] build done: {len(state['stages'])} stages, {total:.0f} s in all")
         return 0

@@ -1,0 +1,176 @@
+"""The reader as the expert: label a candidate set through a running studio, over HTTP only.
+
+    python -m pipelines.world label --url http://127.0.0.1:8765 SET [--truth truth.json]
+
+It makes the calls the labelling page makes (docs/studio.md): ``GET /api/sets`` to find SET
+(its id, or its folder relative to the studio's ROOT), ``GET /api/sets/<id>`` for the
+scenarios, every reference and candidate fetched from ``/file/<path>`` and read with
+:func:`pipelines.world.reader.read_image`, each decision posted to
+``POST /api/sets/<id>/marks`` (journalled by the studio), then ``POST /api/sets/<id>/export``.
+
+The rule, per candidate of a one-character scenario (the preferred attribute is the
+reference's accessory)::
+
+    winner   exactly one character, at the prompt's slot, with the reference's accessory
+             AND colour
+    loser    no character, more than one, or one with another accessory
+    (none)   anything else (right accessory at the wrong slot or in the wrong colour)
+
+The reference's identity is what the reader reads off the reference image, as a person
+would look at it; ``--truth`` (the ``truth.json`` of ``python -m pipelines.world
+scenarios``) checks that reading against the identity the reference was rendered from.
+A scenario whose candidates are all losers gets no winner: the export leaves it out
+(counted as ``losers_only``).  Marks are posted only where the journal does not already hold
+that label, with event ids derived from (scenario, candidate, label), so a rerun posts nothing
+twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Dict, Optional
+
+from . import data as D
+from .reader import read_image
+
+__all__ = ["label_set", "decide", "LabelError"]
+
+TAB = "reader"
+
+
+class LabelError(RuntimeError):
+    """A problem a user fixes (no studio at the URL, an unknown set, a wrong truth file)."""
+
+
+def decide(reading, position: str, accessory: str, colour: str) -> Optional[str]:
+    """The rule of the module docstring: "winner", "loser" or None."""
+    chars = reading.characters
+    if len(chars) != 1:
+        return "loser"
+    ch = chars[0]
+    if ch["accessory"] != accessory:
+        return "loser"
+    if ch["position"] == position and ch["colour"] == colour:
+        return "winner"
+    return None
+
+
+class _Client:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def _open(self, path: str, body=None):
+        req = urllib.request.Request(
+            self.url + path, method="GET" if body is None else "POST",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:300]
+            raise LabelError(f"{req.method} {path}: HTTP {e.code} {detail}") from None
+        except urllib.error.URLError as e:
+            raise LabelError(f"no studio answering at {self.url} ({e.reason}); start one with "
+                             "`python -m pipelines.studio ROOT --port PORT`") from None
+
+    def get(self, path: str):
+        return json.loads(self._open(path))
+
+    def post(self, path: str, body=None):
+        return json.loads(self._open(path, body or {}))
+
+    def image(self, rel: str):
+        from PIL import Image
+
+        data = self._open("/file/" + urllib.parse.quote(rel))
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+
+
+def _find_set(client: _Client, want: str) -> str:
+    offset = 0
+    while True:
+        page = client.get(f"/api/sets?offset={offset}&limit=500")
+        for s in page["items"]:
+            if want in (s["id"], s["path"], s["path"].rstrip("/")):
+                return s["id"]
+        offset += 500
+        if offset >= page["total"]:
+            raise LabelError(f"no candidate set {want!r} in that studio; pass its id or its "
+                             "folder relative to the studio's ROOT (GET /api/sets lists them)")
+
+
+def _event_id(sid: str, k: int, label: str) -> str:
+    return f"{TAB}-" + hashlib.sha1(f"{sid}|{k}|{label}".encode()).hexdigest()[:20]
+
+
+def label_set(url: str, set_ref: str, truth: Optional[Dict[str, dict]] = None,
+              export: bool = True) -> dict:
+    """Label set ``set_ref`` of the studio at ``url``; return the counts, every decision
+    (``labels``: {scenario: {candidate: label or None}}) and the export's answer."""
+    client = _Client(url)
+    set_id = _find_set(client, set_ref)
+    detail = client.get(f"/api/sets/{set_id}")
+    marks = detail["marks"]
+    labels: Dict[str, Dict[int, Optional[str]]] = {}
+    n = dict(candidates=0, winners=0, losers=0, unmarked=0, missing=0, posted=0,
+             losers_only=0, winners_only=0, pools=0, right_accessory=0, right_colour=0,
+             skipped_scenarios=0)
+    for s in detail["scenarios"]:
+        sid = s["id"]
+        try:
+            _, cast = D.parse_prompt(s["prompt"])
+        except D.PromptError:
+            cast = []
+        if len(cast) != 1 or len(s["references"]) != 1:
+            n["skipped_scenarios"] += 1      # the rule reads one character against one reference
+            continue
+        ref = read_image(client.image(s["references"][0]))
+        if len(ref.characters) != 1:
+            raise LabelError(f"scenario {sid}: its reference does not show one character "
+                             f"(the reader sees {len(ref.characters)})")
+        acc, col = ref.characters[0]["accessory"], ref.characters[0]["colour"]
+        if truth is not None:
+            ident = truth[sid]["identities"][cast[0][0]]
+            if (ident.accessory, ident.colour) != (acc, col):
+                raise LabelError(f"scenario {sid}: the reference reads {acc}/{col} but the truth "
+                                 f"file says {ident.accessory}/{ident.colour}: is it the truth of "
+                                 "these scenarios?")
+        mine: Dict[int, Optional[str]] = {}
+        for c in s["candidates"]:
+            if not c["exists"]:
+                n["missing"] += 1
+                continue
+            reading = read_image(client.image(c["file"]))
+            label = decide(reading, cast[0][2], acc, col)
+            mine[c["k"]] = label
+            n["candidates"] += 1
+            if len(reading.characters) == 1:
+                n["right_accessory"] += reading.characters[0]["accessory"] == acc
+                n["right_colour"] += reading.characters[0]["colour"] == col
+            if label is None:
+                n["unmarked"] += 1
+                continue
+            n["winners" if label == "winner" else "losers"] += 1
+            if marks.get(sid, {}).get(str(c["k"])) != label:
+                res = client.post(f"/api/sets/{set_id}/marks",
+                                  {"id": _event_id(sid, c["k"], label), "tab": TAB,
+                                   "scenario": sid, "candidate": c["k"], "label": label})
+                n["posted"] += bool(res["written"])
+        got = set(mine.values())
+        if {"winner", "loser"} <= got:
+            n["pools"] += 1
+        elif "loser" in got:
+            n["losers_only"] += 1
+        elif "winner" in got:
+            n["winners_only"] += 1
+        labels[sid] = mine
+    out = {"set": set_id, **n, "labels": labels}
+    if export:
+        out["export"] = client.post(f"/api/sets/{set_id}/export")
+    return out
