@@ -147,6 +147,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sdxl-scales", default="0.3:0.5",
                     help="Story-Iter SDXL reference weights A:B (published 0.3:0.5)")
     ap.add_argument("--sdxl-guidance", type=float, default=3.0, help="Story-Iter SDXL CFG scale")
+    ap.add_argument("--dpo-lora", default=None,
+                    help="stage-2 LoRA of the DPO row (default: the committed one), e.g. a "
+                         "build's dpo/pytorch_lora_weights.safetensors before it is exported")
+    ap.add_argument("--results-dir", default=None,
+                    help="write the tables here instead of benchmarks/results/")
     args = ap.parse_args(argv)
 
     import torch
@@ -229,7 +234,8 @@ def main(argv=None) -> int:
 
     # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
     t = time.perf_counter()
-    dp = row_in_batch(story, [gsa, W.dpo_lora_path()], refs, rprompts, args, args.device)
+    dp = row_in_batch(story, [gsa, args.dpo_lora or W.dpo_lora_path()], refs, rprompts, args,
+                      args.device)
 
     def dpo_check(s):
         a1 = s1["attribute_rate"]["accessory"]
@@ -255,6 +261,7 @@ def _write(args, rows, strips, chance, name) -> int:
     print(text_table(headers, table))
     env = environment(args.device)
     env.update(frames=args.frames, rounds=args.rounds, steps=args.steps, story_seed=args.seed,
+               dpo_lora=args.dpo_lora or "committed",
                refs=args.refs, chance_identity_cross=round(chance, 3),
                sdxl_scales=args.sdxl_scales, sdxl_guidance=args.sdxl_guidance)
     notes = (f"One world story of {args.frames} frames (2 characters with held-out identities, "
@@ -267,8 +274,9 @@ def _write(args, rows, strips, chance, name) -> int:
         img = np.concatenate(strips, 0)
         Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
+    extra = {"out_dir": args.results_dir} if args.results_dir else {}
     paths = write_results(name, env, rows, markdown_table(headers, table), notes,
-                          plot=plot)
+                          plot=plot, **extra)
     print("wrote", ", ".join(paths))
     return 0
 

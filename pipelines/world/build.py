@@ -311,7 +311,8 @@ def seed_from_weights(out: Path, src: Path, state: Dict[str, Any]) -> List[str]:
 
 
 def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: str = "full",
-              only: Optional[List[str]] = None, from_weights=None) -> Dict[str, Any]:
+              only: Optional[List[str]] = None, from_weights=None,
+              overrides: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     import torch
 
     out = Path(out)
@@ -329,7 +330,12 @@ def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: s
         got = seed_from_weights(out, Path(from_weights), state)
         state_path.write_text(json.dumps(state, indent=1) + "\n")
         print(f"[world] stages {', '.join(got)} taken from {from_weights}", flush=True)
-    ctx = Context(out, Path(weights), seed, device, SETTINGS[mode], state["stages"])
+    settings = dict(SETTINGS[mode])
+    bad = sorted(set(overrides or {}) - set(settings))
+    if bad:
+        raise SystemExit(f"--set {bad[0]}: not a setting; settings: {', '.join(settings)}")
+    settings.update(overrides or {})
+    ctx = Context(out, Path(weights), seed, device, settings, state["stages"])
     for stage in STAGES:
         if only and stage.name not in only:
             continue

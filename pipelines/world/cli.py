@@ -1,7 +1,8 @@
 """Command line of the story world.
 
     python -m pipelines.world build [--out DIR] [--weights DIR] [--seed S] [--device D]
-                                    [--quick] [--only STAGE ...]
+                                    [--quick] [--only STAGE ...] [--set KEY=N ...]
+                                    [--from-weights DIR]
     python -m pipelines.world story --out DIR [--seed S] [--frames N] [--no-refs]
     python -m pipelines.world scenarios OUT [--n N] [--seed S]
     python -m pipelines.world label --url URL SET [--truth FILE] [--no-export]
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="a few steps per stage: checks the whole chain, trains nothing useful")
     b.add_argument("--only", nargs="+", default=None, help="run only these stages")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=N",
+                   help="change one step setting of the mode (e.g. dpo_steps=200); repeatable; "
+                        "written to build.json with the others")
     b.add_argument("--from-weights", default=None, metavar="DIR",
                    help="take vae, base and stage 1 from a weights folder (e.g. the package's) "
                         "instead of training them; with --only dpo_data dpo export: stage 2 alone")
@@ -91,9 +95,17 @@ def main(argv=None) -> int:
         if bad:
             print(f"error: unknown stage(s) {bad}; stages: {', '.join(names)}", file=sys.stderr)
             return 2
+        overrides = {}
+        for kv in args.set:
+            key, _, val = kv.partition("=")
+            if not val.lstrip("-").isdigit():
+                print(f"error: --set {kv}: expected KEY=INTEGER, e.g. dpo_steps=200",
+                      file=sys.stderr)
+                return 2
+            overrides[key] = int(val)
         state = run_build(args.out, args.weights, seed=args.seed, device=args.device,
                           mode="quick" if args.quick else "full", only=args.only,
-                          from_weights=args.from_weights)
+                          from_weights=args.from_weights, overrides=overrides)
         total = sum(v.get("stage_time_s", 0) for v in state["stages"].values())
         print(f"[world] build done: {len(state['stages'])} stages, {total:.0f} s in all")
         return 0
