@@ -35,6 +35,8 @@ def write_scenarios(folder, scenarios):
       {"id": "a", "prompt": "b", "references": ["red.png"]}], "used twice"),
     ([{"prompt": "a", "references": ["red.png"], "characters": ["x", "y"]}], "one name per reference"),
     ([{"prompt": "a", "refs": ["red.png"], "references": ["red.png"]}], "unknown key"),
+    ([{"prompt": "a", "references": ["red.png"], "reference_prompts": ["x", "y"]}],
+     "one per reference"),
     ([], "at least one scenario"),
 ])
 def test_bad_scenarios_one_line(tmp_path, capsys, scen, msg):
