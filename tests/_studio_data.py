@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import threading
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from PIL import Image
 
 from pipelines.candidates.cli import MANIFEST, _manifest
 from pipelines.candidates.scenarios import Scenario
+from pipelines.studio.local import free_port
 from pipelines.story_iter.report import atomic_write_json, frame_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,12 +65,6 @@ def make_set(root: Path, name="sets/a", scenarios=3, k=4) -> Path:
             Image.new("RGB", (64, 64), (v, v, v)).save(out / c["file"])
     (out / MANIFEST).write_text(json.dumps(m))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
