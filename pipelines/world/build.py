@@ -24,6 +24,8 @@ sdxl_*    the SDXL family (:mod:`.train_sdxl`): ``sdxl_base`` (text-to-image UNe
 ``--from-weights DIR`` starts a build from committed weights instead of training them:
 ``vae``, ``base`` and ``gsa`` are taken from DIR (copied, with DIR's figures for them in
 ``build.json``, marked ``from_weights``), so ``--only dpo_data dpo export`` reruns stage 2 alone.
+``--set KEY=N`` changes one of the mode's ``SETTINGS`` (e.g. ``dpo_scenarios=96``); the
+settings used are written to the exported ``build.json``.
 
 A stage is a :class:`Stage` (name, what it writes, a function); other backbones add theirs
 with ``register_stage`` (or by appending to ``STAGES``).  ``build.json`` in ``--out`` keeps
@@ -181,7 +183,7 @@ def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
     ``python -m pipelines.candidates`` (base + this build's stage 1) -> a studio on a free
     loopback port -> the reader labeller over its HTTP API -> the studio's export."""
     from ..studio.local import studio_process
-    from .label import label_set
+    from .label import export_set, label_set
     from .scenarios import load_truth, make_scenarios
 
     s = ctx.settings
@@ -200,7 +202,15 @@ def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
     t_cand = time.perf_counter() - t0
     with studio_process(root) as url:
         print(f"[world] studio at {url}; the reader labels {DPO_SET} through it", flush=True)
-        res = label_set(url, "set", truth=load_truth(scen.parent))
+        res = label_set(url, "set", truth=load_truth(scen.parent), export=False)
+        if not res["pools"]:
+            raise RuntimeError(
+                f"no scenario got both a winner and a loser from the reader ({res['winners']} "
+                f"winners, {res['losers']} losers of {res['candidates']} candidates): stage 1 "
+                "is too weak (a --quick build's is) or too strong for reader-labelled pairs; "
+                "check the loop on the committed stage 1 with --from-weights "
+                "pipelines/world/weights, or raise --set dpo_scenarios=N")
+        res["export"] = export_set(url, res["set"])
     n = res["candidates"]
     return {"scenarios": s["dpo_scenarios"], "candidates": n, "sample_steps": s["sample_steps"],
             "candidates_time_s": round(t_cand, 1), "winners": res["winners"],

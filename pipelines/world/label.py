@@ -37,7 +37,7 @@ from typing import Dict, Optional
 from . import data as D
 from .reader import read_image
 
-__all__ = ["label_set", "decide", "LabelError"]
+__all__ = ["label_set", "export_set", "decide", "LabelError"]
 
 TAB = "reader"
 
@@ -172,5 +172,10 @@ def label_set(url: str, set_ref: str, truth: Optional[Dict[str, dict]] = None,
         labels[sid] = mine
     out = {"set": set_id, **n, "labels": labels}
     if export:
-        out["export"] = client.post(f"/api/sets/{set_id}/export")
+        out["export"] = export_set(url, set_id)
     return out
+
+
+def export_set(url: str, set_id: str) -> dict:
+    """``POST /api/sets/<id>/export``: the studio writes ``pairs.jsonl`` into the set."""
+    return _Client(url).post(f"/api/sets/{set_id}/export")
