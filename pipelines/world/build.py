@@ -62,8 +62,8 @@ SETTINGS: Dict[str, Dict[str, int]] = {
                  dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10, sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32,
                  sdxl_ip_steps=SDXL_IP_STEPS, sdxl_ip_batch=32),
     "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
-                  gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=2, dpo_steps=2,
-                  dpo_batch=1, sample_steps=2, sdxl_base_steps=4, sdxl_base_batch=4,
+                  gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=3, dpo_steps=2,
+                  dpo_batch=1, sample_steps=4, sdxl_base_steps=4, sdxl_base_batch=4,
                   sdxl_ip_steps=4, sdxl_ip_batch=4),
 }
 

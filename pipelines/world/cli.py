@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     b.add_argument("--quick", action="store_true",
-                   help="a few steps per stage: checks the whole chain, trains nothing useful")
+                   help="a few steps per stage: checks the whole chain, trains nothing useful "
+                        "(stage 2's reader needs a stage 1 that draws: add --from-weights "
+                        "pipelines/world/weights --only dpo_data dpo export, ~1 min on CPU)")
     b.add_argument("--only", nargs="+", default=None, help="run only these stages")
     b.add_argument("--set", action="append", default=[], metavar="KEY=N",
                    help="change one step setting of the mode (e.g. dpo_steps=200); repeatable; "
