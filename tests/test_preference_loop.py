@@ -100,11 +100,11 @@ def test_world_loop_reader_labels_through_the_studio(tmp_path, monkeypatch):
         assert want[sid][int(w.stem[-2:])] == "winner" and want[sid][int(l.stem[-2:])] == "loser"
 
     out = tmp_path / "dpo"
+    # the docs' command: no --model, so the world model, its stage-1 LoRA and recipe
     args = T.resolve_args(T.build_parser().parse_args([
-        "--stage", "dpo", "--model", W.flux_path(), "--stage1-lora", W.gsa_lora_path(), "--data",
-        str(root / "set/pairs.jsonl"), "--output-dir", str(out), "--max-steps", "1",
-        "--batch-size", "1", "--num-refs", "1", "--checkpoint-every", "0",
-        "--no-gradient-checkpointing", "--mixed-precision", "no", "--cpu"]))
+        "--stage", "dpo", "--data", str(root / "set/pairs.jsonl"), "--output-dir", str(out),
+        "--max-steps", "1", "--batch-size", "1", "--checkpoint-every", "0", "--cpu"]))
+    assert args.stage1_lora == W.gsa_lora_path() and args.model == W.flux_path()
     T.Trainer(args).run()
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
