@@ -152,13 +152,28 @@ def test_gsa_groups_and_dpo_pairs_load_with_the_trainers_readers(tmp_path):
 
     train, held = D.split_identities()
     assert not set(train) & set(held) and len(train) + len(held) == 288
-    root = D.make_gsa_groups(tmp_path / "g", n_groups=4, per_group=3, pool=train)
+    root = D.make_gsa_groups(tmp_path / "g", n_groups=8, per_group=4, pool=train, pair_share=0.5)
     ds = load_story_groups(root)
-    assert len(ds.groups) == 4 and len(ds) == 12
-    for grp in ds.groups:     # one identity per group, read back from its images
-        idents = {tuple(read_image(ds.paths[i]).characters[0][a] for a in R.ATTRIBUTES)
-                  for i in grp}
-        assert len(idents) == 1
+    assert len(ds.groups) == 8 and len(ds) == 32
+    n_names = []
+    for grp in ds.groups:
+        # within a group a name always has one look: read back from the images, each name's
+        # identity (the character at the slot its prompt names) takes a single value
+        looks = {}
+        for i in grp:
+            _, cast = D.parse_prompt(ds.captions[i])
+            reading = read_image(ds.paths[i])
+            assert len(reading.characters) == len(cast)
+            for name, size, pos in cast:
+                ch = reading.at(pos)
+                looks.setdefault(name, set()).add(tuple(ch[a] for a in R.ATTRIBUTES))
+        assert all(len(v) == 1 for v in looks.values())
+        if len(looks) == 2:     # a pair group: two different characters
+            assert len(set.union(*looks.values())) == 2
+        n_names.append(len(looks))
+    assert set(n_names) == {1, 2}      # both kinds of group are there
+    lone = load_story_groups(D.make_gsa_groups(tmp_path / "l", n_groups=3, per_group=2, pool=train))
+    assert all(len(D.parse_prompt(c)[1]) == 1 for c in lone.captions)   # the default: lone
     pairs = D.write_dpo_pairs(tmp_path / "g", [{"prompt": ds.captions[0],
                                                 "references": ["g0000/00.png"],
                                                 "winners": ["g0000/01.png"],

@@ -107,31 +107,36 @@ def test_story_iter_default_is_the_world(tmp_path, capsys):
     assert M.round_metrics(out, m_other) is None
 
 
-@pytest.mark.slow
 def test_a_few_hundred_gsa_steps_from_the_base_learn_identity(tmp_path):
-    """Slow (about 10 minutes on 2 CPU cores): 300 steps of stage gsa from the committed base
-    with the committed recipe; identity-cross of the result on held-out identities must beat
-    the base's by a wide margin."""
+    """About 3 minutes on 2 CPU cores: 600 steps of stage gsa from the committed base with the
+    world recipe (the same flags the build passes), from a fresh LoRA.  On held-out identities
+    the result must beat the base's identity-cross by a wide margin with clean references,
+    and lose that margin when the same references are fed as noise: the gain comes from
+    reading the references (it fails if references were noised in training, the loss taken
+    on reference rows, or the reference tokens cut off).  Measured when written (seed 0):
+    base 0.17, 300 steps 0.33, 600 steps 0.39, 1500 steps 0.53."""
     from storyattn import GroupSharedAttention
 
     from pipelines.train.cli import main as train_main
+    from pipelines.train.world_recipe import recipe_argv, world_gsa_data
     from pipelines.world.sample import draw, load_world
 
     train, held = D.split_identities(0)
-    data = D.make_gsa_groups(tmp_path / "g", n_groups=120, per_group=6, seed=1, pool=train)
+    data = world_gsa_data(tmp_path / "g", seed=0)
     out = tmp_path / "gsa"
-    assert train_main(["--stage", "gsa", "--model", W.flux_path(), "--data", str(data),
-                       "--output-dir", str(out), "--max-steps", "300", "--batch-size", "8",
-                       "--num-refs", "1", "--learning-rate", "3e-3", "--timestep-shift", "3",
-                       "--cache-latents", "--no-gradient-checkpointing", "--checkpoint-every",
-                       "0", "--cpu", "--seed", "1"]) == 0
+    assert train_main(["--model", W.flux_path(), "--data", str(data), "--output-dir", str(out),
+                       "--stage", "gsa", *recipe_argv("gsa", max_steps=600, checkpoint_every=0,
+                                                      seed=0), "--cpu"]) == 0
     path = D.make_story(tmp_path / "s", seed=9, frames=16, pool=held, duo_share=0.0)
     st = load_story(path)
     refs = [[Image.open(st.character(n).reference_images[0]).convert("RGB")
              for n in f.characters] for f in st.frames]
     prompts, seeds = [f.prompt for f in st.frames], list(range(16))
     pipe = load_world(W.flux_path(), [str(out)])
-    learned = M.score_frames(st, draw(pipe, prompts, seeds, steps=10, refs=refs,
-                                      gsa=GroupSharedAttention(pipe.transformer)))
+    gsa = GroupSharedAttention(pipe.transformer)
+    learned = M.score_frames(st, draw(pipe, prompts, seeds, steps=10, refs=refs, gsa=gsa))
+    noised = M.score_frames(st, draw(pipe, prompts, seeds, steps=10, refs=refs, gsa=gsa,
+                                     ref_sigma=1.0))
     base = M.score_frames(st, draw(load_world(W.flux_path()), prompts, seeds, steps=10))
-    assert learned["identity_cross"] >= base["identity_cross"] + 0.15
+    assert learned["identity_cross"] >= base["identity_cross"] + 0.12, (learned, base)
+    assert learned["identity_cross"] >= noised["identity_cross"] + 0.12, (learned, noised)
