@@ -93,8 +93,9 @@ def lora_load_error(path: str, exc: BaseException, backbone: str, arg: str = "--
 
 
 def load_lora_files(pipe, loras, backbone: str, arg: str = "--lora") -> List[str]:
-    """Load each LoRA file into ``pipe`` as adapter ``lora<i>``; a file diffusers cannot load
-    becomes the one-line :func:`lora_load_error`.  Returns the adapter names."""
+    """Load each LoRA file into ``pipe`` as adapter ``lora<i>``, all active at weight 1; a
+    file diffusers cannot load becomes the one-line :func:`lora_load_error`.  Returns the
+    adapter names."""
     names = []
     for i, lora in enumerate(loras):
         lp, name = Path(lora), f"lora{i}"
@@ -103,4 +104,8 @@ def load_lora_files(pipe, loras, backbone: str, arg: str = "--lora") -> List[str
         except (ValueError, RuntimeError, KeyError) as e:
             raise lora_load_error(lora, e, backbone, arg) from None
         names.append(name)
+    if len(names) > 1:
+        # load_lora_weights activates only the adapter it just loaded: stage 1 + stage 2 (and
+        # any stack a user passes) must all be on
+        pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
     return names

@@ -261,6 +261,47 @@ def test_flux_with_two_lora_files(story_file, tmp_path):
     assert _digests(lora) != _digests(plain)  # the adapters are active
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_sdxl_two_lora_files_are_both_active(tmp_path):
+    """load_lora_weights activates only the adapter it just loaded; the SDXL backbone's
+    loader must leave every --lora on (as FLUX's does), and the output must change with the
+    first file too, not only the last."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from pipelines.lora_files import load_lora_files
+    from pipelines.tiny import get_tiny_sdxl
+
+    model = get_tiny_sdxl()
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        StableDiffusionXLPipeline.save_lora_weights(
+            str(tmp_path), unet_lora_layers=get_peft_model_state_dict(unet),
+            weight_name=f"l{seed}.safetensors")
+        files.append(str(tmp_path / f"l{seed}.safetensors"))
+
+    def unet_out(loras):
+        pipe = StableDiffusionXLPipeline.from_pretrained(model)
+        names = load_lora_files(pipe, loras, "sdxl")
+        assert sorted(pipe.get_active_adapters()) == names
+        u = pipe.unet
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, u.config.in_channels, 8, 8, generator=g)
+        ehs = torch.randn(1, 4, u.config.cross_attention_dim, generator=g)
+        cond = {"text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim,
+                                           generator=g), "time_ids": torch.zeros(1, 6)}
+        with torch.no_grad():
+            return u(x, 10, ehs, added_cond_kwargs=cond).sample
+
+    both, second = unet_out(files), unet_out(files[1:])
+    assert not torch.allclose(both, second)      # the first file counts too
+
+
 def test_character_reference_images_join_the_pool(tmp_path):
     from PIL import Image
 

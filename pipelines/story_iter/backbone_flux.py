@@ -55,9 +55,7 @@ class FluxBackbone:
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline.from_pretrained(self.model, dtype=self.dtype)
-        names = load_lora_files(pipe, self.loras, "flux")
-        if len(names) > 1:
-            pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
+        load_lora_files(pipe, self.loras, "flux")
         from pipelines.story_iter.sampling import prepare_pipe
 
         prepare_pipe(pipe, self, "flux")
