@@ -20,7 +20,7 @@ Expected (issue 11) and whether the measurement met it are columns of the table;
 misses keeps its figure.  Metrics: :mod:`pipelines.world.metrics` (chance identity-cross 0.26).
 
 Usage:
-  python benchmarks/bench_quality.py [--frames 100] [--rounds 2] [--steps 20] [--seed 300]
+  python benchmarks/bench_quality.py [--frames 100] [--rounds 2] [--steps 10] [--seed 300]
       [--only-sdxl] [--skip-sdxl]
 Writes benchmarks/results/bench_quality_{cpu,gpu}.{json,md,png} (``--only-sdxl``: the SDXL rows
 alone, to bench_quality_sdxl_*).
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10, help="sampling steps (the build draws with 10)")
     ap.add_argument("--seed", type=int, default=300, help="story seed; frame i uses seed + i")
     ap.add_argument("--refs", default="topk:3", help="Story-Iter FLUX --refs")
     ap.add_argument("--device", default="cpu")
