@@ -161,7 +161,10 @@ def make_gsa_groups(out, n_groups: int = 160, per_group: int = 6, seed: int = 0,
     (held-out story seed 500, 64 frames): ``pair_share=0.5`` with 2 references per target,
     2250 steps, identity-cross 0.28 -- worse than lone groups (0.43 after 1500 steps): the
     trainer draws references at random from the group, so they often show only the other
-    character, and the model learns to distrust them.  The build keeps lone groups (0.0)."""
+    character, and the model learns to distrust them.  Pair groups whose every frame shows
+    both (``pair_share=1/3, duo_share=1.0``, 1 reference, 1500 steps), so that every
+    reference holds the target's character, gave 0.31: still worse, alone and in duos.  The
+    build keeps lone groups (0.0)."""
     out = Path(out)
     rng = np.random.default_rng([seed, 13])
     pool = list(pool) if pool is not None else R.all_identities()
