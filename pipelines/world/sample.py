@@ -27,16 +27,13 @@ def load_world(path, loras: Sequence[str] = (), device="cpu", dtype=torch.float3
     """FluxPipeline from a local folder, with LoRA files (paths) active at weight 1."""
     from diffusers import FluxPipeline
 
+    from ..lora_files import load_lora_files
+
     pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-    names = []
-    for i, lp in enumerate(loras):
-        lp = Path(lp)
-        if lp.is_dir():
-            lp = lp / TM.LORA_WEIGHT_NAME
-        pipe.load_lora_weights(str(lp.parent), weight_name=lp.name, adapter_name=f"lora{i}")
-        names.append(f"lora{i}")
-    if len(names) > 1:
-        pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
+    # a training output folder stands for the LoRA file the trainer writes into it
+    files = [str(Path(lp) / TM.LORA_WEIGHT_NAME) if Path(lp).is_dir() else str(lp)
+             for lp in loras]
+    load_lora_files(pipe, files, "flux")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
