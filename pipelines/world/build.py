@@ -24,7 +24,8 @@ sdxl_*    the SDXL family (:mod:`.train_sdxl`): ``sdxl_base`` (text-to-image UNe
 ``--from-weights DIR`` starts a build from committed weights instead of training them:
 ``vae``, ``base`` and ``gsa`` are taken from DIR (copied, with DIR's figures for them in
 ``build.json``, marked ``from_weights``), so ``--only dpo_data dpo export`` reruns stage 2 alone.
-``--set KEY=N`` changes one of the mode's ``SETTINGS`` (e.g. ``dpo_scenarios=96``); the
+``--profile`` picks a column of ``SETTINGS`` (default ``auto``: ``full`` on a GPU, ``cpu``
+on a CPU); ``--set KEY=N`` changes one of its settings (e.g. ``dpo_scenarios=96``); the
 settings used are written to the exported ``build.json``.
 
 A stage is a :class:`Stage` (name, what it writes, a function); other backbones add theirs
@@ -46,21 +47,27 @@ import numpy as np
 
 from ..train.world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv, \
     world_gsa_data
-from . import data as D
 
 __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Context"]
 
-SDXL_BASE_STEPS, SDXL_IP_STEPS = 2000, 1000   # ~15 min of the shared 2-core CPU
-# steps per stage: "full" is the committed build, "quick" a smoke test of the whole chain
+SDXL_BASE_STEPS, SDXL_IP_STEPS = 2000, 1000   # ~13 min of an idle 2-core CPU
+# the gsa / dpo batch and the dpo steps are the world recipe's (pipelines.train's defaults for
+# the world model); stage gsa trains longer here than a user's CPU run does
+_FULL: Dict[str, int] = dict(
+    vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=WORLD_GROUPS,
+    gsa_steps=1500, gsa_batch=WORLD_RECIPE["gsa"]["batch_size"], dpo_scenarios=24,
+    dpo_candidates=4, dpo_steps=WORLD_RECIPE["dpo"]["max_steps"],
+    dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10,
+    sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32, sdxl_ip_steps=SDXL_IP_STEPS,
+    sdxl_ip_batch=32)
+# steps per stage ("profiles"): "full" is the committed build (trained on a GPU), "cpu" the
+# same chain cut to fit a 2-core CPU, "quick" a smoke test of the whole chain
 SETTINGS: Dict[str, Dict[str, int]] = {
-    # the gsa / dpo batch and the dpo steps are the world recipe's (pipelines.train's defaults
-    # for the world model); stage gsa trains longer here than a user's CPU run does
-    "full": dict(vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64,
-                 gsa_groups=WORLD_GROUPS, gsa_steps=1500,
-                 gsa_batch=WORLD_RECIPE["gsa"]["batch_size"], dpo_scenarios=24,
-                 dpo_candidates=4, dpo_steps=WORLD_RECIPE["dpo"]["max_steps"],
-                 dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10, sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32,
-                 sdxl_ip_steps=SDXL_IP_STEPS, sdxl_ip_batch=32),
+    "full": _FULL,
+    # 42 min on an idle 2-core CPU (docs/world.md has the stage times): half the VAE and base
+    # batches and half the IP-Adapter steps; halving the SDXL base's steps as well cost it half
+    # its prompt adherence (0.28 against 0.67), so those stay
+    "cpu": dict(_FULL, vae_batch=16, base_batch=32, sdxl_ip_steps=SDXL_IP_STEPS // 2),
     "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
                   gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=3, dpo_steps=2,
                   dpo_batch=1, sample_steps=4, sdxl_base_steps=4, sdxl_base_batch=4,
@@ -76,6 +83,7 @@ class Context:
     device: str
     settings: Dict[str, int]
     results: Dict[str, Any]
+    profile: str = "full"
 
     def log(self, rec: Dict[str, Any]) -> None:
         with open(self.out / "build_log.jsonl", "a") as f:
@@ -247,9 +255,9 @@ def _stage_export(ctx: Context) -> Dict[str, Any]:
     # the pools stage 2 learned from, committed with it (small: 64x64 PNGs)
     copy_pairs(ctx.out / DPO_SET / "pairs.jsonl", tmp / W.DPO_DATA)
     results = {k: v for k, v in ctx.results.items() if k != "export"}
-    (tmp / W.BUILD_FILE).write_text(json.dumps({"seed": ctx.seed, "device": ctx.device,
-                                                "settings": ctx.settings, "stages": results},
-                                               indent=1) + "\n")
+    info = {"seed": ctx.seed, "device": ctx.device, "profile": ctx.profile,
+            "settings": ctx.settings, "stages": results}
+    (tmp / W.BUILD_FILE).write_text(json.dumps(info, indent=1) + "\n")
     if (dst / W.SDXL_DIR).is_dir():          # written by stage sdxl_export: keep it
         shutil.copytree(dst / W.SDXL_DIR, tmp / W.SDXL_DIR)
     if dst.exists():
@@ -320,7 +328,16 @@ def seed_from_weights(out: Path, src: Path, state: Dict[str, Any]) -> List[str]:
     return [n for n in FROM_WEIGHTS_STAGES if n in state["stages"]]
 
 
-def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: str = "full",
+def resolve_profile(profile: str, device: str) -> str:
+    """``auto`` is ``full`` on a GPU and ``cpu`` on a CPU."""
+    if profile == "auto":
+        return "cpu" if device == "cpu" else "full"
+    if profile not in SETTINGS:
+        raise SystemExit(f"--profile {profile}: unknown; profiles: auto, {', '.join(SETTINGS)}")
+    return profile
+
+
+def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: str = "auto",
               only: Optional[List[str]] = None, from_weights=None,
               overrides: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     import torch
@@ -328,11 +345,12 @@ def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mode = resolve_profile(mode, device)
     state_path = out / "build.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state and (state.get("seed") != seed or state.get("mode") != mode):
-        raise SystemExit(f"{out} holds a build with seed {state.get('seed')} mode "
-                         f"{state.get('mode')}; this one is seed {seed} mode {mode}: pass "
+        raise SystemExit(f"{out} holds a build with seed {state.get('seed')} profile "
+                         f"{state.get('mode')}; this one is seed {seed} profile {mode}: pass "
                          f"another --out")
     state.update(seed=seed, mode=mode)
     state.setdefault("stages", {})
@@ -341,11 +359,12 @@ def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: s
         state_path.write_text(json.dumps(state, indent=1) + "\n")
         print(f"[world] stages {', '.join(got)} taken from {from_weights}", flush=True)
     settings = dict(SETTINGS[mode])
+    print(f"[world] profile {mode} on {device}", flush=True)
     bad = sorted(set(overrides or {}) - set(settings))
     if bad:
         raise SystemExit(f"--set {bad[0]}: not a setting; settings: {', '.join(settings)}")
     settings.update(overrides or {})
-    ctx = Context(out, Path(weights), seed, device, settings, state["stages"])
+    ctx = Context(out, Path(weights), seed, device, settings, state["stages"], profile=mode)
     for stage in STAGES:
         if only and stage.name not in only:
             continue

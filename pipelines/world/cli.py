@@ -1,7 +1,7 @@
 """Command line of the story world.
 
     python -m pipelines.world build [--out DIR] [--weights DIR] [--seed S] [--device D]
-                                    [--quick] [--only STAGE ...] [--set KEY=N ...]
+                                    [--profile P | --quick] [--only STAGE ...] [--set KEY=N ...]
                                     [--from-weights DIR]
     python -m pipelines.world story --out DIR [--seed S] [--frames N] [--no-refs]
     python -m pipelines.world scenarios OUT [--n N] [--seed S]
@@ -23,17 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="train the world's models stage by stage (resumable)")
     b.add_argument("--out", default="outputs/world_build",
                    help="working folder: every stage's result; rerun to resume")
-    b.add_argument("--weights", default=str(W.WEIGHTS_DIR),
-                   help="where the export stage writes the weights (default: the package's)")
+    b.add_argument("--weights", default=None,
+                   help="where the export stage writes the weights (default: OUT/weights; "
+                        f"{W.WEIGHTS_DIR.relative_to(W.WEIGHTS_DIR.parents[2])} replaces the "
+                        "committed ones)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--profile", default="auto", choices=["auto", "full", "cpu", "quick"],
+                   help="step settings: full = the committed weights' (sized for a GPU), cpu = "
+                        "cut to about 42 min on 2 CPU cores, auto (default) = full on a GPU, "
+                        "cpu without one (docs/world.md)")
     b.add_argument("--quick", action="store_true",
-                   help="a few steps per stage: checks the whole chain, trains nothing useful "
+                   help="= --profile quick: a few steps per stage: checks the whole chain, "
+                        "trains nothing useful "
                         "(stage 2's reader needs a stage 1 that draws: add --from-weights "
                         "pipelines/world/weights --only dpo_data dpo export, ~1 min on CPU)")
     b.add_argument("--only", nargs="+", default=None, help="run only these stages")
     b.add_argument("--set", action="append", default=[], metavar="KEY=N",
-                   help="change one step setting of the mode (e.g. dpo_steps=200); repeatable; "
+                   help="change one step setting of the profile (e.g. dpo_steps=200); repeatable; "
                         "written to build.json with the others")
     b.add_argument("--from-weights", default=None, metavar="DIR",
                    help="take vae, base and stage 1 from a weights folder (e.g. the package's) "
@@ -105,11 +112,13 @@ def main(argv=None) -> int:
                       file=sys.stderr)
                 return 2
             overrides[key] = int(val)
-        state = run_build(args.out, args.weights, seed=args.seed, device=args.device,
-                          mode="quick" if args.quick else "full", only=args.only,
+        weights = args.weights or str(Path(args.out) / "weights")
+        state = run_build(args.out, weights, seed=args.seed, device=args.device,
+                          mode="quick" if args.quick else args.profile, only=args.only,
                           from_weights=args.from_weights, overrides=overrides)
         total = sum(v.get("stage_time_s", 0) for v in state["stages"].values())
-        print(f"[world] build done: {len(state['stages'])} stages, {total:.0f} s in all")
+        print(f"[world] build done: {len(state['stages'])} stages, {total:.0f} s in all; "
+              f"weights in {weights}")
         return 0
     from .data import make_story, strip_references
 

@@ -1,0 +1,51 @@
+"""The world build's profiles: ``auto`` picks by device, the chosen profile is recorded and a
+build folder refuses to be resumed under another one, the ``cpu`` profile is ``full`` with
+only the documented cuts (docs/world.md), and the command line rejects an unknown profile."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.world.build import SETTINGS, resolve_profile, run_build
+
+
+def test_auto_is_full_on_a_gpu_and_cpu_without_one():
+    assert resolve_profile("auto", "cpu") == "cpu"
+    assert resolve_profile("auto", "cuda") == "full"
+    assert resolve_profile("auto", "cuda:1") == "full"
+    assert resolve_profile("quick", "cuda") == "quick"
+    with pytest.raises(SystemExit, match="--profile huge: unknown; profiles: auto, full, cpu"):
+        resolve_profile("huge", "cpu")
+
+
+def test_cpu_profile_cuts_only_the_batches_and_the_ip_adapter_steps():
+    full, cpu = SETTINGS["full"], SETTINGS["cpu"]
+    assert set(full) == set(cpu) == set(SETTINGS["quick"])
+    changed = {k for k in full if full[k] != cpu[k]}
+    assert changed == {"vae_batch", "base_batch", "sdxl_ip_steps"}
+    for k in changed:        # halved: the same number of steps sees half the frames
+        assert cpu[k] * 2 == full[k], k
+
+
+def test_profile_is_recorded_and_a_build_is_not_resumed_under_another(tmp_path, capsys):
+    state = run_build(tmp_path / "b", tmp_path / "w", seed=3, device="cpu", mode="auto",
+                      only=["gsa_data"], overrides={"gsa_groups": 2})
+    assert state["mode"] == "cpu" and "gsa_data" in state["stages"]
+    assert "[world] profile cpu on cpu" in capsys.readouterr().out
+    on_disk = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert on_disk["mode"] == "cpu"
+    with pytest.raises(SystemExit, match="profile cpu; this one is seed 3 profile quick"):
+        run_build(tmp_path / "b", tmp_path / "w", seed=3, device="cpu", mode="quick",
+                  only=["gsa_data"])
+    # the same profile resumes: the finished stage is skipped
+    run_build(tmp_path / "b", tmp_path / "w", seed=3, device="cpu", mode="cpu",
+              only=["gsa_data"], overrides={"gsa_groups": 2})
+    assert "stage gsa_data: done" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_unknown_profile_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.world", "build", "--out",
+                        str(tmp_path), "--profile", "huge"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "argument --profile: invalid choice: 'huge'" in r.stderr
