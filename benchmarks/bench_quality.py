@@ -21,7 +21,7 @@ misses keeps its figure.  Metrics: :mod:`pipelines.world.metrics` (chance identi
 
 Usage:
   python benchmarks/bench_quality.py [--frames 100] [--rounds 2] [--steps 10] [--seed 300]
-      [--only-sdxl] [--skip-sdxl]
+      [--stories N] [--weights DIR] [--only-sdxl] [--skip-sdxl] [--skip-story-iter]
 Writes benchmarks/results/bench_quality_{cpu,gpu}.{json,md,png} (``--only-sdxl``: the SDXL rows
 alone, to bench_quality_sdxl_*).
 """
@@ -60,27 +60,25 @@ def _load_refs(story):
     return refs, rprompts
 
 
-def row_in_batch(story, loras, refs, rprompts, args, device):
+def row_in_batch(story, loras, refs, rprompts, args, seed):
     from storyattn import GroupSharedAttention
-    from pipelines.world import weights as W
     from pipelines.world.sample import draw, load_world
 
-    pipe = load_world(W.flux_path(), loras, device=device)
+    pipe = load_world(args.model_path, loras, device=args.device)
     gsa = GroupSharedAttention(pipe.transformer)
-    seeds = [args.seed + i for i in range(len(story.frames))]
+    seeds = [seed + i for i in range(len(story.frames))]
     return draw(pipe, [f.prompt for f in story.frames], seeds, steps=args.steps, refs=refs,
                 ref_prompts=rprompts, gsa=gsa, batch=32)
 
 
-def row_replay(story, loras, refs, rprompts, args, device):
+def row_replay(story, loras, refs, rprompts, args, seed):
     """Stage 1 through Story-Iter's FLUX backbone: the characters' references recorded once
     into the cache (entry j = character j), each frame replaying its characters' entries."""
     import torch
 
     from pipelines.story_iter.backbone_flux import FluxBackbone
-    from pipelines.world import weights as W
 
-    bb = FluxBackbone(W.flux_path(), loras=loras, device=device, height=64, width=64,
+    bb = FluxBackbone(args.model_path, loras=loras, device=args.device, height=64, width=64,
                       steps=args.steps, guidance=1.0, step_progress=False)
     bb.load()
     names = [c.name for c in story.characters]
@@ -95,7 +93,7 @@ def row_replay(story, loras, refs, rprompts, args, device):
     frames = story.frames
     for s in range(0, len(frames), 16):
         chunk = list(range(s, min(s + 16, len(frames))))
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in chunk]
+        gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
         idx = [[names.index(n) for n in frames[i].characters] for i in chunk]
         out += [np.asarray(im) for im in bb.draw([frames[i].prompt for i in chunk], gens, idx)]
     bb.end_round()
@@ -106,13 +104,13 @@ def _sdxl_argv(args):
     from pipelines.world import weights as W
     from pipelines.world.train_sdxl import IP_SUBFOLDER, IP_WEIGHT_NAME
 
-    model = W.sdxl_path()
+    model = W.sdxl_path(args.weights)
     return ["--backbone", "sdxl", "--model", model,
             "--ip-adapter", f"{model}/{IP_SUBFOLDER}/{IP_WEIGHT_NAME}",
             "--guidance", str(args.sdxl_guidance), "--scales", args.sdxl_scales]
 
 
-def story_iter_rows(story_file, loras, args, device, work: Path, tag: str, backbone="flux"):
+def story_iter_rows(story_file, loras, args, seed: int, work: Path, tag: str, backbone="flux"):
     from pipelines.story_iter.cli import main as story_iter_main
     from pipelines.world.metrics import score_run
 
@@ -123,13 +121,147 @@ def story_iter_rows(story_file, loras, args, device, work: Path, tag: str, backb
             "--steps", str(args.steps),
             "--refs", args.refs, "--batch-size", "25", "--frames", str(args.frames),
             "--height", "64", "--width", "64",
-            "--seed", str(args.seed), "--seed-per-frame", "--out", str(out),
-            "--no-step-progress", "--device", device]
+            "--seed", str(seed), "--seed-per-frame", "--out", str(out),
+            "--no-step-progress", "--device", args.device]
     t0 = time.perf_counter()
     rc = story_iter_main(argv)
     if rc:
         raise RuntimeError(f"story_iter exited with {rc}")
     return score_run(out, story_file), time.perf_counter() - t0, out
+
+
+ROW_KEYS = ("identity_cross", "identity_cross_all", "identity_self", "prompt_adherence",
+            "copy_paste")
+BASE, STAGE1, REPLAY, DPO = ("base, no refs", "stage 1 GSA, in-batch",
+                             "stage 1 GSA, replay from cache", "stage 1 + stage 2 DPO")
+EXPECTED = {BASE: "identity-cross near chance; adherence >= 0.9",
+            STAGE1: "identity-cross >= 0.9, adherence >= 0.9, copy-paste low",
+            REPLAY: "equal to in-batch within sampling noise",
+            DPO: "accessory rate +10 points over stage 1, identity kept"}
+
+
+def judge(rows: List[Dict[str, Any]], chance: float) -> None:
+    """Set every row's ``met`` from its figures: the same rules for one story's rows and for
+    rows averaged over several stories."""
+    by = {r["row"]: r for r in rows}
+    s1 = by.get(STAGE1)
+
+    def acc(r):
+        return r["attribute_rate"]["accessory"]
+    for r in rows:
+        name = r["row"]
+        if name == BASE:
+            ok = abs(r["identity_cross"] - chance) < 0.1 and r["prompt_adherence"] >= 0.9
+        elif name == STAGE1:
+            ok = (r["identity_cross"] >= 0.9 and r["prompt_adherence"] >= 0.9
+                  and (r["copy_paste"] or 0) < 0.1)
+        elif name == REPLAY:
+            ok = s1 is not None and abs(r["identity_cross"] - s1["identity_cross"]) <= 0.03
+        elif name == DPO:
+            ok = (s1 is not None and acc(r) - acc(s1) >= 0.10
+                  and r["identity_cross"] >= s1["identity_cross"] - 0.02)
+        else:                                   # "Story-Iter ..., round R"
+            prefix, _, rnd = name.rpartition(", round ")
+            r0 = by[f"{prefix}, round 0"]
+            ok = rnd == "0" or (r["identity_self"] or 0) > (r0["identity_self"] or 0)
+        r["met"] = bool(ok)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def mean_rows(per_story: List[List[Dict[str, Any]]], seeds: List[int]) -> List[Dict[str, Any]]:
+    """Rows averaged over stories (each story's rows in the same order); each row keeps its
+    per-story figures under ``per_story``."""
+    out = []
+    for group in zip(*per_story):
+        r = dict(group[0])
+        for k in ROW_KEYS:
+            r[k] = _mean(g[k] for g in group)
+        for k in ("attribute_rate", "adherence"):
+            r[k] = {a: _mean(g[k][a] for g in group) for a in group[0][k]}
+        r["frames"] = sum(g["frames"] for g in group)
+        r["time_s"] = round(sum(g["time_s"] for g in group), 1)
+        if "max_pixel_diff" in r:
+            r["max_pixel_diff"] = max(g["max_pixel_diff"] for g in group)
+        r["per_story"] = [{"story_seed": sd, **{k: g[k] for k in ROW_KEYS},
+                           "accessory": g["attribute_rate"]["accessory"]}
+                          for sd, g in zip(seeds, group)]
+        out.append(r)
+    return out
+
+
+def story_rows(args, seed: int, work: Path):
+    """Every row on the world story of ``seed`` (frame i seeded ``seed + i``):
+    (rows, the first 12 frames of each row)."""
+    from PIL import Image
+
+    from pipelines.story import load_story
+    from pipelines.world import data as D
+    from pipelines.world import metrics as M
+    from pipelines.world import weights as W
+
+    gsa = W.gsa_lora_path(args.weights)
+    work = work / f"story_{seed}"
+    _, held = D.split_identities(0)
+    story_file = D.make_story(work / "story", seed=seed, frames=args.frames, pool=held)
+    norefs_file = D.strip_references(story_file)
+    story = load_story(story_file)
+    refs, rprompts = _load_refs(story)
+    rows: List[Dict[str, Any]] = []
+    strips: List[np.ndarray] = []
+
+    def add(name, imgs, secs, scores=None, **extra):
+        s = scores or M.score_frames(story, imgs)
+        rows.append({"row": name, "expected": EXPECTED.get(name, "identity-self rises from round 0"),
+                     "time_s": round(secs, 1), **extra,
+                     **{k: s[k] for k in ROW_KEYS + ("attribute_rate", "adherence", "frames")}})
+        if imgs is not None:
+            strips.append(np.concatenate([np.asarray(i) for i in imgs[:12]], 1))
+        print(f"[story {seed}] {name:34s} {M.format_scores(s)}  [{secs:.0f} s]", flush=True)
+
+    def story_iter_curve(tag, sf, label, backbone, title):
+        res, secs, out = story_iter_rows(sf, [gsa], args, seed, work, tag, backbone)
+        from pipelines.story_iter.report import frame_path
+
+        for r in sorted(res["rounds"]):
+            imgs = [np.asarray(Image.open(frame_path(out, r, i)).convert("RGB"))
+                    for i in range(min(12, args.frames))]
+            add(f"Story-Iter {title} {label}, round {r}", imgs, secs / len(res["rounds"]),
+                scores=dict(res["rounds"][r]))
+
+    sdxl_runs = (("refs", story_file, "with character refs"),
+                 ("norefs", norefs_file, "without character refs"))
+    if args.only_sdxl:
+        for tag, sf, label in sdxl_runs:
+            story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
+        return rows, strips
+
+    t = time.perf_counter()
+    add(BASE, row_in_batch(story, [], None, None, args, seed), time.perf_counter() - t)
+    t = time.perf_counter()
+    ib = row_in_batch(story, [gsa], refs, rprompts, args, seed)
+    add(STAGE1, ib, time.perf_counter() - t)
+    t = time.perf_counter()
+    rp = row_replay(story, [gsa], refs, rprompts, args, seed)
+    diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ib, rp))
+    add(REPLAY, rp, time.perf_counter() - t, max_pixel_diff=diff)
+    if not args.skip_story_iter:
+        for tag, sf, label in sdxl_runs:
+            story_iter_curve(tag, sf, label, "flux", "FLUX+GSA")
+        if not args.skip_sdxl:
+            for tag, sf, label in sdxl_runs:
+                story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
+    # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
+    t = time.perf_counter()
+    dp = row_in_batch(story, [gsa, args.dpo_lora or W.dpo_lora_path(args.weights)], refs,
+                      rprompts, args, seed)
+    add(DPO, dp, time.perf_counter() - t)
+    rows.insert(3, rows.pop())
+    strips.insert(3, strips.pop())
+    return rows, strips
 
 
 def main(argv=None) -> int:
@@ -138,6 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10, help="sampling steps (the build draws with 10)")
     ap.add_argument("--seed", type=int, default=300, help="story seed; frame i uses seed + i")
+    ap.add_argument("--stories", type=int, default=1,
+                    help="average every row over this many stories (seeds SEED, SEED+1, ...); "
+                         "one story's accessory rate swings by about 8 points")
+    ap.add_argument("--weights", default=None,
+                    help="a world weights folder (default: the committed one), e.g. the "
+                         "--weights of a `python -m pipelines.world build`")
     ap.add_argument("--refs", default="topk:3", help="Story-Iter FLUX --refs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="keep generated stories and runs here")
@@ -148,127 +286,70 @@ def main(argv=None) -> int:
                     help="Story-Iter SDXL reference weights A:B (published 0.3:0.5)")
     ap.add_argument("--sdxl-guidance", type=float, default=3.0, help="Story-Iter SDXL CFG scale")
     ap.add_argument("--dpo-lora", default=None,
-                    help="stage-2 LoRA of the DPO row (default: the committed one), e.g. a "
+                    help="stage-2 LoRA of the DPO row (default: the weights' one), e.g. a "
                          "build's dpo/pytorch_lora_weights.safetensors before it is exported")
     ap.add_argument("--results-dir", default=None,
                     help="write the tables here instead of benchmarks/results/")
     args = ap.parse_args(argv)
-
-    import torch
-    from PIL import Image
-
-    from pipelines.story import load_story
-    from pipelines.world import data as D
     from pipelines.world import metrics as M
     from pipelines.world import weights as W
 
-    args.model_path = W.flux_path()
-    gsa = W.gsa_lora_path()
+    for flag, val in (("--frames", args.frames), ("--stories", args.stories),
+                      ("--steps", args.steps)):
+        if val < 1:
+            ap.error(f"{flag} must be >= 1, got {val}")
+    try:
+        args.model_path = W.flux_path(args.weights)
+        W.gsa_lora_path(args.weights)
+    except FileNotFoundError as e:
+        ap.error(str(e))
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_quality_"))
-    _, held = D.split_identities(0)
-    story_file = D.make_story(work / "story", seed=args.seed, frames=args.frames, pool=held)
-    norefs_file = D.strip_references(story_file)
-    story = load_story(story_file)
-    refs, rprompts = _load_refs(story)
-    chance = M.CHANCE_IDENTITY_CROSS
-
-    rows: List[Dict[str, Any]] = []
-    strips: List[np.ndarray] = []
-
-    def add(name, imgs, secs, expected, check, scores=None):
-        s = scores or M.score_frames(story, imgs)
-        s.pop("per_frame", None)
-        ok = check(s)
-        rows.append({"row": name, "expected": expected, "met": ok, "time_s": round(secs, 1),
-                     **{k: s[k] for k in ("identity_cross", "identity_cross_all", "identity_self",
-                                          "prompt_adherence", "copy_paste", "attribute_rate",
-                                          "adherence", "frames")}})
-        if imgs is not None:
-            strips.append(np.concatenate([np.asarray(i) for i in imgs[:12]], 1))
-        print(f"{name:34s} {M.format_scores(s)}  [{secs:.0f} s]", flush=True)
-        return s
-
-    def story_iter_curve(tag, sf, label, backbone, title):
-        res, secs, out = story_iter_rows(sf, [gsa], args, args.device, work, tag, backbone)
-        curve = [res["rounds"][r]["identity_self"] for r in sorted(res["rounds"])]
-        from pipelines.story_iter.report import frame_path
-
-        for r in sorted(res["rounds"]):
-            imgs = [np.asarray(Image.open(frame_path(out, r, i)).convert("RGB"))
-                    for i in range(min(12, args.frames))]
-            add(f"Story-Iter {title} {label}, round {r}", imgs, secs / len(res["rounds"]),
-                "identity-self rises from round 0",
-                lambda s, r=r: r == 0 or s["identity_self"] > curve[0],
-                scores=dict(res["rounds"][r]))
-
-    sdxl_runs = (("refs", story_file, "with character refs"),
-                 ("norefs", norefs_file, "without character refs"))
-    if args.only_sdxl:
-        for tag, sf, label in sdxl_runs:
-            story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
-        return _write(args, rows, strips, chance, "bench_quality_sdxl")
-
-    t = time.perf_counter()
-    base = row_in_batch(story, [], None, None, args, args.device)
-    sb = add("base, no refs", base, time.perf_counter() - t,
-             "identity-cross near chance; adherence >= 0.9",
-             lambda s: abs(s["identity_cross"] - chance) < 0.1 and s["prompt_adherence"] >= 0.9)
-    t = time.perf_counter()
-    ib = row_in_batch(story, [gsa], refs, rprompts, args, args.device)
-    s1 = add("stage 1 GSA, in-batch", ib, time.perf_counter() - t,
-             "identity-cross >= 0.9, adherence >= 0.9, copy-paste low",
-             lambda s: s["identity_cross"] >= 0.9 and s["prompt_adherence"] >= 0.9
-             and (s["copy_paste"] or 0) < 0.1)
-    t = time.perf_counter()
-    rp = row_replay(story, [gsa], refs, rprompts, args, args.device)
-    diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ib, rp))
-    add("stage 1 GSA, replay from cache", rp, time.perf_counter() - t,
-        f"equal to in-batch within sampling noise (max pixel diff {diff})",
-        lambda s: abs(s["identity_cross"] - s1["identity_cross"]) <= 0.03)
-    if not args.skip_story_iter:
-        for tag, sf, label in sdxl_runs:
-            story_iter_curve(tag, sf, label, "flux", "FLUX+GSA")
-        if not args.skip_sdxl:
-            for tag, sf, label in sdxl_runs:
-                story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
-
-    # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
-    t = time.perf_counter()
-    dp = row_in_batch(story, [gsa, args.dpo_lora or W.dpo_lora_path()], refs, rprompts, args,
-                      args.device)
-
-    def dpo_check(s):
-        a1 = s1["attribute_rate"]["accessory"]
-        return (s["attribute_rate"]["accessory"] - a1 >= 0.10
-                and s["identity_cross"] >= s1["identity_cross"] - 0.02)
-    add("stage 1 + stage 2 DPO", dp, time.perf_counter() - t,
-        "accessory rate +10 points over stage 1, identity kept", dpo_check)
-    rows.insert(3, rows.pop())
-    strips.insert(3, strips.pop())
-    return _write(args, rows, strips, chance, "bench_quality")
+    seeds = [args.seed + k for k in range(args.stories)]
+    per_story, strips = [], None
+    for sd in seeds:
+        rows, st = story_rows(args, sd, work)
+        per_story.append(rows)
+        strips = strips or st                   # the picture: the first story's frames
+    rows = per_story[0] if len(seeds) == 1 else mean_rows(per_story, seeds)
+    judge(rows, M.CHANCE_IDENTITY_CROSS)
+    return _write(args, rows, strips, M.CHANCE_IDENTITY_CROSS, seeds,
+                  "bench_quality_sdxl" if args.only_sdxl else "bench_quality")
 
 
-def _write(args, rows, strips, chance, name) -> int:
+def _write(args, rows, strips, chance, seeds, name) -> int:
     from PIL import Image
 
     headers = ["row", "id-cross", "id-cross all-4", "id-self", "adherence", "copy-paste",
                "accessory", "expected", "met", "s"]
-    table = [[r["row"], _fmt(r["identity_cross"]), _fmt(r["identity_cross_all"]),
-              _fmt(r["identity_self"]), _fmt(r["prompt_adherence"]), _fmt(r["copy_paste"]),
-              _fmt(r["attribute_rate"]["accessory"]), r["expected"], "yes" if r["met"] else "NO",
-              r["time_s"]] for r in rows]
+    if len(seeds) > 1:
+        headers.insert(7, "accessory by story")
+    table = []
+    for r in rows:
+        expected = r["expected"] + (f" (max pixel diff {r['max_pixel_diff']})"
+                                    if "max_pixel_diff" in r else "")
+        line = [r["row"], _fmt(r["identity_cross"]), _fmt(r["identity_cross_all"]),
+                _fmt(r["identity_self"]), _fmt(r["prompt_adherence"]), _fmt(r["copy_paste"]),
+                _fmt(r["attribute_rate"]["accessory"]), expected,
+                "yes" if r["met"] else "NO", r["time_s"]]
+        if len(seeds) > 1:
+            line.insert(7, " / ".join(_fmt(p["accessory"], 2) for p in r["per_story"]))
+        table.append(line)
     print()
     print(text_table(headers, table))
     env = environment(args.device)
-    env.update(frames=args.frames, rounds=args.rounds, steps=args.steps, story_seed=args.seed,
-               dpo_lora=args.dpo_lora or "committed",
+    env.update(frames=args.frames, rounds=args.rounds, steps=args.steps, story_seeds=seeds,
+               weights=args.weights or "committed", dpo_lora=args.dpo_lora or "the weights'",
                refs=args.refs, chance_identity_cross=round(chance, 3),
                sdxl_scales=args.sdxl_scales, sdxl_guidance=args.sdxl_guidance)
-    notes = (f"One world story of {args.frames} frames (2 characters with held-out identities, "
+    stories = ("One world story" if len(seeds) == 1 else
+               f"{len(seeds)} world stories (seeds {', '.join(map(str, seeds))}; figures are "
+               f"means over them)")
+    notes = (f"{stories} of {args.frames} frames (2 characters with held-out identities, "
              f"one reference image each), {args.steps} sampling steps, frame i seeded "
-             f"{args.seed}+i. Chance identity-cross = {chance:.3f}; a character missing from its "
-             f"slot counts 0. Weights: pipelines/world/weights (see build.json there). Strip: the "
-             f"first 12 frames of each row, top to bottom in table order.")
+             f"story seed + i. Chance identity-cross = {chance:.3f}; a character missing from "
+             f"its slot counts 0. Weights: {args.weights or 'pipelines/world/weights'} (see "
+             f"build.json there). Strip: the first 12 frames of each row (story {seeds[0]}), "
+             f"top to bottom in table order.")
 
     def plot(path):
         img = np.concatenate(strips, 0)
