@@ -49,3 +49,13 @@ def test_cli_refuses_an_unknown_profile_in_one_line(tmp_path):
                         str(tmp_path), "--profile", "huge"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "argument --profile: invalid choice: 'huge'" in r.stderr
+
+
+def test_quick_is_the_quick_profile_and_not_combined_with_another(capsys):
+    from pipelines.world.cli import build_parser
+
+    assert build_parser().parse_args(["build", "--quick"]).profile == "quick"
+    assert build_parser().parse_args(["build"]).profile == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["build", "--quick", "--profile", "cpu"])
+    assert "argument --profile: not allowed with argument --quick" in capsys.readouterr().err

@@ -29,15 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "committed ones)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    b.add_argument("--profile", default="auto", choices=["auto", "full", "cpu", "quick"],
-                   help="step settings: full = the committed weights' (sized for a GPU), cpu = "
-                        "cut to about 42 min on 2 CPU cores, auto (default) = full on a GPU, "
-                        "cpu without one (docs/world.md)")
-    b.add_argument("--quick", action="store_true",
-                   help="= --profile quick: a few steps per stage: checks the whole chain, "
-                        "trains nothing useful "
-                        "(stage 2's reader needs a stage 1 that draws: add --from-weights "
-                        "pipelines/world/weights --only dpo_data dpo export, ~1 min on CPU)")
+    from .build import SETTINGS
+
+    prof = b.add_mutually_exclusive_group()
+    prof.add_argument("--profile", default="auto", choices=["auto", *SETTINGS],
+                      help="step settings: full = the committed weights' (sized for a GPU), cpu = "
+                           "cut to about 42 min on 2 CPU cores, auto (default) = full on a GPU, "
+                           "cpu without one (docs/world.md)")
+    prof.add_argument("--quick", action="store_const", dest="profile", const="quick",
+                      help="= --profile quick: a few steps per stage: checks the whole chain, "
+                           "trains nothing useful "
+                           "(stage 2's reader needs a stage 1 that draws: add --from-weights "
+                           "pipelines/world/weights --only dpo_data dpo export, ~1 min on CPU)")
     b.add_argument("--only", nargs="+", default=None, help="run only these stages")
     b.add_argument("--set", action="append", default=[], metavar="KEY=N",
                    help="change one step setting of the profile (e.g. dpo_steps=200); repeatable; "
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
             overrides[key] = int(val)
         weights = args.weights or str(Path(args.out) / "weights")
         state = run_build(args.out, weights, seed=args.seed, device=args.device,
-                          mode="quick" if args.quick else args.profile, only=args.only,
+                          mode=args.profile, only=args.only,
                           from_weights=args.from_weights, overrides=overrides)
         total = sum(v.get("stage_time_s", 0) for v in state["stages"].values())
         print(f"[world] build done: {len(state['stages'])} stages, {total:.0f} s in all; "
