@@ -79,11 +79,10 @@ setup(
         os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # kernels/ is installed as storyattn.kernels, never as a top-level "kernels"
-    # package: that name belongs to the Hugging Face `kernels` distribution.
-    packages=["storyattn", "storyattn.backends", "storyattn.processors", "storyattn.kernels"]
-    + find_packages(include=["pipelines", "pipelines.*"]),
-    package_dir={"storyattn.kernels": "kernels"},
+    # The Triton kernels live inside the package (storyattn/kernels/): a top-level
+    # "kernels" folder would shadow Hugging Face's `kernels` distribution, which
+    # transformers and diffusers import, whenever Python runs from the checkout.
+    packages=find_packages(include=["storyattn", "storyattn.*", "pipelines", "pipelines.*"]),
     package_data={"pipelines.studio": ["static/*.html", "static/*.js", "static/*.css"],
                   # the story world's trained weights (python -m pipelines.world build)
                   "pipelines.world": ["weights/*", "weights/*/*", "weights/*/*/*",
