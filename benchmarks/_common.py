@@ -13,7 +13,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# STORYATTN_RESULTS_DIR redirects every benchmark's files (tools/gpu_session.py uses it
+# so that a session's figures land in its output folder, not in the checkout).
+RESULTS_DIR = (os.environ.get("STORYATTN_RESULTS_DIR")
+               or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
 
 def attn_flops(B: int, Lq: int, Lkv: int, H: int, D: int, backward: bool = False) -> float:

@@ -150,9 +150,11 @@ def make_methods(device: str, dtype: torch.dtype, txt: int, with_flex: bool
 
 def run(args) -> None:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    quick = args.quick or (device == "cpu" and not args.full)
+    quick = args.quick or args.smoke or (device == "cpu" and not args.full)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if quick:
+    if args.smoke:   # one small case per method: checks the harness, measures nothing
+        txt, imgs, Ks, Bs = 16, [32], [2], [1, 2]
+    elif quick:
         txt, imgs, Ks, Bs = 64, [128, 256], [1, 2, 4], [1, 4, 16]
     else:
         txt, imgs, Ks, Bs = 512, [1024, 4096], [1, 2, 4], [1, 4, 16]
@@ -265,7 +267,7 @@ def report(rows, skipped, device, quick, args, done=None):
               if m in ("sdpa-precat", "flash-cat", "xformers-cat")) for d in by.values()]
         notes.append(f"- triton forward TFLOP/s / best SDPA-class on the concatenated problem: "
                      f"min {min(fr):.2f}, median {sorted(fr)[len(fr) // 2]:.2f}")
-    cmd = "python benchmarks/bench_gsa.py" + (" --quick" if quick else "") + (" --no-flex" if args.no_flex else "")
+    cmd = "python benchmarks/bench_gsa.py" + (" --smoke" if args.smoke else " --quick" if quick else "") + (" --no-flex" if args.no_flex else "")
     notes.append(f"- reproduce: `{cmd}`")
     notes_s = "\n".join(notes)
     if done is None:
@@ -300,6 +302,8 @@ def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (default on CPU)")
     p.add_argument("--full", action="store_true", help="FLUX token counts even on CPU")
+    p.add_argument("--smoke", action="store_true",
+                   help="two toy cases (tools/gpu_session.sh --dry-run): harness check only")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     p.add_argument("--no-flex", action="store_true",
                    help="skip FlexAttention (it compiles once per shape: ~20 s each on CPU)")

@@ -369,6 +369,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--full-model", action="store_true",
                    help="also the FLUX.1-dev sized model (19 + 38 blocks; GPU only)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even with a GPU")
+    p.add_argument("--smoke", action="store_true",
+                   help="the tiny model only (tools/gpu_session.sh --dry-run): harness check")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--mem-batches", default="1,2,4,8,16")
     p.add_argument("--mem-k", type=int, default=2)
@@ -392,6 +394,10 @@ def main(argv: Optional[List[str]] = None):
     tiny = Case("tiny", TINY, 32, 16, device, dtype)
     timing += run_timing(tiny, [(1, 1), (1, 3), (4, 3)], reps=args.reps or 15, warmup=2)
     del tiny
+    if args.smoke:
+        report(timing, memory, C.environment(device), args, "python benchmarks/bench_gsa_e2e.py --smoke")
+        print(f"total {time.time() - t0:.0f} s")
+        return
 
     if args.quick:
         fb_text, fb_side, fb_cases = 128, 16, [(1, 1), (1, 2)]

@@ -1,41 +1,33 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a CUDA GPU: build storyattn._C, run every
-# test marked `gpu`, run the benchmarks at FLUX sizes, and collect logs and result
-# files under $OUT (default ./gpu_out).  Meant for a lent GPU machine with a CUDA
-# torch and nvcc already installed; run from the repository root:
+# One short pass over everything that needs a CUDA GPU, sized for a lent machine
+# (stages in priority order, each with an enforced time budget, 9 minutes in all on one
+# H200; results saved as each stage ends).  The stages are in tools/gpu_session.py.
 #
-#   bash tools/gpu_session.sh            # everything (~15-25 min on an H100/H200)
-#   QUICK=1 bash tools/gpu_session.sh    # tests + op benchmarks only
+#   bash tools/gpu_session.sh --fetch-wheels   # here, with network: the pinned wheels
+#                                              # the GPU machine lacks -> .whl/
+#   bash tools/gpu_session.sh                  # there, from the repository root
+#   bash tools/gpu_session.sh --dry-run        # anywhere: every stage on the CPU, toy sizes
 #
-# Packages that machine lacks (diffusers, for the processor/pipeline tests) can be
-# carried as wheels in .whl/ and are installed first when that folder exists.
+# The GPU machine has its own torch, triton, transformers, peft and accelerate and no
+# network.  What it lacks travels as wheels pinned in tools/gpu_wheels.txt (the versions
+# tested here) and is installed into /tmp/site, first on PYTHONPATH.
 set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  rm -rf .whl && mkdir -p .whl
+  grep -v '^\s*#' tools/gpu_wheels.txt | grep -v '^\s*$' | while read -r req; do
+    $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d .whl "$req" || exit 1
+  done
+  ls -la .whl
+  exit 0
+fi
+
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-
-{ nvidia-smi; $py -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; } \
-  2>&1 | tee "$OUT/device.txt"
-
-# The extension, in place (no install): storyattn._C next to the sources.
-STORYATTN_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-  $py setup.py build_ext --inplace 2>&1 | tail -20 | tee "$OUT/build.log"
-
-$py -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-
-$py benchmarks/bench_gsa.py 2>&1 | tee "$OUT/bench_gsa.log" | tail -40
-$py benchmarks/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
-if [ -z "${QUICK:-}" ]; then
-  $py benchmarks/bench_gsa_e2e.py --full-model 2>&1 | tee "$OUT/bench_gsa_e2e.log" | tail -30
-  $py benchmarks/bench_story_iter.py 2>&1 | tee "$OUT/bench_story_iter.log" | tail -20
-  $py benchmarks/bench_train.py 2>&1 | tee "$OUT/bench_train.log" | tail -20
-fi
-cp benchmarks/results/*_gpu.* "$OUT"/ 2>/dev/null
-ls -la "$OUT"
+exec $py tools/gpu_session.py "$@"

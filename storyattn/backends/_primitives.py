@@ -92,12 +92,29 @@ def _warn_once(key, msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def vector_ready(t):
+    """``t`` itself when fused CUDA kernels may read it with 16-byte vector loads (head dim
+    contiguous, other strides multiples of 8 elements, 16-byte aligned data), else an
+    aligned contiguous copy.  A view that starts mid-row (q sliced out of a fused qkv
+    projection) is 2-byte aligned: torch's flash kernels, called directly below, do not
+    check that and fault with "misaligned address" (seen on an H200); csrc's kernels need
+    the same."""
+    if t is None:
+        return None
+    if (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+            and t.data_ptr() % 16 == 0):
+        return t
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _cuda_flash_ok(q):
     return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
 def _cuda_fwd(q, k, v, scale):
     if _cuda_flash_ok(q):
+        q, k, v = vector_ready(q), vector_ready(k), vector_ready(v)
         try:
             res = _aten._scaled_dot_product_flash_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False,
@@ -110,6 +127,7 @@ def _cuda_fwd(q, k, v, scale):
 
 def _cuda_bwd(do, q, k, v, out, lse, scale):
     if _cuda_flash_ok(q):
+        q, k, v = vector_ready(q), vector_ready(k), vector_ready(v)
         t = lambda x: x.transpose(1, 2)  # noqa: E731
         B, Lq, H, _ = q.shape
         Lk = k.shape[1]

@@ -28,6 +28,7 @@ import torch
 
 from . import Backend, SegmentInputs, register
 from .. import _cuda_ext
+from ._primitives import vector_ready
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _FA3_MAX_HEAD_DIM = 256
@@ -104,17 +105,8 @@ def _check(inputs: SegmentInputs) -> Optional[str]:
     return None
 
 
-def _kernel_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The fused kernel copies 16-byte chunks: head dim contiguous, other strides
-    multiples of 8 elements, 16-byte aligned data.  Copy only when that fails."""
-    if t is None:
-        return None
-    ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
-          and t.data_ptr() % 16 == 0)
-    if ok:
-        return t
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+# csrc's kernels copy 16-byte chunks: the same alignment torch's flash kernels need.
+_kernel_ready = vector_ready
 
 
 def forward_kernel(inputs: SegmentInputs) -> Tuple[torch.Tensor, torch.Tensor]:
