@@ -87,14 +87,17 @@ setup(
                   # the story world's trained weights (python -m pipelines.world build)
                   "pipelines.world": ["weights/*", "weights/*/*", "weights/*/*/*",
                                       "weights/*/*/*/*"]},
+    # Floors: the lowest versions that tools/check_floors.sh installs together and tests
+    # (tools/floors.txt; tests/test_floors.py keeps the two lists equal).  torch: the CPU
+    # build of 2.13.0 runs every test here; 2.11.0+cu130 ran the GPU tests on an H200.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system=='Linux'",
-        "diffusers>=0.35",
-        "transformers>=4.45",
-        "peft>=0.13",
+        "torch>=2.11",
+        "triton>=3.2; platform_system=='Linux'",
+        "diffusers>=0.36",
+        "transformers>=5.0",
+        "peft>=0.21",
         "accelerate>=1.0",
-        "safetensors>=0.4",
+        "safetensors>=0.4.3",
         "tqdm",
         "psutil",
         "pillow",
