@@ -175,7 +175,7 @@ def run(args) -> Dict:
 
 def _run_settings(pipe, args, settings) -> List[Dict]:
     from pipelines.story import demo_story
-    from storyattn.processors.grca import install_global_reference_attention
+    from storyattn.grca import install_global_reference_attention
 
     story = demo_story().truncated(args.frames)
     sched, neg, prompts, ref_size = _settings(settings, story, args.frames)

@@ -283,7 +283,7 @@ def _triton_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]
 
 def _cuda_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
     """Why the ``csrc`` kernel cannot run these inputs, or None when it can."""
-    from . import _cuda_ext
+    from .backends import _cuda_ext
 
     why = _cuda_ext.extension_error()
     if why is not None:
@@ -373,7 +373,7 @@ def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _cuda_call(q, k, norm_q, norm_k, rotary, *, v=None, pool_k=None, pool_v=None,
                pool_index=None, pool_start=0, pool_cos=None, pool_sin=None):
-    from ._cuda_ext import qk_norm_rope_cuda
+    from .backends._cuda_ext import qk_norm_rope_cuda
 
     wq, eps, rq = _norm_params(norm_q, q.dtype)
     wk, _, rk = _norm_params(norm_k, q.dtype)

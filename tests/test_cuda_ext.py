@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import storyattn
-from storyattn import _cuda_ext
+from storyattn.backends import _cuda_ext
 from storyattn.backends import SegmentInputs
 
 

@@ -274,7 +274,7 @@ def test_cuda_backend_refuses_what_the_kernel_cannot_do(backend):
 
 
 def test_cuda_backend_without_the_extension_says_why(monkeypatch):
-    from storyattn import _cuda_ext
+    from storyattn.backends import _cuda_ext
     monkeypatch.setattr(_cuda_ext, "_load", lambda: (None, "the CUDA extension storyattn._C "
                                                       "does not import (ImportError: x)"))
     q, k, nq, nk, rot, _ = make_case(D=32)
@@ -578,7 +578,7 @@ def test_triton_larger_shapes(D, dtype):
 def test_gpu_flux_shapes(dtype, fused):
     """FLUX.1 layer at 512^2: 24 heads x 128, 512 text + 1024 image tokens, plus a pool write."""
     if fused == "cuda":
-        from storyattn import _cuda_ext
+        from storyattn.backends import _cuda_ext
         if _cuda_ext.extension_error() is not None:
             pytest.skip("storyattn._C is not built here")
     q, k, nq, nk, rot, pos = make_case(B=2, text_len=512, rows=32, cols=32, H=24, D=128,

@@ -22,7 +22,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import storyattn  # noqa: E402
-from storyattn import _custom_op as _op, backends  # noqa: E402
+from storyattn import backends  # noqa: E402
+from storyattn.backends import _custom_op as _op  # noqa: E402
 from storyattn.backends import SegmentInputs  # noqa: E402
 from storyattn.backends import triton_backend as tb  # noqa: E402
 from storyattn.kernels import segment_attn as K  # noqa: E402

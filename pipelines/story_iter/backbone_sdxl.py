@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pipelines.lora_files import load_lora_files
-from storyattn.processors.grca import install_global_reference_attention
+from storyattn.grca import install_global_reference_attention
 
 __all__ = ["SDXLBackbone", "resolve_ip_adapter"]
 

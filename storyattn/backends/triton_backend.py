@@ -1,5 +1,5 @@
 """``triton`` backend: the fused segment-attention kernels of
-``storyattn.kernels.segment_attn`` behind an autograd function.
+``storyattn.kernels.segment_attn`` (forward and backward; autograd is the custom op's).
 
 One forward kernel runs a single online softmax over a target's own keys and
 then the pool entries of its page-table row; the backward recomputes the
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, SegmentInputs, register
+from .base import Backend, SegmentInputs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -74,39 +74,11 @@ def _check(inputs: SegmentInputs) -> Optional[str]:
     return None
 
 
-class SegmentAttnFunction(torch.autograd.Function):
-    """``(out, lse) = segment attention(q, k, v, ref_k, ref_v; ref_index, scale)``.
-
-    Saves ``out`` and ``lse`` for the backward (FlashAttention style: no
-    probabilities are stored).  ``lse`` is returned for merging / inspection
-    but is not differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, ref_k, ref_v, ref_index, scale):
-        out, lse = _kernels().segment_attn_fwd(q, k, v, ref_k, ref_v, ref_index, scale)
-        ctx.save_for_backward(q, k, v, ref_k, ref_v, ref_index, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, ref_k, ref_v, ref_index, out, lse = ctx.saved_tensors
-        dq, dk, dv, dref_k, dref_v = _kernels().segment_attn_bwd(
-            dout, q, k, v, ref_k, ref_v, ref_index, out, lse, ctx.scale)
-        if ref_k is not None and dref_k is None:
-            # An empty pool (P == 0) still gets a gradient of its own (empty) shape.
-            dref_k, dref_v = torch.zeros_like(ref_k), torch.zeros_like(ref_v)
-        return dq, dk, dv, dref_k, dref_v, None, None
-
-
 def forward(inputs: SegmentInputs):
     """``(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32 natural log)``; no autograd.
 
     The public op wraps this and :func:`backward` in one ``torch.library`` custom
-    op (storyattn/_custom_op.py) with its autograd formula; :class:`SegmentAttnFunction`
-    is the same pair as a plain autograd function for direct use.
+    op (storyattn/backends/_custom_op.py) with its autograd formula.
     """
     return _kernels().segment_attn_fwd(inputs.q, inputs.k, inputs.v, inputs.ref_k,
                                        inputs.ref_v, inputs.ref_index, inputs.scale)
@@ -121,11 +93,11 @@ def backward(inputs: SegmentInputs, dout, out, lse):
     return dq, dk, dv, dref_k, dref_v
 
 
-register(Backend(
+BACKEND = Backend(
     name="triton",
     forward=forward,
     backward=backward,
     availability=_availability,
     check=_check,
     priority={"cuda": 50, "cpu": 1},
-))
+)

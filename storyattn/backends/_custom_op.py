@@ -12,8 +12,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backends as _backends
-from .backends import SegmentInputs
+from . import get as _get_backend
+from .base import SegmentInputs
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -24,7 +24,7 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 def segment_attn_fwd(q: Tensor, k: Tensor, v: Tensor, ref_k: Optional[Tensor],
                      ref_v: Optional[Tensor], ref_index: Optional[Tensor], scale: float,
                      backend: str) -> Tuple[Tensor, Tensor]:
-    be = _backends.get(backend)
+    be = _get_backend(backend)
     out, lse = be.forward(SegmentInputs(q, k, v, ref_k, ref_v, ref_index, scale))
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
@@ -41,7 +41,7 @@ def segment_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ref_k: Optio
                      ref_v: Optional[Tensor], ref_index: Optional[Tensor], out: Tensor,
                      lse: Tensor, scale: float, backend: str) -> List[Tensor]:
     """[dq, dk, dv] and, when there is a pool, dref_k and dref_v."""
-    be = _backends.get(backend)
+    be = _get_backend(backend)
     if be.backward is None:
         raise RuntimeError(f"segment_attention backend {backend!r} is inference-only; "
                            "use backend='torch' or 'triton' for gradients")
