@@ -82,7 +82,7 @@ class SDXLBackbone:
         pipe.load_ip_adapter(self.ip_dir, subfolder="", weight_name=self.ip_weight,
                              image_encoder_folder=None)
         load_lora_files(pipe, self.loras, "sdxl")
-        from pipelines.story_iter.sampling import prepare_pipe
+        from pipelines.backbones.sampling import prepare_pipe
 
         prepare_pipe(pipe, self, "sdxl")
         self.pipe = pipe
