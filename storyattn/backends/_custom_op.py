@@ -1,9 +1,11 @@
-"""``torch.library`` custom ops behind :func:`storyattn.segment_attention`.
+"""``torch.library`` custom ops behind :func:`storyattn.segment_attention` and
+:func:`storyattn.rope.qk_norm_rope`.
 
-Every backend with a backward runs through these two ops, so autograd sees one
-formula (saved ``out`` + ``lse``, flash-style backward) and ``torch.compile``
-sees one opaque op with exact fake shapes instead of tracing into launchers or
-data-dependent host code (page-table loops).
+Every segment-attention backend with a backward runs through the first two ops, so
+autograd sees one formula (saved ``out`` + ``lse``, flash-style backward); every fused q/k
+norm + rope kernel runs through the other two (forward only; the cache-writing one mutates
+the pool).  ``torch.compile`` sees one opaque op with exact fake shapes instead of tracing
+into launchers or data-dependent host code (page-table loops, pool indices).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import get as _get_backend
-from .base import SegmentInputs
+from ._qk import kernel_args
+from .base import QK_NORM_ROPE, QKKernelArgs, QKNormRopeInputs, QKPool, SegmentInputs
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -92,3 +95,63 @@ def run(be, inputs: SegmentInputs) -> Tuple[Tensor, Tensor]:
         out, lse = segment_attn_fwd(i.q, i.k, i.v, i.ref_k, i.ref_v, i.ref_index, i.scale,
                                     be.name)
     return out, lse.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- qk_norm_rope
+
+def _qk_outputs(out) -> Tuple[Tensor, Tensor]:
+    # custom ops return fresh tensors of the fake's layout (contiguous [B, L, H, D])
+    q_out, k_out = out
+    return q_out.contiguous(), k_out.contiguous()
+
+
+@torch.library.custom_op("storyattn::qk_norm_rope_fused", mutates_args=())
+def qk_norm_rope_fused(q: Tensor, k: Tensor, weight_q: Optional[Tensor],
+                       weight_k: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
+                       eps_q: float, eps_k: float, round_q: bool, round_k: bool, norm_q: bool,
+                       norm_k: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    be = _get_backend(backend, QK_NORM_ROPE)
+    return _qk_outputs(be.kernel(QKKernelArgs(q, k, weight_q, weight_k, eps_q, eps_k, round_q,
+                                              round_k, norm_q, norm_k, cos, sin)))
+
+
+@qk_norm_rope_fused.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, eps_q, eps_k, round_q, round_k, norm_q, norm_k,
+      backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("storyattn::qk_norm_rope_fused_into_pool",
+                         mutates_args=("pool_k", "pool_v"))
+def qk_norm_rope_fused_into_pool(
+        q: Tensor, k: Tensor, weight_q: Optional[Tensor], weight_k: Optional[Tensor],
+        cos: Optional[Tensor], sin: Optional[Tensor], eps_q: float, eps_k: float,
+        round_q: bool, round_k: bool, norm_q: bool, norm_k: bool, v: Tensor, pool_k: Tensor,
+        pool_v: Tensor, pool_index: Tensor, pool_start: int, pool_cos: Optional[Tensor],
+        pool_sin: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    be = _get_backend(backend, QK_NORM_ROPE)
+    pool = QKPool(v, pool_k, pool_v, pool_index, None, pool_start, pool_cos, pool_sin)
+    return _qk_outputs(be.kernel(QKKernelArgs(q, k, weight_q, weight_k, eps_q, eps_k, round_q,
+                                              round_k, norm_q, norm_k, cos, sin, pool)))
+
+
+@qk_norm_rope_fused_into_pool.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, eps_q, eps_k, round_q, round_k, norm_q, norm_k, v,
+      pool_k, pool_v, pool_index, pool_start, pool_cos, pool_sin, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def run_qk(be, inputs: QKNormRopeInputs, pool: Optional[QKPool] = None
+           ) -> Tuple[Tensor, Tensor]:
+    """``(q, k)`` of ``inputs`` on qk_norm_rope backend ``be`` (and the pool written)."""
+    if be.module_forward is not None:
+        # calls the norm modules themselves (differentiable): runs as it is
+        return be.module_forward(inputs, pool)
+    a = kernel_args(inputs)
+    scalars = (a.eps_q, a.eps_k, a.round_q, a.round_k, a.norm_q, a.norm_k)
+    if pool is None:
+        return qk_norm_rope_fused(a.q, a.k, a.weight_q, a.weight_k, a.cos, a.sin, *scalars,
+                                  be.name)
+    return qk_norm_rope_fused_into_pool(a.q, a.k, a.weight_q, a.weight_k, a.cos, a.sin,
+                                        *scalars, pool.v, pool.pool_k, pool.pool_v, pool.index,
+                                        pool.start, pool.cos, pool.sin, be.name)

@@ -31,10 +31,12 @@ def forward(inputs: SegmentInputs):
     return split_merge_forward(inputs, _fwd)
 
 
-BACKEND = Backend(
+SEGMENT_ATTENTION = Backend(
     name="flash",
     forward=forward,
     availability=_availability,
     check=lambda i: common_check(i, "flash-attn", 256),
     priority={"cuda": 40},
 )
+
+BACKENDS = (SEGMENT_ATTENTION,)

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, SegmentInputs
+from ._qk import fused_reason
+from .base import Backend, QKKernelArgs, QKNormRopeBackend, QKNormRopeInputs, SegmentInputs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -93,7 +94,7 @@ def backward(inputs: SegmentInputs, dout, out, lse):
     return dq, dk, dv, dref_k, dref_v
 
 
-BACKEND = Backend(
+SEGMENT_ATTENTION = Backend(
     name="triton",
     forward=forward,
     backward=backward,
@@ -101,3 +102,42 @@ BACKEND = Backend(
     check=_check,
     priority={"cuda": 50, "cpu": 1},
 )
+
+
+# ----------------------------------------------------------------------------- qk_norm_rope
+
+def _qk_availability() -> Optional[str]:
+    return _import_error()
+
+
+def _qk_check(inputs: QKNormRopeInputs) -> Optional[str]:
+    # the interpreter switch is read per call (not in the cached availability): it decides
+    # where the kernel may run, and tests flip it
+    if inputs.device.type != "cuda" and not (inputs.device.type == "cpu" and _interpret_env()):
+        return (f"tensors are on {inputs.device}; the triton kernel needs CUDA "
+                "(or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
+    return fused_reason(inputs, "triton", _MAX_HEAD_DIM)
+
+
+def _qk_kernel(a: QKKernelArgs):
+    from storyattn.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    pool = {}
+    if a.pool is not None:
+        p = a.pool
+        pool = dict(v=p.v, pool_k=p.pool_k, pool_v=p.pool_v, pool_index=p.index,
+                    pool_start=p.start, pool_cos=p.cos, pool_sin=p.sin)
+    return qk_norm_rope_fwd(a.q, a.k, a.weight_q, a.weight_k, a.cos, a.sin, (a.eps_q, a.eps_k),
+                            round_before_weight=(a.round_q, a.round_k),
+                            normalize=(a.norm_q, a.norm_k), **pool)
+
+
+QK_NORM_ROPE = QKNormRopeBackend(
+    name="triton",
+    availability=_qk_availability,
+    check=_qk_check,
+    priority={"cuda": 50},   # on CPU the interpreter is for tests, never the default
+    kernel=_qk_kernel,
+)
+
+BACKENDS = (SEGMENT_ATTENTION, QK_NORM_ROPE)

@@ -30,10 +30,12 @@ def forward(inputs: SegmentInputs):
     return split_merge_forward(inputs, _fwd)
 
 
-BACKEND = Backend(
+SEGMENT_ATTENTION = Backend(
     name="xformers",
     forward=forward,
     availability=_availability,
     check=lambda i: common_check(i, "xformers", 256),
     priority={"cuda": 30},
 )
+
+BACKENDS = (SEGMENT_ATTENTION,)
