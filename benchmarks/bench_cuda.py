@@ -41,7 +41,7 @@ from _common import (RESULTS_DIR, attn_flops, environment, markdown_table,  # no
                      text_table, time_fn, write_results)
 
 import storyattn  # noqa: E402
-from storyattn import _cuda_ext  # noqa: E402
+from storyattn.backends import _cuda_ext  # noqa: E402
 from storyattn.backends import SegmentInputs  # noqa: E402
 
 HEADS, HEAD_DIM, TXT, IMG = 24, 128, 512, 4096

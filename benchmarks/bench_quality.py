@@ -49,7 +49,7 @@ def _fmt(x, nd=3):
 def _load_refs(story):
     from PIL import Image
 
-    from pipelines.world.sample import reference_prompt
+    from pipelines.world_build.sample import reference_prompt
 
     refs, rprompts = [], []
     for f in story.frames:
@@ -62,7 +62,7 @@ def _load_refs(story):
 
 def row_in_batch(story, loras, refs, rprompts, args, seed):
     from storyattn import GroupSharedAttention
-    from pipelines.world.sample import draw, load_world
+    from pipelines.world_build.sample import draw, load_world
 
     pipe = load_world(args.model_path, loras, device=args.device)
     gsa = GroupSharedAttention(pipe.transformer)
@@ -76,7 +76,7 @@ def row_replay(story, loras, refs, rprompts, args, seed):
     into the cache (entry j = character j), each frame replaying its characters' entries."""
     import torch
 
-    from pipelines.story_iter.backbone_flux import FluxBackbone
+    from pipelines.backbones.flux import FluxBackbone
 
     bb = FluxBackbone(args.model_path, loras=loras, device=args.device, height=64, width=64,
                       steps=args.steps, guidance=1.0, step_progress=False)
@@ -84,7 +84,7 @@ def row_replay(story, loras, refs, rprompts, args, seed):
     names = [c.name for c in story.characters]
     from PIL import Image
 
-    from pipelines.world.sample import reference_prompt
+    from pipelines.world_build.sample import reference_prompt
 
     imgs = [Image.open(c.reference_images[0]).convert("RGB") for c in story.characters]
     bb.begin_round(imgs, 0.0, [reference_prompt(im, c.name)
@@ -102,7 +102,7 @@ def row_replay(story, loras, refs, rprompts, args, seed):
 
 def _sdxl_argv(args):
     from pipelines.world import weights as W
-    from pipelines.world.train_sdxl import IP_SUBFOLDER, IP_WEIGHT_NAME
+    from pipelines.world.weights import IP_SUBFOLDER, IP_WEIGHT_NAME
 
     model = W.sdxl_path(args.weights)
     return ["--backbone", "sdxl", "--model", model,
@@ -224,7 +224,7 @@ def story_rows(args, seed: int, work: Path):
 
     def story_iter_curve(tag, sf, label, backbone, title):
         res, secs, out = story_iter_rows(sf, [gsa], args, seed, work, tag, backbone)
-        from pipelines.story_iter.report import frame_path
+        from pipelines.run_folder import frame_path
 
         for r in sorted(res["rounds"]):
             imgs = [np.asarray(Image.open(frame_path(out, r, i)).convert("RGB"))
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
                          "one story's accessory rate swings by about 8 points")
     ap.add_argument("--weights", default=None,
                     help="a world weights folder (default: the committed one), e.g. the "
-                         "--weights of a `python -m pipelines.world build`")
+                         "--weights of a `python -m pipelines.world_build build`")
     ap.add_argument("--refs", default="topk:3", help="Story-Iter FLUX --refs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="keep generated stories and runs here")

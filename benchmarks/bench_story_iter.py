@@ -59,7 +59,7 @@ def _load(args):
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from pipelines.story_iter.backbone_sdxl import resolve_ip_adapter
+    from pipelines.backbones.sdxl import resolve_ip_adapter
 
     model, ip, enc = args.model, args.ip_adapter, args.image_encoder
     if model is None:
@@ -151,7 +151,7 @@ def _max_pixel_diff(a, b) -> int:
 def _settings(name, story, n):
     """(scheduler or None, negative prompt, frame texts, reference size) of a settings."""
     from pipelines.story_iter import presets
-    from pipelines.story_iter.sampling import story_iter_ddim
+    from pipelines.backbones.sampling import story_iter_ddim
 
     if name == "cli":
         return None, None, [story.full_prompt(i) for i in range(n)], None
@@ -175,7 +175,7 @@ def run(args) -> Dict:
 
 def _run_settings(pipe, args, settings) -> List[Dict]:
     from pipelines.story import demo_story
-    from storyattn.processors.grca import install_global_reference_attention
+    from storyattn.grca import install_global_reference_attention
 
     story = demo_story().truncated(args.frames)
     sched, neg, prompts, ref_size = _settings(settings, story, args.frames)

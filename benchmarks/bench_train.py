@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import environment, markdown_table, peak_extra_bytes, text_table, write_results  # noqa: E402
 
-from pipelines.train import losses as L  # noqa: E402
+from pipelines import flow_matching as L  # noqa: E402
 from pipelines.train import model as M  # noqa: E402
 
 CONFIGS = {

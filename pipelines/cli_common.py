@@ -15,8 +15,12 @@ import sys
 __all__ = ["UsageError", "OneLineParser", "DefaultsFormatter", "report_usage_error"]
 
 
-class UsageError(Exception):
-    """Bad input from the user: ``str(e)`` is the whole, one-line message."""
+class UsageError(ValueError):
+    """Bad input from the user: ``str(e)`` is the whole, one-line message.
+
+    The one user-error type of every program: the more specific kinds (a training
+    config, a model, a data set, a scenarios file) subclass it, so each command catches this
+    one class and prints one line."""
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):

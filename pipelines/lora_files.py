@@ -1,6 +1,9 @@
-"""Check a LoRA file before any weights load: is it safetensors, does it hold LoRA weights,
-and which model parts do they target (so a FLUX LoRA given to SDXL is refused instead of
-being skipped by diffusers with a log line).
+"""The one place LoRA files are checked and loaded.
+
+Before any weights load: is it safetensors, does it hold LoRA weights, and which model parts
+do they target (so a FLUX LoRA given to SDXL is refused instead of being skipped by diffusers
+with a log line).  Against a loaded FLUX transformer (the DPO stage's frozen stage 1): does
+every layer and shape fit (:func:`check_lora_fits`).  After loading: did it apply.
 
 Key conventions read here (diffusers / peft and kohya exports):
 
@@ -14,12 +17,16 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import List, Set
+from typing import Dict, List, Set, Tuple
 
 from .cli_common import UsageError
 
-__all__ = ["read_safetensors_keys", "lora_targets", "check_lora_file", "check_lora_applied",
-           "lora_load_error"]
+__all__ = ["LORA_WEIGHT_NAME", "read_safetensors_keys", "lora_targets", "check_lora_file",
+           "check_lora_applied", "lora_load_error", "load_lora_files", "lora_file",
+           "check_lora_fits"]
+
+# the file a LoRA training run writes into its output folder (diffusers' default name)
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def read_safetensors_keys(path: Path, arg: str) -> List[str]:
@@ -109,3 +116,72 @@ def load_lora_files(pipe, loras, backbone: str, arg: str = "--lora") -> List[str
         # any stack a user passes) must all be on
         pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
     return names
+
+
+def lora_file(path) -> Path:
+    """A LoRA file, or the training output folder that holds one (``LORA_WEIGHT_NAME``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / LORA_WEIGHT_NAME
+    if not p.is_file():
+        raise UsageError(f"stage-1 LoRA {p} does not exist (give --stage1-lora the file or the "
+                         f"output folder of a stage gsa run)")
+    return p
+
+
+def check_lora_fits(transformer, path) -> Tuple[Dict[str, torch.Tensor], int]:
+    """Read a diffusers-format LoRA file and check it fits ``transformer``.
+
+    Every ``lora_A``/``lora_B`` key must name a linear layer of this model with
+    matching in/out features and one rank per layer; a file with no transformer
+    LoRA keys, or one for another model, raises :class:`UsageError` naming the keys.
+    Returns the transformer state dict (prefix removed) and the number of layers.
+    """
+    import torch
+    from diffusers import FluxPipeline
+
+    p = lora_file(path)
+    try:
+        sd = FluxPipeline.lora_state_dict(str(p))
+    except Exception as exc:
+        raise UsageError(f"cannot read LoRA file {p}: {type(exc).__name__}: {exc}") from None
+    if isinstance(sd, tuple):
+        sd = sd[0]
+    tsd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    if not tsd:
+        raise UsageError(f"{p} holds no transformer LoRA weights (keys like "
+                         f"'transformer.<module>.lora_A.weight'); found e.g. {list(sd)[:3]}")
+    modules = dict(transformer.named_modules())
+    problems: List[str] = []
+    layers: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, val in tsd.items():
+        for part in (".lora_A.", ".lora_B."):
+            if part in key:
+                mod_name = key.split(part)[0]
+                layers.setdefault(mod_name, {})[part.strip(".")] = val
+                break
+        else:
+            problems.append(f"{key}: not a LoRA A/B weight")
+    for mod_name, ab in layers.items():
+        mod = modules.get(mod_name)
+        base = getattr(mod, "base_layer", mod)
+        if not isinstance(base, torch.nn.Linear):
+            problems.append(f"{mod_name}: no such linear layer in this transformer")
+            continue
+        a, b = ab.get("lora_A"), ab.get("lora_B")
+        if a is None or b is None:
+            problems.append(f"{mod_name}: has only {sorted(ab)} (needs lora_A and lora_B)")
+            continue
+        if a.dim() != 2 or a.shape[1] != base.in_features:
+            problems.append(f"{mod_name}.lora_A: shape {tuple(a.shape)}, this model needs "
+                            f"[rank, {base.in_features}]")
+        if b.dim() != 2 or b.shape[0] != base.out_features or b.shape[1] != a.shape[0]:
+            problems.append(f"{mod_name}.lora_B: shape {tuple(b.shape)}, this model needs "
+                            f"[{base.out_features}, {a.shape[0]}]")
+    if problems:
+        # one line (a user's mistake): the first few problems stand for the rest
+        shown = "; ".join(problems[:3])
+        more = f"; ... and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise UsageError(f"stage-1 LoRA {p} does not fit this model ({len(problems)} problem(s)); "
+                         f"was it trained on a different model? {shown}{more}")
+    return tsd, len(layers)

@@ -25,7 +25,7 @@ import logging
 import warnings
 from typing import Iterable
 
-__all__ = ["install", "multiple_adapters_expected", "no_loading_bars"]
+__all__ = ["install", "multiple_adapters_expected", "no_loading_bars", "prompt_truncation"]
 
 _DROPS = {
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back",),
@@ -60,6 +60,15 @@ def install() -> None:
     for name, needles in _DROPS.items():
         logging.getLogger(name).addFilter(_DropMessages(needles))
     _installed = True
+
+
+def prompt_truncation() -> None:
+    """Drop the warning diffusers gives at every call whose prompt exceeds the tokenizer (77
+    tokens for SDXL, 32 for the tiny preset): the programs that draw say it once themselves,
+    before the first batch."""
+    for name in ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+                 "diffusers.pipelines.flux.pipeline_flux"):
+        logging.getLogger(name).addFilter(_DropMessages(("input was truncated because",)))
 
 
 @contextlib.contextmanager

@@ -10,10 +10,12 @@ from .processors.flux_gsa import GroupSharedFluxAttnProcessor
 
 __version__ = "0.1.0"
 
-# GRCA's processor subclasses diffusers' IP-Adapter processor, so its module imports
-# diffusers: loaded on first access to keep ``import storyattn`` light.
+# The two handles stand side by side: gsa.py (FLUX) and grca.py (SDXL).  GRCA's processor
+# subclasses diffusers' IP-Adapter processor, so its modules import diffusers: loaded on
+# first access to keep ``import storyattn`` light.
 _LAZY = {"GlobalReferenceAttnProcessor": ".processors.grca",
-         "install_global_reference_attention": ".processors.grca"}
+         "GRCAHandle": ".grca",
+         "install_global_reference_attention": ".grca"}
 
 
 def __getattr__(name):
@@ -33,5 +35,6 @@ __all__ = [
     "merge_attention_states",
     "available_backends",
     "GlobalReferenceAttnProcessor",
+    "GRCAHandle",
     "install_global_reference_attention",
 ]

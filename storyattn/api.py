@@ -11,7 +11,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from . import backends as _backends
-from .backends import SegmentInputs
+from .backends._custom_op import run as _run
+from .backends._merge import merge_states, merge_states_  # noqa: F401  (re-exported)
+from .backends.base import SegmentInputs
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -156,8 +158,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     inputs = validate(q, k, v, ref_k, ref_v, ref_index, scale)
     be = _backends.select(inputs, backend)
-    from ._custom_op import run
-    out, lse = run(be, inputs)
+    out, lse = _run(be, inputs)
     return (out, lse) if return_lse else out
 
 
@@ -189,41 +190,6 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor,
         raise ValueError(f"merge_attention_states inputs are on several devices: {devs}")
     out, lse = merge_states(out_a, lse_a, out_b, lse_b)
     return out, lse.to(torch.float32)
-
-
-def _merge_weights(lse_a, lse_b):
-    """Merged lse (accumulation precision) and the two weights ``[B, L, H, 1]``."""
-    acc = torch.promote_types(torch.float32, lse_a.dtype)
-    la, lb = lse_a.to(acc), lse_b.to(acc)
-    lse = torch.logaddexp(la, lb)
-    # Where both sides are -inf, logaddexp gives -inf and exp(-inf - -inf) would be
-    # NaN: use a finite stand-in so the weights come out as 0.
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    wa = torch.exp(la - safe).transpose(1, 2).unsqueeze(-1)
-    wb = torch.exp(lb - safe).transpose(1, 2).unsqueeze(-1)
-    return lse, wa, wb
-
-
-def merge_states(out_a, lse_a, out_b, lse_b):
-    """Unchecked, differentiable merge used by the backends (contract of
-    merge_attention_states).  lse stays in the accumulation precision (float64
-    for float64 inputs) so merges chain without losing digits; the public API
-    casts it."""
-    lse, wa, wb = _merge_weights(lse_a, lse_b)
-    out_acc = torch.promote_types(lse.dtype, out_a.dtype)
-    out = wa * out_a.to(out_acc) + wb * out_b.to(out_acc)
-    return out.to(out_a.dtype), lse
-
-
-def merge_states_(out_a, lse_a, out_b, lse_b):
-    """Memory-lean merge for fresh partial results: reuses ``out_a``/``out_b``'s
-    storage when they are already in the accumulation dtype (they are consumed).
-    Returns ``(out, lse)`` with ``out`` in the accumulation dtype."""
-    lse, wa, wb = _merge_weights(lse_a, lse_b)
-    out_acc = torch.promote_types(lse.dtype, out_a.dtype)
-    oa = out_a.to(out_acc).mul_(wa)
-    oa.add_(out_b.to(out_acc).mul_(wb))
-    return oa, lse
 
 
 def available_backends() -> List[str]:

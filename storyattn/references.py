@@ -14,14 +14,11 @@ and (the latent half) by the GSA/DPO trainer:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 from .cache import ReferenceKVCache
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .gsa import GroupSharedAttention
 
 __all__ = ["encode_latents", "pack_latents", "latent_image_ids", "record_images"]
 
@@ -88,12 +85,15 @@ def _prompts_for(prompts, n: int) -> List[str]:
     return prompts
 
 
-def record_images(gsa: "GroupSharedAttention", pipe, images, prompts=None,
+def record_images(gsa, pipe, images, prompts=None,
                   cache: Optional[ReferenceKVCache] = None, *, height: Optional[int] = None,
                   width: Optional[int] = None, batch_size: int = 4, guidance: float = 3.5,
                   max_sequence_length: Optional[int] = None,
                   replace: bool = False) -> ReferenceKVCache:
-    """See :meth:`storyattn.GroupSharedAttention.record_images`."""
+    """See :meth:`storyattn.GroupSharedAttention.record_images`.
+
+    ``gsa`` is that handle; its class is not imported here because ``storyattn.gsa``
+    imports this module (one direction only)."""
     tr = getattr(pipe, "transformer", None)
     for attr in ("vae", "image_processor", "encode_prompt"):
         if not hasattr(pipe, attr):

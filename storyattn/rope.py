@@ -23,14 +23,23 @@ preallocated reference pool in that pass. :func:`reference_key_rotary` gives the
 extra rotation of entry ``i`` (ids ``(i + 1, 0, 0)``) from the model's own
 ``FluxPosEmbed``; :func:`rotate_keys` applies it to keys already rotated.
 
-Triton is imported only when the ``triton`` backend runs.
+The backend is picked by the registry that picks segment attention's
+(:mod:`storyattn.backends`: availability, per-call checks, priorities), and the fused
+kernels run inside ``torch.library`` custom ops (``storyattn::qk_norm_rope_fused`` and
+``..._into_pool``), so errors and ``torch.compile`` behave as for
+:func:`storyattn.segment_attention`.  Triton is imported only when the ``triton`` backend
+runs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from . import backends as _backends
+from .backends._custom_op import run_qk
+from .backends._qk import apply_rotary, is_diffusers_rmsnorm
+from .backends.base import QK_NORM_ROPE, QKNormRopeInputs, QKPool, Rotary
 
 __all__ = [
     "qk_norm_rope",
@@ -40,30 +49,8 @@ __all__ = [
     "QK_NORM_ROPE_BACKENDS",
 ]
 
+# the backends of the registry that implement this op (storyattn.backends)
 QK_NORM_ROPE_BACKENDS = ("torch", "triton", "cuda")
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_MAX_HEAD_DIM = 256
-
-Rotary = Tuple[torch.Tensor, torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- torch math
-
-def _rotate_half_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x[2i], x[2i+1]) -> (-x[2i+1], x[2i]) on the last dim (FLUX pairing)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``apply_rotary_emb(use_real=True, use_real_unbind_dim=-1)`` formula.
-
-    ``cos``/``sin`` must already broadcast against ``x``. The products run in fp32
-    (``x.float()``) and the result is cast back to ``x.dtype``, as diffusers does,
-    so a bf16 input is rounded exactly once by the rotation.
-    """
-    return (x.float() * cos + _rotate_half_pairs(x).float() * sin).to(x.dtype)
 
 
 def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -109,7 +96,7 @@ def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape")
     if cos.dim() == 2:
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-    return _apply_rotary(k, cos, sin)
+    return apply_rotary(k, cos, sin)
 
 
 def reference_key_rotary(pos_embed: torch.nn.Module, num_entries: int, *,
@@ -207,7 +194,7 @@ def _check_norm(norm, name: str, head_dim: int):
         raise TypeError(f"{name} must be an RMSNorm module or None, got {type(norm).__name__}")
     if isinstance(norm, torch.nn.RMSNorm):
         shape = norm.normalized_shape
-    elif _is_diffusers_rmsnorm(norm):
+    elif is_diffusers_rmsnorm(norm):
         shape = norm.dim
     else:  # another module: the torch backend calls it as it is
         return
@@ -215,183 +202,7 @@ def _check_norm(norm, name: str, head_dim: int):
         raise ValueError(f"{name} normalises shape {tuple(shape)} but the head dim is {head_dim}")
 
 
-def _is_diffusers_rmsnorm(norm) -> bool:
-    cls = type(norm)
-    return cls.__name__ == "RMSNorm" and cls.__module__.startswith("diffusers.")
-
-
-def _norm_params(norm, dtype: torch.dtype):
-    """``(weight, eps, round_before_weight)`` that make the kernel equal ``norm``,
-    or a string saying why the kernel cannot reproduce it."""
-    if norm is None:
-        return None
-    if isinstance(norm, torch.nn.RMSNorm):
-        # torch: fp32 normalise, multiply by the weight in fp32, one cast back.
-        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-        return norm.weight, float(eps), False
-    if _is_diffusers_rmsnorm(norm):
-        weight = norm.weight
-        if getattr(norm, "bias", None) is not None:
-            return "diffusers RMSNorm with a bias"
-        if weight is None or (weight.dtype == dtype == torch.float32):
-            return weight, float(norm.eps), False
-        if weight.dtype == dtype and dtype in (torch.float16, torch.bfloat16):
-            # diffusers casts the normalised value to the half weight dtype first.
-            return weight, float(norm.eps), True
-        return (f"diffusers RMSNorm with a {weight.dtype} weight changes a {dtype} input's "
-                "dtype; only the torch backend reproduces that")
-    return f"norm module {type(norm).__name__} (only torch.nn.RMSNorm and diffusers RMSNorm)"
-
-
-def _grad_needed(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
-def _fused_reason(q, k, norm_q, norm_k, extra, kernel: str, max_head_dim: int
-                  ) -> Optional[str]:
-    """What both fused kernels (triton, cuda) need: a supported dtype and head dim,
-    norms they can reproduce, on q's device, and no gradients."""
-    if q.dtype not in _TRITON_DTYPES:
-        return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
-    if q.shape[-1] > max_head_dim:
-        return f"head dim {q.shape[-1]} > {max_head_dim}"
-    for norm, name in ((norm_q, "norm_q"), (norm_k, "norm_k")):
-        p = _norm_params(norm, q.dtype)
-        if isinstance(p, str):
-            return f"{name}: {p}"
-        if p is not None and p[0] is not None and p[0].device != q.device:
-            return f"{name} weight is on {p[0].device} but q is on {q.device}"
-    weights = [getattr(n, "weight", None) for n in (norm_q, norm_k) if n is not None]
-    if _grad_needed(q, k, *weights, *extra):
-        return (f"gradients are required and the {kernel} kernel is forward only; use "
-                "backend='torch' or run under torch.no_grad()")
-    return None
-
-
-def _triton_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
-    """Why the triton backend cannot run these inputs, or None when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not importable ({e}); pip install triton"
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return (f"tensors are on {q.device}; the triton kernel needs CUDA "
-                "(or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
-    return _fused_reason(q, k, norm_q, norm_k, extra, "triton", _TRITON_MAX_HEAD_DIM)
-
-
-def _cuda_reason(q, k, norm_q, norm_k, extra=(), rotary=None) -> Optional[str]:
-    """Why the ``csrc`` kernel cannot run these inputs, or None when it can."""
-    from . import _cuda_ext
-
-    why = _cuda_ext.extension_error()
-    if why is not None:
-        return why
-    want = _cuda_ext.kernel_device_type()
-    if q.device.type != want:
-        return f"tensors are on {q.device}; the cuda kernel needs {want} tensors"
-    if rotary is None:
-        return "no image_rotary_emb: the cuda kernel always rotates (use 'torch' or 'triton')"
-    for norm, name in ((norm_q, "norm_q"), (norm_k, "norm_k")):
-        if norm is None:
-            return f"{name} is None: the cuda kernel always normalises (use 'torch' or 'triton')"
-    why = _fused_reason(q, k, norm_q, norm_k, extra, "cuda",
-                        _cuda_ext.QK_NORM_ROPE_MAX_HEAD_DIM)
-    if why is not None:
-        return why
-    eps = {_norm_params(n, q.dtype)[1] for n in (norm_q, norm_k)}
-    if len(eps) > 1:
-        return f"norm_q and norm_k use different eps {sorted(eps)}; the cuda kernel takes one"
-    return None
-
-
-_FUSED_REASONS = {"triton": _triton_reason, "cuda": _cuda_reason}
-
-
-def _pick_backend(backend, q, k, norm_q, norm_k, extra=(), rotary=None) -> str:
-    if backend is None:
-        if q.device.type == "cuda" and _triton_reason(q, k, norm_q, norm_k, extra) is None:
-            return "triton"
-        return "torch"
-    if backend not in QK_NORM_ROPE_BACKENDS:
-        raise ValueError(f"backend must be one of {QK_NORM_ROPE_BACKENDS} or None, got {backend!r}")
-    if backend in _FUSED_REASONS:
-        why = _FUSED_REASONS[backend](q, k, norm_q, norm_k, extra, rotary)
-        if why is not None:
-            raise ValueError(f"qk_norm_rope backend {backend!r} cannot run here: {why}")
-    return backend
-
-
 # ----------------------------------------------------------------------------- public ops
-
-def _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary):
-    # Calling the modules keeps whatever they do (and any hooks or adapters on
-    # them) identical to the stock processor.
-    if norm_q is not None:
-        q = norm_q(q)
-    if norm_k is not None:
-        k = norm_k(k)
-    if rotary is not None:
-        cos, sin = rotary
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        q = _apply_rotary(q, cos, sin)
-        k = _apply_rotary(k, cos, sin)
-    return q, k
-
-
-def _triton_call(q, k, norm_q, norm_k, rotary, **pool):
-    from storyattn.kernels.qk_norm_rope import qk_norm_rope_fwd
-
-    params = []
-    for norm in (norm_q, norm_k):
-        p = _norm_params(norm, q.dtype)
-        if p is None:  # no norm: the kernel skips it (weight and eps unused)
-            params.append((None, 0.0, False, False))
-        else:
-            w, eps, rnd = p
-            params.append((w.detach() if w is not None else None, eps, rnd, True))
-    (wq, eq, rq, nq), (wk, ek, rk, nk) = params
-    cos, sin = rotary if rotary is not None else (None, None)
-    return qk_norm_rope_fwd(q, k, wq, wk, cos, sin, (eq, ek), round_before_weight=(rq, rk),
-                            normalize=(nq, nk), **pool)
-
-
-def _pair_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The cuda kernel moves RoPE pairs as one access: unit stride on the last
-    dim, even other strides, pair-aligned address.  Copy only when that fails."""
-    if t is None:
-        return None
-    ok = (t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:-1])
-          and t.data_ptr() % (2 * t.element_size()) == 0)
-    return t if ok else t.contiguous()
-
-
-def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else _pair_ready(t.float())
-
-
-def _cuda_call(q, k, norm_q, norm_k, rotary, *, v=None, pool_k=None, pool_v=None,
-               pool_index=None, pool_start=0, pool_cos=None, pool_sin=None):
-    from ._cuda_ext import qk_norm_rope_cuda
-
-    wq, eps, rq = _norm_params(norm_q, q.dtype)
-    wk, _, rk = _norm_params(norm_k, q.dtype)
-    cos, sin = rotary
-    for pool, name in ((pool_k, "pool_k"), (pool_v, "pool_v")):
-        if pool is not None and _pair_ready(pool) is not pool:
-            raise ValueError(f"{name} must have a unit-stride head dim, even strides and a "
-                             "pair-aligned address for the cuda backend (it is written in place)")
-    return qk_norm_rope_cuda(
-        _pair_ready(q), _pair_ready(k),
-        None if wq is None else _pair_ready(wq.detach()),
-        None if wk is None else _pair_ready(wk.detach()),
-        _table(cos), _table(sin), eps, round_norm=True,
-        q_round_before_weight=rq, k_round_before_weight=rk,
-        v=_pair_ready(v), pool_k=pool_k, pool_v=pool_v,
-        entry_ids=None if pool_index is None else pool_index.contiguous(),
-        img_start=pool_start, extra_cos=_table(pool_cos), extra_sin=_table(pool_sin))
-
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
                  norm_q: Optional[torch.nn.Module], norm_k: Optional[torch.nn.Module],
@@ -433,12 +244,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor,
     D = q.shape[-1]
     _check_norm(norm_q, "norm_q", D)
     _check_norm(norm_k, "norm_k", D)
-    chosen = _pick_backend(backend, q, k, norm_q, norm_k, rotary=rotary)
-    if chosen == "triton":
-        return _triton_call(q, k, norm_q, norm_k, rotary)
-    if chosen == "cuda":
-        return _cuda_call(q, k, norm_q, norm_k, rotary)
-    return _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary)
+    inputs = QKNormRopeInputs(q, k, norm_q, norm_k, rotary)
+    return run_qk(_backends.select(inputs, backend, QK_NORM_ROPE), inputs)
 
 
 def _as_index(pool_index, B: int, P: int, device) -> Tuple[torch.Tensor, Optional[list]]:
@@ -550,23 +357,6 @@ def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pcos, psin = _check_rotary_pair(pool_rotary, "pool_rotary", "[B, D]", (B, D),
                                         "(one row per row of k)", q)
 
-    chosen = _pick_backend(backend, q, k, norm_q, norm_k, rotary=rotary)
-    if chosen in ("triton", "cuda"):
-        call = _triton_call if chosen == "triton" else _cuda_call
-        return call(q, k, norm_q, norm_k, rotary, v=v, pool_k=pool_k, pool_v=pool_v,
-                    pool_index=idx, pool_start=pool_start, pool_cos=pcos, pool_sin=psin)
-
-    q_out, k_out = _torch_qk_norm_rope(q, k, norm_q, norm_k, rotary)
-    if rows is None or len(rows):
-        with torch.no_grad():
-            keys, vals, entries = k_out.detach()[:, pool_start:], v.detach()[:, pool_start:], idx
-            if rows is not None and len(rows) < B:
-                sel = torch.tensor(rows, dtype=torch.int64, device=q.device)
-                keys, vals, entries = keys[sel], vals[sel], idx[sel]
-                if pcos is not None:
-                    pcos, psin = pcos[sel], psin[sel]
-            if pcos is not None:
-                keys = rotate_keys(keys, pcos, psin)
-            pool_k.index_copy_(0, entries, keys)
-            pool_v.index_copy_(0, entries, vals)
-    return q_out, k_out
+    inputs = QKNormRopeInputs(q, k, norm_q, norm_k, rotary)
+    pool = QKPool(v, pool_k, pool_v, idx, rows, pool_start, pcos, psin)
+    return run_qk(_backends.select(inputs, backend, QK_NORM_ROPE), inputs, pool)

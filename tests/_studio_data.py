@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.candidates.cli import MANIFEST, _manifest
+from pipelines.candidate_sets import MANIFEST
+from pipelines.candidate_sets import new_manifest as _manifest
 from pipelines.candidates.scenarios import Scenario
-from pipelines.studio.local import free_port
-from pipelines.story_iter.report import atomic_write_json, frame_path
+from pipelines.run_folder import atomic_write_json, frame_path
+from pipelines.world_build.studio_child import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

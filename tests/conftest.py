@@ -62,9 +62,9 @@ def cuda_emu_module():
 
 @pytest.fixture
 def emu(request, monkeypatch, capfd):
-    """storyattn._cuda_ext (and every backend built on it) served by the host
+    """storyattn.backends._cuda_ext (and every backend built on it) served by the host
     emulation for this test, on CPU tensors; fails on any UBSan report."""
-    from storyattn import _cuda_ext
+    from storyattn.backends import _cuda_ext
     mod = request.getfixturevalue("cuda_emu_module")
     monkeypatch.setattr(_cuda_ext, "_load", lambda: (mod, None))
     yield types.SimpleNamespace(name="emu", device="cpu", emulated=True)

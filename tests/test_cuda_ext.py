@@ -32,8 +32,11 @@ import pytest
 import torch
 
 import storyattn
-from storyattn import _cuda_ext
+from storyattn.backends import _cuda_ext
 from storyattn.backends import SegmentInputs
+
+# the float64 reference, the same-dtype baseline and the error every kernel test shares
+from _reference import max_err, naive_same_dtype, segment_attention_ref  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,26 +52,9 @@ needs_ext = pytest.mark.skipif(not _ext_built(), reason="storyattn._C is not bui
 
 
 # ----------------------------------------------------------------------------
-# float64 references written from the definitions
+# float64 reference of the merge, written from its definition (segment attention's
+# is tests/_reference.py)
 # ----------------------------------------------------------------------------
-def ref_segment(q, k, v, rk=None, rv=None, idx=None, scale=None):
-    """out [B, Lq, H, D], lse [B, H, Lq] in float64 by concatenating each key set."""
-    B, Lq, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    outs, lses = [], []
-    for b in range(B):
-        ks, vs = [k[b].double()], [v[b].double()]
-        if rk is not None:
-            sel = range(rk.shape[0]) if idx is None else [int(e) for e in idx[b] if e >= 0]
-            ks += [rk[e].double() for e in sel]
-            vs += [rv[e].double() for e in sel]
-        K, V = torch.cat(ks), torch.cat(vs)
-        s = torch.einsum("qhd,khd->hqk", q[b].double(), K) * scale
-        lses.append(torch.logsumexp(s, -1))
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), V))
-    return torch.stack(outs), torch.stack(lses)
-
-
 def ref_merge(oa, la, ob, lb, mask=None):
     """float64 merge; mask [B] or [B, L] selects rows that take segment b."""
     la, lb = la.double(), lb.double()
@@ -84,10 +70,6 @@ def ref_merge(oa, la, ob, lb, mask=None):
     ta = torch.where(wa > 0, wa * torch.nan_to_num(oa.double()), torch.zeros((), dtype=torch.double))
     tb = torch.where(wb > 0, wb * torch.nan_to_num(ob.double()), torch.zeros((), dtype=torch.double))
     return ta + tb, lse
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def report(actual, expected, atol, name):
@@ -187,7 +169,7 @@ def _torch_merge_(oa, la, ob, lb, mask=None):
 
 def _fake_fa3(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
     assert not causal and return_attn_probs
-    o, l = ref_segment(q, k, v, scale=softmax_scale)
+    o, l = segment_attention_ref(q, k, v, scale=softmax_scale)
     return o.to(q.dtype), l.float()
 
 
@@ -203,7 +185,7 @@ def test_fa3_split_merge_orchestration(monkeypatch, indexed):
     idx = torch.tensor([[2, -1, 2], [0, 1, 3], [-1, -1, -1]]) if indexed else None
     inputs = SegmentInputs(q, k, v, rk, rv, idx, 0.3)
     out, lse = cuda_backend.forward_fa3(inputs)
-    ro, rl = ref_segment(q, k, v, rk, rv, idx, scale=0.3)
+    ro, rl = segment_attention_ref(q, k, v, rk, rv, idx, scale=0.3)
     # the stand-in returns a float32 lse like FA3 does: merges are good to ~1e-7 relative
     report(out, ro, 1e-5, "out")
     report(lse, rl, 1e-5, "lse")
@@ -243,22 +225,6 @@ def _padded(shape, dtype, device, pad_tokens=0, pad_batch=0):
     view = full[: shape[0], : shape[1]]
     view.copy_(torch.randn(*shape, dtype=dtype, device=device))
     return view
-
-
-def _naive_same_dtype(q, k, v, rk, rv, idx, scale):
-    outs = []
-    for b in range(q.shape[0]):
-        ks, vs = [k[b]], [v[b]]
-        if rk is not None:
-            sel = range(rk.shape[0]) if idx is None else [int(e) for e in idx[b] if e >= 0]
-            ks += [rk[e] for e in sel]
-            vs += [rv[e] for e in sel]
-        K, V = torch.cat(ks), torch.cat(vs)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[b:b + 1].transpose(1, 2), K[None].transpose(1, 2), V[None].transpose(1, 2),
-            scale=scale)
-        outs.append(o.transpose(1, 2)[0])
-    return torch.stack(outs)
 
 
 # B, Lq, Lk, H, D, P, Lr: single row; partial q and key tiles; exact tiles; several
@@ -311,8 +277,8 @@ def test_fused_kernel_vs_float64(kern, dtype, shape, indexed):
     scale = 1.0 / math.sqrt(q.shape[-1])
     _poison_allocator(kern)
     out, lse = _cuda_ext.segment_attn_fwd_cuda(q, k, v, rk, rv, idx, scale)
-    ro, rl = ref_segment(q, k, v, rk, rv, idx, scale)
-    base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, scale), ro)
+    ro, rl = segment_attention_ref(q, k, v, rk, rv, idx, scale)
+    base = max_err(naive_same_dtype(q, k, v, rk, rv, idx, scale), ro)
     err = max_err(out, ro)
     assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -329,8 +295,8 @@ def test_fused_kernel_cp_async_landing_early(emu, monkeypatch, shape):
     monkeypatch.setenv("STORYATTN_EMU_CP_ASYNC", "early")
     q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, True, emu.device)
     out, lse = _cuda_ext.segment_attn_fwd_cuda(q, k, v, rk, rv, idx)
-    ro, rl = ref_segment(q, k, v, rk, rv, idx)
-    base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, 1.0 / math.sqrt(q.shape[-1])), ro)
+    ro, rl = segment_attention_ref(q, k, v, rk, rv, idx)
+    base = max_err(naive_same_dtype(q, k, v, rk, rv, idx, 1.0 / math.sqrt(q.shape[-1])), ro)
     assert max_err(out, ro) <= 2 * base + ATOL[torch.bfloat16]
     report(lse, rl, 2e-3, "lse")
 
@@ -344,7 +310,7 @@ def test_fused_kernel_row_without_keys(kern):
     idx = torch.tensor([[1, -1], [-1, -1]], device=kern.device)
     out, lse = _cuda_ext.segment_attn_fwd_cuda(q, k, k, rk, rk, idx)
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
-    ro, rl = ref_segment(q[:1], k[:1], k[:1], rk, rk, idx[:1])
+    ro, rl = segment_attention_ref(q[:1], k[:1], k[:1], rk, rk, idx[:1])
     assert max_err(out[:1], ro) <= 2 * ATOL[dt]
     report(lse[:1], rl, 2e-3, "lse")
 
@@ -365,7 +331,7 @@ def test_cuda_backend_kernel_path_vs_torch_backend(kern, shape, indexed):
     o1, l1 = cuda_backend.forward_kernel(inputs)
     o2, l2 = storyattn.segment_attention(q_view, k, v, rk, rv, ref_index=idx, return_lse=True,
                                          backend="torch")
-    ro, _ = ref_segment(q, k, v, rk, rv, idx)
+    ro, _ = segment_attention_ref(q, k, v, rk, rv, idx)
     # both are bf16 results of the same math: each within 2x torch's own error
     assert max_err(o1, ro) <= 2 * max_err(o2, ro) + ATOL[torch.bfloat16]
     report(l1, l2, 2e-3, "lse vs torch backend")
@@ -387,8 +353,8 @@ def test_fa3_path_vs_float64(indexed):
     q, k, v, rk, rv, idx = _seg_case((2, 97, 33, 3, 128, 3, 50), torch.bfloat16, indexed, "cuda")
     inputs = SegmentInputs(q, k, v, rk, rv, idx, 1.0 / math.sqrt(128))
     out, lse = cuda_backend.forward_fa3(inputs)
-    ro, rl = ref_segment(q, k, v, rk, rv, idx)
-    base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, inputs.scale), ro)
+    ro, rl = segment_attention_ref(q, k, v, rk, rv, idx)
+    base = max_err(naive_same_dtype(q, k, v, rk, rv, idx, inputs.scale), ro)
     # partial outputs are rounded to bf16 before the merge: allow that rounding once more
     assert max_err(out, ro) <= 3 * base + 2 * ATOL[torch.bfloat16]
     report(lse, rl, 2e-3, "lse")
@@ -401,7 +367,7 @@ def test_fa3_orchestration_with_merge_kernel(kern, monkeypatch, indexed):
     from storyattn.backends import cuda_backend
 
     def fa3(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
-        o, l = ref_segment(q, k, v, scale=softmax_scale)
+        o, l = segment_attention_ref(q, k, v, scale=softmax_scale)
         return o.to(q.dtype), l.float()
 
     monkeypatch.setattr(cuda_backend, "_fa3", lambda: (fa3, None))
@@ -409,8 +375,8 @@ def test_fa3_orchestration_with_merge_kernel(kern, monkeypatch, indexed):
     q, k, v, rk, rv, idx = _seg_case(shape, torch.bfloat16, indexed, kern.device)
     inputs = SegmentInputs(q, k, v, rk, rv, idx, 0.125)
     out, lse = cuda_backend.forward_fa3(inputs)
-    ro, rl = ref_segment(q, k, v, rk, rv, idx, scale=0.125)
-    base = max_err(_naive_same_dtype(q, k, v, rk, rv, idx, 0.125), ro)
+    ro, rl = segment_attention_ref(q, k, v, rk, rv, idx, scale=0.125)
+    base = max_err(naive_same_dtype(q, k, v, rk, rv, idx, 0.125), ro)
     assert torch.isfinite(out).all()
     assert max_err(out, ro) <= 3 * base + 2 * ATOL[torch.bfloat16]
     report(lse, rl, 1e-5, "lse")

@@ -23,10 +23,8 @@ from torch._dynamo.testing import CompileCounter
 pytest.importorskip("diffusers")
 
 from storyattn import GroupSharedAttention, ReferenceKVCache  # noqa: E402
-from storyattn.processors.grca import (  # noqa: E402
-    GlobalReferenceAttnProcessor,
-    install_global_reference_attention,
-)
+from storyattn.grca import install_global_reference_attention  # noqa: E402
+from storyattn.processors.grca import GlobalReferenceAttnProcessor  # noqa: E402
 
 # ----------------------------------------------------------------------------- SDXL
 

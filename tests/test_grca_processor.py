@@ -12,10 +12,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from storyattn.processors.grca import (  # noqa: E402
-    GlobalReferenceAttnProcessor,
-    install_global_reference_attention,
-)
+from storyattn.grca import install_global_reference_attention  # noqa: E402
+from storyattn.processors.grca import GlobalReferenceAttnProcessor  # noqa: E402
 
 ATOL = 2e-5
 RTOL = 1e-4

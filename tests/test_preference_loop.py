@@ -25,7 +25,7 @@ K = 3
 
 
 def expected_label(path, accessory, colour, slot):
-    """The rule of pipelines/world/label.py, restated: one character at the prompt's slot
+    """The rule of pipelines/world_build/label.py, restated: one character at the prompt's slot
     with the reference's accessory and colour wins; none, several, or another accessory
     loses; anything else stays unmarked."""
     from pipelines.world.reader import read_image
@@ -41,11 +41,11 @@ def test_world_loop_reader_labels_through_the_studio(tmp_path, monkeypatch):
     from storyattn import GroupSharedAttention
 
     from pipelines.studio.journal import JOURNAL_NAME, Journal
-    from pipelines.studio.local import studio_process
+    from pipelines.world_build.studio_child import studio_process
     from pipelines.train import cli as T
     from pipelines.train.data import load_preference_pairs
     from pipelines.world import data as D
-    from pipelines.world.label import label_set
+    from pipelines.world_build.label import label_set
     from pipelines.world.scenarios import load_truth, make_scenarios
 
     scen = make_scenarios(tmp_path / "scen", n=3, seed=4)

@@ -356,7 +356,7 @@ def test_vae_fp32_decode_in_a_bfloat16_run():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
 
     from pipelines import tiny
-    from pipelines.story_iter.sampling import decode_vae_in_fp32, set_scheduler
+    from pipelines.backbones.sampling import decode_vae_in_fp32, set_scheduler
 
     path = tiny.get_tiny_sdxl()
     pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)

@@ -125,7 +125,7 @@ def test_record_images_equals_former_recording_bitwise(pipe):
 
 def test_story_backbone_records_through_record_images(flux_path):
     """The FLUX backbone's round cache equals the former recording (its own placement)."""
-    from pipelines.story_iter.backbone_flux import FluxBackbone
+    from pipelines.backbones.flux import FluxBackbone
 
     bb = FluxBackbone(flux_path, height=SIZE, width=SIZE, steps=1, step_progress=False,
                       record_batch=2)

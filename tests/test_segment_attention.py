@@ -304,7 +304,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
 def test_opcheck_custom_op():
     """torch.library.opcheck: fake impl, autograd registration and schema agree."""
-    from storyattn._custom_op import segment_attn_fwd
+    from storyattn.backends._custom_op import segment_attn_fwd
     q, k, v, rk, rv = _case(2, 5, 4, 1, 32, 2, 3, torch.float32, grad=True)
     torch.library.opcheck(segment_attn_fwd, (q, k, v, rk, rv, None, 0.2, "torch"))
     torch.library.opcheck(segment_attn_fwd, (q, k, v, rk, rv, torch.tensor([[1], [-1]]), 0.2, "torch"))

@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,57 +21,21 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import storyattn  # noqa: E402
-from storyattn import _custom_op as _op, backends  # noqa: E402
+from storyattn import backends  # noqa: E402
+from storyattn.backends import _custom_op as _op  # noqa: E402
 from storyattn.backends import SegmentInputs  # noqa: E402
 from storyattn.backends import triton_backend as tb  # noqa: E402
 from storyattn.kernels import segment_attn as K  # noqa: E402
+
+# the float64 reference and the same-dtype baseline every segment-attention test shares
+from _reference import naive_same_dtype  # noqa: E402
+from _reference import segment_attention_ref as ref_fp64  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEV == "cpu" and not K.interpreted():
     pytest.skip("triton kernels were imported without TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
-
-
-# --------------------------------------------------------------------------- #
-# Independent references
-# --------------------------------------------------------------------------- #
-def _selected(b, P, ref_index):
-    if P == 0:
-        return []
-    if ref_index is None:
-        return list(range(P))
-    return [int(j) for j in ref_index[b].tolist() if j >= 0]
-
-
-def ref_fp64(q, k, v, ref_k, ref_v, ref_index, scale):
-    """float64 out [B, Lq, H, D] and natural-log lse [B, H, Lq], by torch.cat of
-    each target's keys and a plain softmax.  Differentiable (for gradients)."""
-    P = 0 if ref_k is None else ref_k.shape[0]
-    outs, lses = [], []
-    for b in range(q.shape[0]):
-        sel = _selected(b, P, ref_index)
-        kb = torch.cat([k[b]] + [ref_k[j] for j in sel], 0).double()
-        vb = torch.cat([v[b]] + [ref_v[j] for j in sel], 0).double()
-        s = torch.einsum("mhd,nhd->hmn", q[b].double(), kb) * scale
-        lses.append(torch.logsumexp(s, -1))
-        outs.append(torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vb))
-    return torch.stack(outs), torch.stack(lses)
-
-
-def naive_same_dtype(q, k, v, ref_k, ref_v, ref_index, scale):
-    """What a user writes without this library, in the inputs' dtype: per-target
-    concat + SDPA.  Its error sets the bar for ours."""
-    P = 0 if ref_k is None else ref_k.shape[0]
-    outs = []
-    for b in range(q.shape[0]):
-        sel = _selected(b, P, ref_index)
-        kb = torch.cat([k[b]] + [ref_k[j] for j in sel], 0)
-        vb = torch.cat([v[b]] + [ref_v[j] for j in sel], 0)
-        o = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), kb[None].transpose(1, 2),
-                                           vb[None].transpose(1, 2), scale=scale)
-        outs.append(o.transpose(1, 2)[0])
-    return torch.stack(outs)
 
 
 # --------------------------------------------------------------------------- #

@@ -329,7 +329,7 @@ def test_flux_batch_scope_cache_equals_round_scope():
     import torch
     from PIL import Image
 
-    from pipelines.story_iter.backbone_flux import FluxBackbone
+    from pipelines.backbones.flux import FluxBackbone
     from pipelines.tiny import get_tiny_flux
 
     rng = np.random.default_rng(0)

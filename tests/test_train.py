@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines import flow_matching as L
 from pipelines.train import cli as T
-from pipelines.train import losses as L
 from pipelines.train import model as M
 from pipelines.tiny import get_tiny_flux
 
 REPO = Path(__file__).resolve().parents[1]
-
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from pipelines.train import cli as T
-from pipelines.train.world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv
+from pipelines.world.recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv
 from pipelines.world import data as WD
 from pipelines.world import weights as W
 
 REPO = Path(__file__).resolve().parents[1]
 
 needs_world = pytest.mark.skipif(not W.available(), reason="no committed world weights "
-                                 "(python -m pipelines.world build)")
+                                 "(python -m pipelines.world_build build)")
 
 
 def _train(argv, cwd):
@@ -121,8 +121,8 @@ def test_default_dpo_wiring_with_stand_in_pools(tmp_path, monkeypatch, capsys):
 
 @needs_world
 def test_world_defaults_are_the_recipe_the_build_passes(tmp_path):
-    """The defaults without --model equal what ``pipelines.world build`` passes as flags
-    (both read pipelines/train/world_recipe.py), and an explicit --model gets the generic
+    """The defaults without --model equal what ``pipelines.world_build build`` passes as flags
+    (both read pipelines/world/recipe.py), and an explicit --model gets the generic
     defaults."""
     for stage in ("gsa", "dpo"):
         extra = ["--stage1-lora", W.gsa_lora_path()] if stage == "dpo" else []

@@ -9,6 +9,8 @@ import torch
 
 from pipelines.train import cli as T
 from pipelines.train import data as D
+from pipelines.cli_common import UsageError
+from pipelines.lora_files import check_lora_fits
 from pipelines.train import model as M
 from pipelines.tiny import get_tiny_flux, tiny_flux_transformer_config
 from pipelines.train.synthetic import make_dpo_pairs, make_story_groups
@@ -191,9 +193,9 @@ def test_stage1_lora_with_unknown_layers(tiny_flux, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     save_file(sd, str(bad / M.LORA_WEIGHT_NAME))
-    with pytest.raises(M.ModelError, match="transformer_blocks.7"):
-        M.check_lora_matches(tr, bad)
-    assert M.check_lora_matches(tr, good)[1] == 34
+    with pytest.raises(UsageError, match="transformer_blocks.7"):
+        check_lora_fits(tr, bad)
+    assert check_lora_fits(tr, good)[1] == 34
 
 
 def test_stage1_lora_missing(tiny_flux, tmp_path, capsys):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipelines.world.build import SETTINGS, resolve_profile, run_build
+from pipelines.world_build.build import SETTINGS, resolve_profile, run_build
 
 
 def test_auto_is_full_on_a_gpu_and_cpu_without_one():
@@ -45,14 +45,14 @@ def test_profile_is_recorded_and_a_build_is_not_resumed_under_another(tmp_path, 
 
 
 def test_cli_refuses_an_unknown_profile_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipelines.world", "build", "--out",
+    r = subprocess.run([sys.executable, "-m", "pipelines.world_build", "build", "--out",
                         str(tmp_path), "--profile", "huge"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "argument --profile: invalid choice: 'huge'" in r.stderr
 
 
 def test_quick_is_the_quick_profile_and_not_combined_with_another(capsys):
-    from pipelines.world.cli import build_parser
+    from pipelines.world_build.cli import build_parser
 
     assert build_parser().parse_args(["build", "--quick"]).profile == "quick"
     assert build_parser().parse_args(["build"]).profile == "auto"

@@ -25,7 +25,8 @@ def other_colour(ident):
 def rendered_set(tmp_path: Path):
     """Scenarios s000..s002 with four rendered candidates each (labels known), s002 with
     losers only; returns (studio root, truth, expected labels)."""
-    from pipelines.candidates.cli import MANIFEST, _manifest
+    from pipelines.candidate_sets import MANIFEST
+    from pipelines.candidate_sets import new_manifest as _manifest
     from pipelines.candidates.scenarios import load_scenarios
 
     scen = make_scenarios(tmp_path / "root" / "scen", n=3, seed=9)
@@ -65,9 +66,9 @@ def test_labeller_on_rendered_candidates(tmp_path):
     pytest.importorskip("uvicorn")
     from _studio_data import thread_server
     from pipelines.studio.journal import JOURNAL_NAME, Journal
-    from pipelines.studio.pairs import copy_pairs
+    from pipelines.preference_pools import copy_pairs
     from pipelines.train.data import load_preference_pairs
-    from pipelines.world.label import LabelError, label_set
+    from pipelines.world_build.label import LabelError, label_set
 
     root, truth, want = rendered_set(tmp_path)
     with thread_server(root) as url:
@@ -123,7 +124,7 @@ def test_scenarios_are_training_identities_with_own_reference_captions(tmp_path)
 
 def test_build_from_weights_takes_committed_stage1(tmp_path):
     from pipelines.world import weights as W
-    from pipelines.world.build import seed_from_weights
+    from pipelines.world_build.build import seed_from_weights
 
     if not W.available():
         pytest.skip("no committed world weights")

@@ -17,7 +17,7 @@ from pipelines.world import metrics as M
 from pipelines.world import weights as W
 
 pytestmark = pytest.mark.skipif(not W.available(), reason="no world weights: "
-                                "python -m pipelines.world build")
+                                "python -m pipelines.world_build build")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def solo_story(tmp_path_factory):
     st = load_story(path)
     refs = [[Image.open(st.character(n).reference_images[0]).convert("RGB")
              for n in f.characters] for f in st.frames]
-    from pipelines.world.sample import reference_prompt
+    from pipelines.world_build.sample import reference_prompt
 
     rp = [[reference_prompt(im, n) for im, n in zip(r, f.characters)]
           for r, f in zip(refs, st.frames)]
@@ -51,7 +51,7 @@ def test_weights_load_with_from_pretrained_and_load_lora_weights():
 
 
 def test_base_draws_the_prompted_scene_and_slot(solo_story):
-    from pipelines.world.sample import draw, load_world
+    from pipelines.world_build.sample import draw, load_world
 
     st, _, _ = solo_story
     pipe = load_world(W.flux_path())
@@ -66,7 +66,7 @@ def test_stage1_reads_clean_references_and_not_noised_ones(solo_story):
     """Fails if the references were noised, cut off, or the LoRA ignores them."""
     from storyattn import GroupSharedAttention
 
-    from pipelines.world.sample import draw, load_world
+    from pipelines.world_build.sample import draw, load_world
 
     st, refs, rp = solo_story
     prompts, seeds = [f.prompt for f in st.frames], list(range(16))
@@ -118,8 +118,8 @@ def test_a_few_hundred_gsa_steps_from_the_base_learn_identity(tmp_path):
     from storyattn import GroupSharedAttention
 
     from pipelines.train.cli import main as train_main
-    from pipelines.train.world_recipe import recipe_argv, world_gsa_data
-    from pipelines.world.sample import draw, load_world
+    from pipelines.world.recipe import recipe_argv, world_gsa_data
+    from pipelines.world_build.sample import draw, load_world
 
     train, held = D.split_identities(0)
     data = world_gsa_data(tmp_path / "g", seed=0)

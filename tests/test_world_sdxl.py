@@ -19,7 +19,7 @@ except FileNotFoundError:
     _HAVE = False
 
 pytestmark = pytest.mark.skipif(not _HAVE, reason="no world SDXL weights: python -m "
-                                "pipelines.world build --only sdxl_base sdxl_ip sdxl_export")
+                                "pipelines.world_build build --only sdxl_base sdxl_ip sdxl_export")
 
 # one and two characters on every scene, fixed slots and sizes
 PROMPTS = [D.frame_prompt(sc, cast) for sc, cast in [
@@ -50,7 +50,7 @@ def _scene_count(images):
 def pipe():
     from diffusers import StableDiffusionXLPipeline
 
-    from pipelines.world.train_sdxl import ip_adapter_kwargs
+    from pipelines.world.weights import ip_adapter_kwargs
 
     p = StableDiffusionXLPipeline.from_pretrained(W.sdxl_path(), local_files_only=True)
     p.set_progress_bar_config(disable=True)
@@ -77,7 +77,8 @@ def test_the_adapter_loads_in_its_original_layout_and_was_trained(pipe):
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from safetensors.torch import load_file
 
-    from pipelines.world.train_sdxl import IP_SUBFOLDER, IP_WEIGHT_NAME, _cross_attentions
+    from pipelines.world.weights import IP_SUBFOLDER, IP_WEIGHT_NAME
+    from pipelines.world_build.train_sdxl import _cross_attentions
 
     sd = load_file(f"{W.sdxl_path()}/{IP_SUBFOLDER}/{IP_WEIGHT_NAME}")
     layers = list(_cross_attentions(pipe.unet))

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from ..cli_common import UsageError
+
 __all__ = ["Scenario", "ScenarioError", "load_scenarios"]
 
 # scenario ids become folder names and URL parts: keep them to a safe alphabet
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 
-class ScenarioError(ValueError):
+class ScenarioError(UsageError):
     """A scenarios file that cannot be used; the message names the problem and the fix."""
 
 

@@ -18,7 +18,7 @@ def prepare_out(out: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     Refuses a folder made with a different config (naming every differing field), and a
     non-empty folder that is not a Story-Iter output."""
-    from pipelines.story_iter.report import read_json
+    from pipelines.run_folder import read_json
 
     man = out / "manifest.json"
     if man.is_file():
@@ -42,7 +42,7 @@ def prepare_out(out: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 def frames_on_disk(out: Path, rounds: int, n: int):
-    from pipelines.story_iter.report import frame_path
+    from pipelines.run_folder import frame_path
 
     done, nxt = 0, None
     for r in range(rounds + 1):

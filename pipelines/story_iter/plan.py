@@ -12,15 +12,15 @@ loading and stored in the manifest (``"plan"``): a new option adds one row there
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..cli_common import UsageError
 from ..lora_files import check_lora_file
-from ..vistorybench.cli_hooks import export_row
+from . import story as story_stage
+from .model_folder import SMALL_BELOW, check_model, native_size, size_multiple
 from .presets import PLAN_ROWS as SAMPLING_ROWS
+from .presets import config_fields, sampling_config
 
 __all__ = ["PUBLISHED", "DEMO", "parse_refs", "resolve", "PLAN_ROWS", "plan_rows", "format_plan",
            "check_device", "native_size", "size_multiple"]
@@ -29,10 +29,6 @@ __all__ = ["PUBLISHED", "DEMO", "parse_refs", "resolve", "PLAN_ROWS", "plan_rows
 PUBLISHED = dict(rounds=10, steps=50, scales=(0.3, 0.5), guidance_sdxl=5.0, guidance_flux=3.5,
                  height=1024, width=1024, batch_size=4, seed=0)
 DEMO = dict(rounds=2, steps=3, batch_size=10)
-SMALL_BELOW = 512   # a model whose config was built for fewer pixels than this is "small"
-
-# model_index.json _class_name -> backbone
-_PIPELINE_BACKBONE = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl"}
 
 
 def parse_refs(spec: str) -> Tuple[str, int]:
@@ -78,60 +74,8 @@ def check_device(spec: Optional[str]) -> str:
     return spec
 
 
-def _config(model: Path, sub: str) -> dict:
-    try:
-        return json.loads((model / sub / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _vae_scale(model: Path) -> int:
-    return 2 ** (len(_config(model, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
-
-
-def native_size(backbone: str, model: Path) -> Optional[int]:
-    """The image size the model's config was built for (None when the config does not say)."""
-    if backbone == "sdxl":
-        s = _config(model, "unet").get("sample_size")
-        return int(s) * _vae_scale(model) if isinstance(s, int) else None
-    s = _config(model, "vae").get("sample_size")
-    return int(s) if isinstance(s, int) else None
-
-
-def size_multiple(backbone: str, model: Path) -> int:
-    """Height/width must be a multiple of this: SDXL's pipeline checks multiples of 8 and the
-    VAE needs whole latents; FLUX packs 2x2 latents (its pipeline would silently round)."""
-    v = _vae_scale(model)
-    return math.lcm(8, v) if backbone == "sdxl" else 2 * v
-
-
-def check_model(backbone: str, model: str) -> Path:
-    p = Path(model)
-    if not p.is_dir():
-        raise UsageError(f"--model {model}: not a local folder (weights load only from local "
-                         "diffusers pipeline folders)")
-    try:
-        cls = json.loads((p / "model_index.json").read_text()).get("_class_name", "")
-    except (OSError, ValueError):
-        raise UsageError(f"--model {model}: no readable model_index.json, so not a diffusers "
-                         "pipeline folder; give the folder that holds model_index.json") from None
-    found = _PIPELINE_BACKBONE.get(cls)
-    if found is None:
-        raise UsageError(f"--model {model}: a {cls or 'unknown'} folder; Story-Iter needs a "
-                         "StableDiffusionXLPipeline (--backbone sdxl) or FluxPipeline "
-                         "(--backbone flux) folder")
-    if found != backbone:
-        raise UsageError(f"--model {model}: a {cls} folder, not {backbone.upper()}; use "
-                         f"--backbone {found} or give a {backbone.upper()} model folder")
-    return p
-
-
 def resolve(args, dist) -> Dict[str, Any]:
     """Fill defaults and check every argument; returns the run plan (nothing loaded)."""
-    from pipelines.story import demo_story
-    from pipelines.story_iter.presets import config_fields, sampling_config
-    from pipelines.vistorybench.cli_hooks import load_story_arg, manifest_entry
-
     notes: List[str] = []
     device = check_device(args.device)
     if device == "cuda" and dist.world > 1:
@@ -142,7 +86,7 @@ def resolve(args, dist) -> Dict[str, Any]:
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    story = load_story_arg(args.story, args) if args.story else demo_story()
+    story = story_stage.load(args)
     if args.frames is not None and not 1 <= args.frames <= len(story.frames):
         raise UsageError(f"--frames {args.frames}: the story has {len(story.frames)} frames "
                          f"(give 1 .. {len(story.frames)})")
@@ -219,7 +163,7 @@ def resolve(args, dist) -> Dict[str, Any]:
         story=story, demo=demo, notes=notes, device=device, dtype=dtype, out=out,
         model=str(model), ip_adapter=ip_adapter, image_encoder=image_encoder, native=native,
         sampling=sampling, preset=getattr(args, "preset_info", None),
-        vistorybench=manifest_entry(args),
+        vistorybench=story_stage.manifest_entry(args),
         config={
             "backbone": args.backbone,
             "model": str(Path(model).resolve()),
@@ -290,7 +234,7 @@ PLAN_ROWS: List[Tuple[str, Callable[[Dict[str, Any]], Optional[str]]]] = [
     ("device", lambda p: p["device"] + (f" x {p['processes']} processes"
                                         if p.get("processes", 1) > 1 else "")),
     ("output", lambda p: str(p["out"])),
-    ("export", export_row),
+    ("export", story_stage.export_row),
     ("resume", _resume_row),
 ]
 

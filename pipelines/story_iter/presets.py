@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..cli_common import UsageError
+from .model_folder import SMALL_BELOW, native_size
 
 __all__ = ["PRESETS", "STYLE_TEMPLATES", "STORY_ITER_NEGATIVE", "add_arguments", "apply",
            "frame_text", "sampling_config", "config_fields", "configure_backbone",
@@ -114,8 +115,6 @@ def _small_model(args) -> bool:
     size: the run's own small-model defaults apply (plan.resolve), not the preset's sizes."""
     if args.model is None:
         return True
-    from .plan import SMALL_BELOW, native_size
-
     native = native_size(args.backbone, Path(args.model))
     return native is not None and native < SMALL_BELOW
 

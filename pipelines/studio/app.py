@@ -1,33 +1,25 @@
 """The studio's ASGI application: ``create_app(root)``.
 
 Routers: :mod:`runs` (runs list, contact sheet, frame viewer), :mod:`labels` (candidate
-sets, marks, export).  Here: the pages' shell (HTML/JS/CSS shipped in ``static/``, no
-CDN), image and thumbnail routes (through :meth:`Root.resolve` only), and one handler
+sets, marks, export).  Here: the pages' shell (:mod:`pages`), image and thumbnail routes (through :meth:`Root.resolve` only), and one handler
 that turns every refusal into a plain 404.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from pipelines.studio import labels, runs
 from pipelines.studio.files import IMAGE_EXTS, NotUnderRoot, Root
+from pipelines.studio.pages import STATIC, page
 
 __all__ = ["create_app"]
 
-STATIC = Path(__file__).resolve().parent / "static"
 THUMB_SIZES = (96, 160, 256, 512)
 
 
-def page(name: str) -> FileResponse:
-    return FileResponse(STATIC / name, media_type="text/html")
-
-
 def create_app(root, cache_dir=None) -> FastAPI:
-    from pipelines.studio import labels, runs
-
     app = FastAPI(title="storyattn studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.root = Root(root, cache_dir)
 

@@ -137,7 +137,7 @@ class Root:
         """A JPEG at most ``size`` px on its longer side, made once and cached."""
         from PIL import Image
 
-        from pipelines.story_iter.report import atomic_write_bytes
+        from pipelines.run_folder import atomic_write_bytes
 
         src = self.resolve(rel)
         if src.suffix.lower() not in IMAGE_EXTS:

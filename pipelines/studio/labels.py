@@ -18,10 +18,11 @@ from typing import Optional
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from pipelines.candidates.cli import MANIFEST
+from pipelines.candidate_sets import MANIFEST
 from pipelines.studio.files import window
 from pipelines.studio.journal import JOURNAL_NAME, LABELS, Journal
 from pipelines.studio.pairs import ExportError, export_pairs
+from pipelines.studio.pages import page
 
 router = APIRouter()
 _EVENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -130,7 +131,5 @@ def export(request: Request, set_id: str):
 
 @router.get("/sets/{set_id}")
 def label_page(request: Request, set_id: str):
-    from pipelines.studio.app import page
-
     request.app.state.root.set_dir(set_id)
     return page("label.html")

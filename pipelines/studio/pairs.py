@@ -15,27 +15,21 @@ import json
 from pathlib import Path
 from typing import Dict
 
+from pipelines.candidate_sets import MANIFEST, read_manifest
+from pipelines.preference_pools import PAIRS_NAME, ExportError
+from pipelines.run_folder import atomic_write_bytes
 from pipelines.studio.journal import JOURNAL_NAME, Journal
 
-__all__ = ["export_pairs", "copy_pairs", "ExportError", "PAIRS_NAME"]
-
-PAIRS_NAME = "pairs.jsonl"
-
-
-class ExportError(ValueError):
-    pass
+__all__ = ["export_pairs", "ExportError", "PAIRS_NAME"]
 
 
 def export_pairs(set_dir, out=None) -> Dict:
     """Write the pool file; return {"path", "scenarios", "pairs", "skipped"}."""
-    from pipelines.candidates.cli import MANIFEST
-    from pipelines.story_iter.report import atomic_write_bytes
-
     set_dir = Path(set_dir)
     if not (set_dir / MANIFEST).is_file():
         raise ExportError(f"{set_dir} holds no {MANIFEST}; pass a folder written by "
                           "python -m pipelines.candidates")
-    manifest = json.loads((set_dir / MANIFEST).read_text())
+    manifest = read_manifest(set_dir)
     marks = Journal(set_dir / JOURNAL_NAME).marks()
     out = Path(out) if out else set_dir / PAIRS_NAME
     base = out.resolve().parent
@@ -62,32 +56,3 @@ def export_pairs(set_dir, out=None) -> Dict:
                           "some first")
     atomic_write_bytes(out, "".join(json.dumps(l) + "\n" for l in lines).encode())
     return {"path": str(out), "scenarios": len(lines), "pairs": n_pairs, "skipped": skipped}
-
-
-def copy_pairs(pairs_file, dst) -> Dict:
-    """Copy ``pairs_file`` and every image it names into folder ``dst``, paths kept as written
-    (relative ones only: the copy must stand alone).  Return {"files", "bytes"}."""
-    import shutil
-
-    pairs_file = Path(pairs_file)
-    src, dst = pairs_file.parent.resolve(), Path(dst)
-    names = set()
-    for line in pairs_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        obj = json.loads(line)
-        for key in ("references", "winners", "losers"):
-            names.update(obj.get(key, []))
-        names.update(obj[k] for k in ("winner", "loser") if k in obj)
-    dst.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for rel in sorted(names):
-        p = (src / rel).resolve()
-        if Path(rel).is_absolute() or not p.is_relative_to(src):
-            raise ExportError(f"{pairs_file}: {rel!r} is not under the file's folder; only a "
-                              "pool with relative paths inside it can be copied")
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, dst / rel)
-        total += p.stat().st_size
-    shutil.copyfile(pairs_file, dst / PAIRS_NAME)
-    return {"files": len(names) + 1, "bytes": total + pairs_file.stat().st_size}

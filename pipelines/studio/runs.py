@@ -1,7 +1,7 @@
 """Story-Iter runs under ROOT: list, contact sheet (rounds x frames), frame viewer.
 
 A run is a folder holding a ``manifest.json`` of format ``storyattn.story_iter/*``
-(layout: pipelines/story_iter/report.py).  The contact sheet's API answers a window of
+(layout: pipelines/run_folder.py).  The contact sheet's API answers a window of
 frames (``offset``/``limit``) so a 100-frame x 11-round run loads in pieces.
 
 Consistency metrics per round come from ``pipelines.world.metrics.round_metrics(run_dir,
@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 from fastapi import APIRouter, Query, Request
 
 from pipelines.studio.files import RUN_MANIFEST, NotUnderRoot, window
+from pipelines.studio.pages import page
 
 router = APIRouter()
 
@@ -112,15 +113,11 @@ def frame_detail(request: Request, run_id: str, frame: int):
 
 @router.get("/runs/{run_id}")
 def sheet_page(request: Request, run_id: str):
-    from pipelines.studio.app import page
-
     request.app.state.root.run_dir(run_id)  # unknown id -> 404
     return page("sheet.html")
 
 
 @router.get("/runs/{run_id}/frames/{frame}")
 def frame_page(request: Request, run_id: str, frame: int):
-    from pipelines.studio.app import page
-
     request.app.state.root.run_dir(run_id)
     return page("frame.html")

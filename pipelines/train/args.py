@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_common import DefaultsFormatter, OneLineParser
-from . import losses as L
+from .. import flow_matching as L
+from ..cli_common import DefaultsFormatter, OneLineParser, UsageError
+from ..world.recipe import WORLD_RECIPE
 from . import model as M
-from .world_recipe import WORLD_RECIPE
 
 TINY = "tiny"             # --model tiny: the random-weight preset (pipelines.tiny)
 SYNTHETIC = "synthetic"   # --data synthetic: pipelines.train.synthetic
@@ -30,8 +30,8 @@ GENERIC = dict(batch_size=1, num_refs=2, lr_warmup_steps=0, timestep_shift=1.0,
 
 EPILOG = """\
 WORLD: the values used when --model is not given (the committed story-world FLUX in
-pipelines/world/weights/flux): the world recipe of pipelines/train/world_recipe.py, which
-`python -m pipelines.world build` trains with too.  An explicit --model gets the others."""
+pipelines/world/weights/flux): the world recipe of pipelines/world/recipe.py, which
+`python -m pipelines.world_build build` trains with too.  An explicit --model gets the others."""
 
 
 def _w(key: str) -> str:
@@ -46,7 +46,7 @@ def _w(key: str) -> str:
     return fmt(g) if g == d else f"{fmt(g)} gsa / {fmt(d)} dpo"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """Bad command-line arguments; raised before training starts."""
 
 

@@ -19,8 +19,8 @@ references (one GSA group ``[winner, loser, refs...]`` with two targets).
 Loss ``-log sigmoid(-beta/2 ((e_w - e_w_ref) - (e_l - e_l_ref)))``.
 
 Without ``--model`` the stage trains the committed story-world FLUX
-(``pipelines/world/weights/``) with the world recipe (:mod:`.world_recipe`, also what
-``python -m pipelines.world build`` runs); without ``--data`` on world story groups it writes
+(``pipelines/world/weights/``) with the world recipe (:mod:`pipelines.world.recipe`, also what
+``python -m pipelines.world_build build`` runs); without ``--data`` on world story groups it writes
 to ``OUTPUT_DIR/world_data`` (gsa) or the committed preference pools (dpo), and for dpo
 without ``--stage1-lora`` on the committed stage-1 LoRA; each default is announced.
 ``--model tiny`` (a random-weight FLUX built offline) with ``--data synthetic`` (the
@@ -54,8 +54,6 @@ from typing import Optional
 
 from .. import quiet
 from ..cli_common import UsageError
-from . import data as D
-from . import model as M
 from .args import DEFAULTS, ConfigError, build_parser, resolve_args
 from .checkpoints import CKPT_DIR, STATE_FILE, TRAINABLE_FILE, list_checkpoints, resolve_resume
 from .trainer import Trainer
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
         out = Path(args.output_dir)
         existed = out.exists()
         Trainer(args).run()
-    except (ConfigError, D.DataError, M.ModelError, UsageError) as exc:
+    except UsageError as exc:  # ConfigError, DataError, ModelError: all user errors
         print(f"[train] error: {exc}", file=sys.stderr, flush=True)
         _abandon(out, existed)
         return 2
@@ -89,4 +87,3 @@ def _abandon(out: Optional[Path], existed: bool) -> None:
     if out is not None and not existed and out.is_dir() \
             and not any((out / CKPT_DIR).glob("checkpoint-*")):
         shutil.rmtree(out, ignore_errors=True)
-

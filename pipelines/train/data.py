@@ -37,10 +37,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..cli_common import UsageError
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad training data: raised before any training step, with a readable message."""
 
 
@@ -348,4 +350,3 @@ def describe_groups(ds: StoryGroupDataset, num_refs: int) -> str:
         msg += (f"; {small} group(s) have fewer than {num_refs} other images, so their "
                 f"references repeat")
     return msg
-

@@ -19,18 +19,23 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cli_common import UsageError
+# the inputs and the forward are shared with the world's build (re-exported for the stages)
+from ..flux_inputs import (encode_latents, encode_prompts, flux_forward,  # noqa: F401
+                           has_guidance_embeds, image_ids, pack_latents)
+from ..lora_files import LORA_WEIGHT_NAME, check_lora_fits, lora_file
+
 LORA_TARGET_REGEX = (
     r"^(?:transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
     r"|add_v_proj|to_add_out)|ff\.net\.(?:0\.proj|2)|ff_context\.net\.(?:0\.proj|2))"
     r"|single_transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v)|proj_mlp|proj_out))$"
 )
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 STAGE1_ADAPTER = "gsa"
 DPO_ADAPTER = "dpo"
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A model or LoRA file that cannot be used: raised before training starts."""
 
 
@@ -101,64 +106,6 @@ def load_pipeline(path, dtype: torch.dtype):
             m.requires_grad_(False)
             m.eval()
     return pipe
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], device, max_sequence_length: int,
-                   batch_size: int = 8) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Unique prompt -> (T5 embeddings ``[L, D]``, CLIP pooled ``[P]``), kept on the CPU."""
-    uniq = list(dict.fromkeys(prompts))
-    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    for i in range(0, len(uniq), batch_size):
-        chunk = uniq[i:i + batch_size]
-        emb, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device,
-                                            num_images_per_prompt=1,
-                                            max_sequence_length=max_sequence_length)
-        for j, p in enumerate(chunk):
-            out[p] = (emb[j].cpu(), pooled[j].cpu())
-    return out
-
-
-def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [-1, 1] -> normalised FLUX latents ``[B, 16, H/f, W/f]``
-    (float32), by the same code that records GSA references
-    (:func:`storyattn.references.encode_latents`: posterior mode, so a cached latent
-    equals an on-the-fly one and training stays deterministic)."""
-    from storyattn.references import encode_latents as encode
-
-    return encode(vae, pixels).float()
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> FLUX packed ``[B, H/2 * W/2, 4C]`` (2x2 patches)."""
-    from storyattn.references import pack_latents as pack
-
-    return pack(latents)
-
-
-def image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tensor:
-    """Position ids ``[H/2 * W/2, 3]`` of a lone image, as FluxPipeline makes them."""
-    from storyattn.references import latent_image_ids
-
-    return latent_image_ids(latent_h, latent_w, device, dtype)
-
-
-def flux_forward(transformer, packed: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-                 sigma: torch.Tensor, img_ids: torch.Tensor, guidance: Optional[float]) -> torch.Tensor:
-    """One transformer call on ``[rows, L, 64]`` packed latents at noise levels ``sigma``
-    ``[rows]``; returns the predicted velocity ``[rows, L, 64]``."""
-    txt_ids = torch.zeros(text.shape[1], 3, device=packed.device, dtype=img_ids.dtype)
-    g = None
-    if guidance is not None:
-        g = torch.full((packed.shape[0],), float(guidance), device=packed.device, dtype=torch.float32)
-    out = transformer(hidden_states=packed, encoder_hidden_states=text, pooled_projections=pooled,
-                      timestep=sigma, img_ids=img_ids, txt_ids=txt_ids, guidance=g,
-                      return_dict=False)
-    return out[0]
-
-
-def has_guidance_embeds(transformer) -> bool:
-    return bool(getattr(transformer.config, "guidance_embeds", False))
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,78 +194,11 @@ def save_lora(transformer, adapter: str, out_dir, dtype: Optional[torch.dtype] =
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
-def _lora_file(path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / LORA_WEIGHT_NAME
-    if not p.is_file():
-        raise ModelError(f"stage-1 LoRA {p} does not exist (give --stage1-lora the file or the "
-                         f"output folder of a stage gsa run)")
-    return p
-
-
-def check_lora_matches(transformer, path) -> Tuple[Dict[str, torch.Tensor], int]:
-    """Read a diffusers-format LoRA file and check it fits ``transformer``.
-
-    Every ``lora_A``/``lora_B`` key must name a linear layer of this model with
-    matching in/out features and one rank per layer; a file with no transformer
-    LoRA keys, or one for another model, raises ``ModelError`` naming the keys.
-    Returns the transformer state dict (prefix removed) and the number of layers.
-    """
-    from diffusers import FluxPipeline
-
-    p = _lora_file(path)
-    try:
-        sd = FluxPipeline.lora_state_dict(str(p))
-    except Exception as exc:
-        raise ModelError(f"cannot read LoRA file {p}: {type(exc).__name__}: {exc}") from None
-    if isinstance(sd, tuple):
-        sd = sd[0]
-    tsd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
-    if not tsd:
-        raise ModelError(f"{p} holds no transformer LoRA weights (keys like "
-                         f"'transformer.<module>.lora_A.weight'); found e.g. {list(sd)[:3]}")
-    modules = dict(transformer.named_modules())
-    problems: List[str] = []
-    layers: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, val in tsd.items():
-        for part in (".lora_A.", ".lora_B."):
-            if part in key:
-                mod_name = key.split(part)[0]
-                layers.setdefault(mod_name, {})[part.strip(".")] = val
-                break
-        else:
-            problems.append(f"{key}: not a LoRA A/B weight")
-    for mod_name, ab in layers.items():
-        mod = modules.get(mod_name)
-        base = getattr(mod, "base_layer", mod)
-        if not isinstance(base, torch.nn.Linear):
-            problems.append(f"{mod_name}: no such linear layer in this transformer")
-            continue
-        a, b = ab.get("lora_A"), ab.get("lora_B")
-        if a is None or b is None:
-            problems.append(f"{mod_name}: has only {sorted(ab)} (needs lora_A and lora_B)")
-            continue
-        if a.dim() != 2 or a.shape[1] != base.in_features:
-            problems.append(f"{mod_name}.lora_A: shape {tuple(a.shape)}, this model needs "
-                            f"[rank, {base.in_features}]")
-        if b.dim() != 2 or b.shape[0] != base.out_features or b.shape[1] != a.shape[0]:
-            problems.append(f"{mod_name}.lora_B: shape {tuple(b.shape)}, this model needs "
-                            f"[{base.out_features}, {a.shape[0]}]")
-    if problems:
-        # one line (a user's mistake): the first few problems stand for the rest
-        shown = "; ".join(problems[:3])
-        more = f"; ... and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ModelError(f"stage-1 LoRA {p} does not fit this model ({len(problems)} problem(s)); "
-                         f"was it trained on a different model? {shown}{more}")
-    return tsd, len(layers)
-
-
 def load_frozen_lora(pipe, path, adapter: str = STAGE1_ADAPTER) -> int:
     """Check then load a stage-1 LoRA as ``adapter``; freeze it. Returns its layer count."""
     transformer = pipe.transformer
-    _, n_layers = check_lora_matches(transformer, path)
-    p = _lora_file(path)
+    _, n_layers = check_lora_fits(transformer, path)
+    p = lora_file(path)
     pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=adapter)
     loaded = lora_module_names(transformer, adapter)
     if len(loaded) != n_layers:

@@ -10,8 +10,8 @@ from typing import List
 
 import torch
 
+from .. import flow_matching as L
 from . import data as D
-from . import losses as L
 from . import model as M
 
 
@@ -144,4 +144,3 @@ class StepMixin:
         bad = [n for n in self.frozen_names if params[n].requires_grad or params[n].grad is not None]
         if bad:
             raise RuntimeError(f"stage-1 LoRA parameters are not frozen: {bad[:3]}")
-

@@ -13,7 +13,7 @@ from typing import Dict
 import torch
 
 from .. import quiet
-from ..lora_files import check_lora_file
+from ..lora_files import check_lora_file, lora_file
 from . import checkpoints as C
 from . import data as D
 from . import model as M
@@ -92,7 +92,7 @@ class Trainer(StepMixin):
             say(acc, f"{why}: a synthetic "
                      f"{args.stage} dataset written to {args.data}")
         elif args.world_data and args.stage == "gsa":
-            from .world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, world_gsa_data
+            from ..world.recipe import WORLD_GROUPS, WORLD_PER_GROUP, world_gsa_data
 
             with acc.main_process_first():
                 args.data = str(world_gsa_data(self.out / "world_data", seed=args.seed))
@@ -124,7 +124,7 @@ class Trainer(StepMixin):
     def _load_model(self, acc):
         args = self.args
         if args.stage1_lora is not None:   # a wrong file is refused before any weight loads
-            check_lora_file(str(M._lora_file(args.stage1_lora)), "flux", "--stage1-lora")
+            check_lora_file(str(lora_file(args.stage1_lora)), "flux", "--stage1-lora")
         with quiet.no_loading_bars():
             pipe = M.load_pipeline(args.model, self.weight_dtype)
         vsf = pipe.vae_scale_factor

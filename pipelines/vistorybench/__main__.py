@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     try:
         if args.cmd == "export":
-            from pipelines.vistorybench.cli_hooks import export_run
+            from pipelines.vistorybench.export import export_run
 
             dest = export_run(args.run_dir, args.to, args.method, args.mode, args.lang)
             print(f"exported: {dest}/")

@@ -1,2 +1,3 @@
 """The story world: a procedural renderer, an exact pixel reader, consistency metrics, training
-data, and tiny FLUX models trained in it (``python -m pipelines.world build``)."""
+data, its training recipe and the weights trained in it.  It imports no program; its models are
+built by ``python -m pipelines.world_build build``."""

@@ -1,4 +1,4 @@
-"""``python -m pipelines.world build|story`` (see :mod:`pipelines.world.cli`)."""
+"""``python -m pipelines.world story|scenarios`` (see :mod:`pipelines.world.cli`)."""
 from .cli import main
 
 raise SystemExit(main())

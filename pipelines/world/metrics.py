@@ -142,7 +142,7 @@ def score_run(run_dir, story_file=None, keep_frames: bool = False) -> Dict[str, 
     ``story_file``: the run's story (default: the story file the manifest names); its
     fingerprint must match the manifest's, so frames are never scored against another story."""
     from pipelines.story import load_story
-    from pipelines.story_iter.report import frame_path
+    from pipelines.run_folder import frame_path
 
     run_dir = Path(run_dir)
     man_path = run_dir / "manifest.json"

@@ -1,13 +1,13 @@
 """Where the committed world weights live and how to load them.
 
-``pipelines/world/weights/`` (package data), written by ``python -m pipelines.world build``::
+``pipelines/world/weights/`` (package data), written by ``python -m pipelines.world_build build``::
 
     flux/                    FluxPipeline folder: world-trained transformer and VAE, tiny text
                              encoders (FluxPipeline.from_pretrained(flux_path()))
     sdxl/                    StableDiffusionXLPipeline folder: world-trained UNet, the world VAE,
                              tiny CLIP text encoders; sdxl/ip_adapter/ holds the world-trained
                              IP-Adapter and its image encoder (pipe.load_ip_adapter(
-                             **train_sdxl.ip_adapter_kwargs(sdxl_path())))
+                             **ip_adapter_kwargs(sdxl_path())))
     lora_gsa.safetensors     stage 1 (GSA in-batch) LoRA, diffusers format
     lora_dpo.safetensors     stage 2 (DPO) LoRA, applied on top of stage 1
     dpo_data/                the preference pools stage 2 was trained from (``pairs.jsonl`` and
@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 __all__ = ["WEIGHTS_DIR", "FLUX_DIR", "GSA_LORA", "DPO_LORA", "BUILD_FILE", "flux_path",
-           "gsa_lora_path", "SDXL_DIR", "sdxl_path", "dpo_lora_path", "DPO_DATA", "dpo_data_path", "available", "build_info"]
+           "gsa_lora_path", "SDXL_DIR", "sdxl_path", "dpo_lora_path", "DPO_DATA", "dpo_data_path",
+           "available", "build_info", "IP_SUBFOLDER", "IP_WEIGHT_NAME", "IMAGE_ENCODER_FOLDER",
+           "ip_adapter_kwargs"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FLUX_DIR = "flux"
@@ -41,7 +43,7 @@ def _need(root) -> Path:
     root = Path(root or WEIGHTS_DIR)
     if not available(root):
         raise FileNotFoundError(f"no world weights in {root}: build them with "
-                                f"`python -m pipelines.world build`")
+                                f"`python -m pipelines.world_build build`")
     return root
 
 
@@ -54,7 +56,7 @@ def sdxl_path(root=None) -> str:
     root = Path(root or WEIGHTS_DIR)
     if not (root / SDXL_DIR / "model_index.json").is_file():
         raise FileNotFoundError(f"no world SDXL weights in {root}: build them with "
-                                f"`python -m pipelines.world build --only sdxl_base sdxl_ip "
+                                f"`python -m pipelines.world_build build --only sdxl_base sdxl_ip "
                                 f"sdxl_export`")
     return str(root / SDXL_DIR)
 
@@ -72,9 +74,21 @@ def dpo_data_path(root=None) -> str:
     root = _need(root)
     if not (root / DPO_DATA / "pairs.jsonl").is_file():
         raise FileNotFoundError(f"no preference pools in {root / DPO_DATA}: make them with "
-                                f"`python -m pipelines.world build --only dpo_data dpo export`")
+                                f"`python -m pipelines.world_build build --only dpo_data dpo export`")
     return str(root / DPO_DATA)
 
 
 def build_info(root=None) -> Dict[str, Any]:
     return json.loads((_need(root) / BUILD_FILE).read_text())
+
+
+# the world SDXL's IP-Adapter, inside its pipeline folder (written by the build's sdxl_ip stage)
+IP_SUBFOLDER = "ip_adapter"
+IP_WEIGHT_NAME = "ip-adapter_world.safetensors"
+IMAGE_ENCODER_FOLDER = "image_encoder"
+
+
+def ip_adapter_kwargs(path) -> dict:
+    """Arguments of ``pipe.load_ip_adapter(**ip_adapter_kwargs(sdxl_folder))``."""
+    return {"pretrained_model_name_or_path_or_dict": str(path), "subfolder": IP_SUBFOLDER,
+            "weight_name": IP_WEIGHT_NAME, "image_encoder_folder": IMAGE_ENCODER_FOLDER}

@@ -1,10 +1,14 @@
-"""Backend registry for :func:`storyattn.segment_attention`.
+"""One backend registry for every op: :func:`storyattn.segment_attention` and
+:func:`storyattn.rope.qk_norm_rope` (with its cache-writing form).
 
-Each backend lives in its own small module and registers a :class:`Backend`:
-the function that computes ``(out, lse)`` (differentiable where the backend
-supports training), an availability test that returns the reason (with an
-install hint) when the backend cannot be imported here, and a per-call check
-that returns the reason when the backend cannot run *these* inputs.
+Each backend lives in its own small module and lists its records in ``BACKENDS``, one per
+op it implements (:class:`Backend` for segment attention, :class:`QKNormRopeBackend` for
+q/k norm + rope): the function that computes the op, an availability test that returns the
+reason (with an install hint) when the backend cannot be imported here, a per-call check
+that returns the reason when the backend cannot run *these* inputs, and a priority per
+device for ``backend=None``.  Both ops pick a backend the same way (:func:`select`), raise
+the same errors, and run their kernels through ``torch.library`` custom ops
+(:mod:`._custom_op`), so ``torch.compile`` sees one opaque op with exact fake shapes.
 
 Nothing here touches a GPU at import time; optional packages are imported
 lazily inside the availability tests and the real import error is kept for the
@@ -13,82 +17,25 @@ message.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .base import (QK_NORM_ROPE, SEGMENT_ATTENTION, Backend, QKNormRopeBackend,
+                   QKNormRopeInputs, SegmentInputs)
 
-@dataclass
-class SegmentInputs:
-    """Validated inputs of one segment-attention call (see ``storyattn.api``).
+__all__ = ["Backend", "QKNormRopeBackend", "SegmentInputs", "QKNormRopeInputs",
+           "SEGMENT_ATTENTION", "QK_NORM_ROPE", "available", "all_backends", "availability",
+           "get", "register", "select"]
 
-    ``ref_k``/``ref_v`` are ``None`` when there is no reference pool (``P == 0``
-    or not given). ``ref_index`` is ``None`` (every target reads all ``P``
-    entries) or an int64 tensor ``[B, R]`` with entries in ``[-1, P)``.
-    """
+AnyBackend = Union[Backend, QKNormRopeBackend]
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    ref_k: Optional[torch.Tensor]
-    ref_v: Optional[torch.Tensor]
-    ref_index: Optional[torch.Tensor]
-    scale: float
+# (op, name) -> backend
+_REGISTRY: Dict[Tuple[str, str], AnyBackend] = {}
 
-    @property
-    def needs_grad(self) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        ts = [self.q, self.k, self.v, self.ref_k, self.ref_v]
-        return any(t is not None and t.requires_grad for t in ts)
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[-1]
-
-
-# forward(inputs) -> (out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] natural log; float32,
-# or float64 for float64 inputs so float64 backwards stay exact)
-ForwardFn = Callable[[SegmentInputs], "tuple[torch.Tensor, torch.Tensor]"]
-# backward(inputs, dout, out, lse) -> (dq, dk, dv, dref_k, dref_v); dref_* None without a pool
-BackwardFn = Callable[..., tuple]
-
-
-@dataclass
-class Backend:
-    """One implementation of segment attention.
-
-    ``forward`` is a plain (non-autograd) function; ``backward``, when given,
-    computes all five gradients from the saved ``out``/``lse``.  The public op
-    wraps the pair in one ``torch.library`` custom op with its autograd formula,
-    so every backend looks the same to autograd and to ``torch.compile``.  A
-    backend without ``backward`` is inference-only and its ``check`` must refuse
-    calls that need gradients.
-    """
-    name: str
-    forward: ForwardFn
-    # () -> None when usable on this machine, else a reason including how to install.
-    availability: Callable[[], Optional[str]]
-    # (inputs) -> None when these inputs can run, else the reason.
-    check: Callable[[SegmentInputs], Optional[str]]
-    # higher runs first when backend=None; per device type ("cpu", "cuda").
-    priority: Dict[str, int] = field(default_factory=dict)
-    backward: Optional[BackwardFn] = None
-
-
-_REGISTRY: Dict[str, Backend] = {}
-
-# Modules that register a backend when imported.  Imported lazily (first use of
-# the registry) so that ``import storyattn`` stays cheap and GPU-free.
+# Modules that each list their records in ``BACKENDS``; this registry imports them, never
+# the reverse.  Imported lazily (first use of the registry) so that ``import storyattn``
+# stays cheap and GPU-free.
 _BACKEND_MODULES = [
     "storyattn.backends.torch_backend",
     "storyattn.backends.triton_backend",
@@ -96,15 +43,16 @@ _BACKEND_MODULES = [
     "storyattn.backends.xformers_backend",
     "storyattn.backends.cuda_backend",
 ]
+_LABEL = {SEGMENT_ATTENTION: "segment-attention", QK_NORM_ROPE: "qk_norm_rope"}
 _loaded = False
 # availability() per backend, computed once per process: it imports optional
 # packages and probes devices, which should neither repeat on every call nor be
 # traced by torch.compile.
-_AVAILABILITY: Dict[str, Optional[str]] = {}
+_AVAILABILITY: Dict[Tuple[str, str], Optional[str]] = {}
 
 
-def register(backend: Backend) -> Backend:
-    _REGISTRY[backend.name] = backend
+def register(backend: AnyBackend) -> AnyBackend:
+    _REGISTRY[(backend.OP, backend.name)] = backend
     return backend
 
 
@@ -115,30 +63,36 @@ def _load() -> None:
     _loaded = True
     for mod in _BACKEND_MODULES:
         try:
-            importlib.import_module(mod)
+            module = importlib.import_module(mod)
         except ModuleNotFoundError as e:  # a backend module not written for this build
             if e.name != mod:
                 raise
+            continue
+        for b in module.BACKENDS:
+            register(b)
 
 
-def availability(b: Backend) -> Optional[str]:
+def availability(b: AnyBackend) -> Optional[str]:
     """Cached ``b.availability()``: None when usable here, else the reason."""
-    if b.name not in _AVAILABILITY:
-        _AVAILABILITY[b.name] = b.availability()
-    return _AVAILABILITY[b.name]
+    key = (b.OP, b.name)
+    if key not in _AVAILABILITY:
+        _AVAILABILITY[key] = b.availability()
+    return _AVAILABILITY[key]
 
 
-def get(name: str) -> Backend:
+def get(name: str, op: str = SEGMENT_ATTENTION) -> AnyBackend:
     _load()
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown segment-attention backend {name!r}; known backends: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    if (op, name) not in _REGISTRY:
+        known = sorted(n for o, n in _REGISTRY if o == op)
+        raise ValueError(f"unknown {_LABEL[op]} backend {name!r}; known backends: {known} "
+                         f"(backend must be one of them or None)")
+    return _REGISTRY[(op, name)]
 
 
-def all_backends() -> List[Backend]:
+def all_backends(op: Optional[str] = SEGMENT_ATTENTION) -> List[AnyBackend]:
+    """The registered backends of ``op`` (every op's with ``op=None``)."""
     _load()
-    return list(_REGISTRY.values())
+    return [b for (o, _), b in _REGISTRY.items() if op is None or o == op]
 
 
 def _probe_inputs(device: str, dtype: torch.dtype) -> SegmentInputs:
@@ -147,8 +101,9 @@ def _probe_inputs(device: str, dtype: torch.dtype) -> SegmentInputs:
 
 
 def available() -> List[str]:
-    """Names of the backends whose packages import and that can run a call on some
-    local device (probed with tiny tensors; called on demand, never at import)."""
+    """Names of the segment-attention backends whose packages import and that can run a
+    call on some local device (probed with tiny tensors; called on demand, never at
+    import)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     names = []
     for b in all_backends():
@@ -162,21 +117,23 @@ def available() -> List[str]:
     return names
 
 
-def select(inputs: SegmentInputs, name: Optional[str]) -> Backend:
-    """The backend to run ``inputs`` on: ``name`` if given (error if it cannot run),
-    else the highest-priority backend for the device that can run them."""
+def select(inputs, name: Optional[str], op: str = SEGMENT_ATTENTION) -> AnyBackend:
+    """The backend of ``op`` to run ``inputs`` on: ``name`` if given (``RuntimeError`` when
+    it cannot run here, ``ValueError`` when it cannot run these inputs), else the
+    highest-priority backend for the device that can run them."""
     if name is not None:
-        b = get(name)
+        b = get(name, op)
         why = availability(b)
         if why is not None:  # not installed / no device: an environment problem
-            raise RuntimeError(f"segment_attention backend {name!r} cannot run this call: {why}")
+            raise RuntimeError(f"{op} backend {name!r} cannot run this call: {why}")
         why = b.check(inputs)
         if why is not None:  # installed, but these inputs are outside what it supports
-            raise ValueError(f"segment_attention backend {name!r} cannot run these inputs "
-                             f"(q {tuple(inputs.q.shape)} {inputs.dtype} on {inputs.device}): {why}")
+            raise ValueError(f"{op} backend {name!r} cannot run these inputs "
+                             f"(q {tuple(inputs.q.shape)} {inputs.dtype} on {inputs.device}): "
+                             f"{why}")
         return b
     dev = inputs.device.type
-    cands = sorted((b for b in all_backends() if dev in b.priority),
+    cands = sorted((b for b in all_backends(op) if dev in b.priority),
                    key=lambda b: -b.priority[dev])
     reasons = []
     for b in cands:
@@ -184,4 +141,4 @@ def select(inputs: SegmentInputs, name: Optional[str]) -> Backend:
         if why is None:
             return b
         reasons.append(f"{b.name}: {why}")
-    raise RuntimeError("no segment_attention backend can run this call: " + "; ".join(reasons))
+    raise RuntimeError(f"no {op} backend can run this call: " + "; ".join(reasons))

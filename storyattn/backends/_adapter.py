@@ -9,8 +9,8 @@ import importlib
 
 import torch
 
-from . import SegmentInputs
-from ..api import merge_states
+from ._merge import merge_states
+from .base import SegmentInputs
 from .torch_backend import pool_forward
 
 

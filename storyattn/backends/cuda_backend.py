@@ -26,9 +26,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import Backend, SegmentInputs, register
-from .. import _cuda_ext
 from ._primitives import vector_ready
+from ._qk import fused_reason, norm_params
+from .base import Backend, QKKernelArgs, QKNormRopeBackend, QKNormRopeInputs, SegmentInputs
+from . import _cuda_ext
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _FA3_MAX_HEAD_DIM = 256
@@ -154,7 +155,7 @@ def forward(inputs: SegmentInputs) -> Tuple[torch.Tensor, torch.Tensor]:
     return forward_kernel(inputs)
 
 
-register(Backend(
+SEGMENT_ATTENTION = Backend(
     name="cuda",
     forward=forward,
     availability=_availability,
@@ -162,4 +163,78 @@ register(Backend(
     # Below triton (50) for backend=None until bench_cuda.py on a GPU shows the
     # precompiled path wins; backend="cuda" selects it explicitly.
     priority={"cuda": 45},
-))
+)
+
+
+# ----------------------------------------------------------------------------- qk_norm_rope
+# csrc/qk_norm_rope.cu: forward only, always normalises both and rotates, one eps.
+
+def _qk_check(inputs: QKNormRopeInputs) -> Optional[str]:
+    # the extension is asked per call, not through the cached availability: where its
+    # kernel runs is the loaded extension's answer (a GPU build, or the tests' host
+    # emulation on CPU tensors)
+    why = _cuda_ext.extension_error()
+    if why is not None:
+        return why
+    want = _cuda_ext.kernel_device_type()
+    if inputs.device.type != want:
+        return f"tensors are on {inputs.device}; the cuda kernel needs {want} tensors"
+    if inputs.rotary is None:
+        return "no image_rotary_emb: the cuda kernel always rotates (use 'torch' or 'triton')"
+    for norm, name in ((inputs.norm_q, "norm_q"), (inputs.norm_k, "norm_k")):
+        if norm is None:
+            return f"{name} is None: the cuda kernel always normalises (use 'torch' or 'triton')"
+    why = fused_reason(inputs, "cuda", _cuda_ext.QK_NORM_ROPE_MAX_HEAD_DIM)
+    if why is not None:
+        return why
+    eps = {norm_params(n, inputs.dtype)[1] for n in (inputs.norm_q, inputs.norm_k)}
+    if len(eps) > 1:
+        return f"norm_q and norm_k use different eps {sorted(eps)}; the cuda kernel takes one"
+    return None
+
+
+def _pair_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The cuda kernel moves RoPE pairs as one access: unit stride on the last
+    dim, even other strides, pair-aligned address.  Copy only when that fails."""
+    if t is None:
+        return None
+    ok = (t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:-1])
+          and t.data_ptr() % (2 * t.element_size()) == 0)
+    return t if ok else t.contiguous()
+
+
+def _table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else _pair_ready(t.float())
+
+
+def _qk_kernel(a: QKKernelArgs):
+    p = a.pool
+    if p is not None:
+        for pool, name in ((p.pool_k, "pool_k"), (p.pool_v, "pool_v")):
+            if _pair_ready(pool) is not pool:
+                raise ValueError(f"{name} must have a unit-stride head dim, even strides and a "
+                                 "pair-aligned address for the cuda backend (it is written in "
+                                 "place)")
+    return _cuda_ext.qk_norm_rope_cuda(
+        _pair_ready(a.q), _pair_ready(a.k),
+        None if a.weight_q is None else _pair_ready(a.weight_q),
+        None if a.weight_k is None else _pair_ready(a.weight_k),
+        _table(a.cos), _table(a.sin), a.eps_q, round_norm=True,
+        q_round_before_weight=a.round_q, k_round_before_weight=a.round_k,
+        v=None if p is None else _pair_ready(p.v),
+        pool_k=None if p is None else p.pool_k, pool_v=None if p is None else p.pool_v,
+        entry_ids=None if p is None else p.index.contiguous(),
+        img_start=0 if p is None else p.start,
+        extra_cos=None if p is None else _table(p.cos),
+        extra_sin=None if p is None else _table(p.sin))
+
+
+QK_NORM_ROPE = QKNormRopeBackend(
+    name="cuda",
+    availability=lambda: None,   # see _qk_check
+    check=_qk_check,
+    priority={},                 # by name only: the default on CUDA is triton's kernel
+    kernel=_qk_kernel,
+)
+
+BACKENDS = (SEGMENT_ATTENTION, QK_NORM_ROPE)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import Backend, SegmentInputs, register
+from .base import Backend, SegmentInputs
 from ._adapter import common_check, guarded_import, split_merge_forward
 
 
@@ -31,10 +31,12 @@ def forward(inputs: SegmentInputs):
     return split_merge_forward(inputs, _fwd)
 
 
-register(Backend(
+SEGMENT_ATTENTION = Backend(
     name="flash",
     forward=forward,
     availability=_availability,
     check=lambda i: common_check(i, "flash-attn", 256),
     priority={"cuda": 40},
-))
+)
+
+BACKENDS = (SEGMENT_ATTENTION,)

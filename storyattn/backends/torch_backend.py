@@ -14,11 +14,14 @@ flash-style backward is run with the *merged* output and lse.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import Backend, SegmentInputs, register
+from ._merge import merge_states, merge_states_
 from ._primitives import attn_bwd, attn_fwd, lse_dtype
-from ..api import merge_states, merge_states_
+from ._qk import apply_rotary
+from .base import Backend, QKNormRopeBackend, QKNormRopeInputs, QKPool, SegmentInputs
 
 
 def _fold(x):
@@ -129,11 +132,60 @@ def _check(inputs: SegmentInputs):
     return None
 
 
-register(Backend(
+def qk_norm_rope(inputs: QKNormRopeInputs, pool: Optional[QKPool] = None):
+    """diffusers' path: call the norm modules themselves (whatever they do, and any hooks or
+    adapters on them, stays identical to the stock processor), then the same rotation
+    formula; differentiable.  The pool write runs outside autograd (the pool holds
+    constants)."""
+    q, k = inputs.q, inputs.k
+    if inputs.norm_q is not None:
+        q = inputs.norm_q(q)
+    if inputs.norm_k is not None:
+        k = inputs.norm_k(k)
+    if inputs.rotary is not None:
+        cos, sin = inputs.rotary
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+    if pool is not None:
+        _write_pool(k, pool)
+    return q, k
+
+
+def _write_pool(k_out: torch.Tensor, pool: QKPool) -> None:
+    rows = pool.rows
+    if rows is not None and not rows:
+        return
+    with torch.no_grad():
+        keys, vals, entries = k_out.detach()[:, pool.start:], pool.v.detach()[:, pool.start:], \
+            pool.index
+        pcos, psin = pool.cos, pool.sin
+        if rows is not None and len(rows) < k_out.shape[0]:
+            sel = torch.tensor(rows, dtype=torch.int64, device=k_out.device)
+            keys, vals, entries = keys[sel], vals[sel], entries[sel]
+            if pcos is not None:
+                pcos, psin = pcos[sel], psin[sel]
+        if pcos is not None:  # one more rotation per row: the entry's own position
+            keys = apply_rotary(keys, pcos[:, None, None, :], psin[:, None, None, :])
+        pool.pool_k.index_copy_(0, entries, keys)
+        pool.pool_v.index_copy_(0, entries, vals)
+
+
+SEGMENT_ATTENTION = Backend(
     name="torch",
     forward=forward,
     backward=backward,
     availability=lambda: None,
     check=_check,
     priority={"cpu": 100, "cuda": 10},
-))
+)
+
+QK_NORM_ROPE = QKNormRopeBackend(
+    name="torch",
+    availability=lambda: None,
+    check=lambda inputs: None,
+    priority={"cpu": 100, "cuda": 10},
+    module_forward=qk_norm_rope,
+)
+
+BACKENDS = (SEGMENT_ATTENTION, QK_NORM_ROPE)

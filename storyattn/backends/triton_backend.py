@@ -1,5 +1,5 @@
 """``triton`` backend: the fused segment-attention kernels of
-``storyattn.kernels.segment_attn`` behind an autograd function.
+``storyattn.kernels.segment_attn`` (forward and backward; autograd is the custom op's).
 
 One forward kernel runs a single online softmax over a target's own keys and
 then the pool entries of its page-table row; the backward recomputes the
@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend, SegmentInputs, register
+from ._qk import fused_reason
+from .base import Backend, QKKernelArgs, QKNormRopeBackend, QKNormRopeInputs, SegmentInputs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -74,39 +75,11 @@ def _check(inputs: SegmentInputs) -> Optional[str]:
     return None
 
 
-class SegmentAttnFunction(torch.autograd.Function):
-    """``(out, lse) = segment attention(q, k, v, ref_k, ref_v; ref_index, scale)``.
-
-    Saves ``out`` and ``lse`` for the backward (FlashAttention style: no
-    probabilities are stored).  ``lse`` is returned for merging / inspection
-    but is not differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, ref_k, ref_v, ref_index, scale):
-        out, lse = _kernels().segment_attn_fwd(q, k, v, ref_k, ref_v, ref_index, scale)
-        ctx.save_for_backward(q, k, v, ref_k, ref_v, ref_index, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, ref_k, ref_v, ref_index, out, lse = ctx.saved_tensors
-        dq, dk, dv, dref_k, dref_v = _kernels().segment_attn_bwd(
-            dout, q, k, v, ref_k, ref_v, ref_index, out, lse, ctx.scale)
-        if ref_k is not None and dref_k is None:
-            # An empty pool (P == 0) still gets a gradient of its own (empty) shape.
-            dref_k, dref_v = torch.zeros_like(ref_k), torch.zeros_like(ref_v)
-        return dq, dk, dv, dref_k, dref_v, None, None
-
-
 def forward(inputs: SegmentInputs):
     """``(out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32 natural log)``; no autograd.
 
     The public op wraps this and :func:`backward` in one ``torch.library`` custom
-    op (storyattn/_custom_op.py) with its autograd formula; :class:`SegmentAttnFunction`
-    is the same pair as a plain autograd function for direct use.
+    op (storyattn/backends/_custom_op.py) with its autograd formula.
     """
     return _kernels().segment_attn_fwd(inputs.q, inputs.k, inputs.v, inputs.ref_k,
                                        inputs.ref_v, inputs.ref_index, inputs.scale)
@@ -121,11 +94,50 @@ def backward(inputs: SegmentInputs, dout, out, lse):
     return dq, dk, dv, dref_k, dref_v
 
 
-register(Backend(
+SEGMENT_ATTENTION = Backend(
     name="triton",
     forward=forward,
     backward=backward,
     availability=_availability,
     check=_check,
     priority={"cuda": 50, "cpu": 1},
-))
+)
+
+
+# ----------------------------------------------------------------------------- qk_norm_rope
+
+def _qk_availability() -> Optional[str]:
+    return _import_error()
+
+
+def _qk_check(inputs: QKNormRopeInputs) -> Optional[str]:
+    # the interpreter switch is read per call (not in the cached availability): it decides
+    # where the kernel may run, and tests flip it
+    if inputs.device.type != "cuda" and not (inputs.device.type == "cpu" and _interpret_env()):
+        return (f"tensors are on {inputs.device}; the triton kernel needs CUDA "
+                "(or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
+    return fused_reason(inputs, "triton", _MAX_HEAD_DIM)
+
+
+def _qk_kernel(a: QKKernelArgs):
+    from storyattn.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    pool = {}
+    if a.pool is not None:
+        p = a.pool
+        pool = dict(v=p.v, pool_k=p.pool_k, pool_v=p.pool_v, pool_index=p.index,
+                    pool_start=p.start, pool_cos=p.cos, pool_sin=p.sin)
+    return qk_norm_rope_fwd(a.q, a.k, a.weight_q, a.weight_k, a.cos, a.sin, (a.eps_q, a.eps_k),
+                            round_before_weight=(a.round_q, a.round_k),
+                            normalize=(a.norm_q, a.norm_k), **pool)
+
+
+QK_NORM_ROPE = QKNormRopeBackend(
+    name="triton",
+    availability=_qk_availability,
+    check=_qk_check,
+    priority={"cuda": 50},   # on CPU the interpreter is for tests, never the default
+    kernel=_qk_kernel,
+)
+
+BACKENDS = (SEGMENT_ATTENTION, QK_NORM_ROPE)

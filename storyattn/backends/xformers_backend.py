@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import Backend, SegmentInputs, register
+from .base import Backend, SegmentInputs
 from ._adapter import common_check, guarded_import, split_merge_forward
 
 
@@ -30,10 +30,12 @@ def forward(inputs: SegmentInputs):
     return split_merge_forward(inputs, _fwd)
 
 
-register(Backend(
+SEGMENT_ATTENTION = Backend(
     name="xformers",
     forward=forward,
     availability=_availability,
     check=lambda i: common_check(i, "xformers", 256),
     priority={"cuda": 30},
-))
+)
+
+BACKENDS = (SEGMENT_ATTENTION,)

@@ -94,12 +94,12 @@ def _diffusers_fns():
 
 
 def _resolve_backends() -> None:
-    """Load the segment-attention backend registry and cache every backend's
-    availability now, for the same reason: done lazily inside a compiled forward it would
-    be an import (a graph break) and a cache fill (a guard that changes)."""
+    """Load the backend registry and cache every backend's availability (both ops the
+    processor calls) now, for the same reason: done lazily inside a compiled forward it
+    would be an import (a graph break) and a cache fill (a guard that changes)."""
     from .. import backends
 
-    for b in backends.all_backends():
+    for b in backends.all_backends(op=None):
         backends.availability(b)
 
 

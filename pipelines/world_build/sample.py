@@ -15,10 +15,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..train import model as TM
-from . import data as D
-from .models import MAX_SEQUENCE_LENGTH, images_to_tensor
-from .reader import read_image
+from .. import flux_inputs as TM
+from ..world import data as D
+from ..model_presets import WORLD_MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH
+from ..model_presets import images_to_tensor
+from ..world.reader import read_image
 
 __all__ = ["load_world", "draw", "reference_prompt"]
 
@@ -27,11 +28,11 @@ def load_world(path, loras: Sequence[str] = (), device="cpu", dtype=torch.float3
     """FluxPipeline from a local folder, with LoRA files (paths) active at weight 1."""
     from diffusers import FluxPipeline
 
-    from ..lora_files import load_lora_files
+    from ..lora_files import LORA_WEIGHT_NAME, load_lora_files
 
     pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     # a training output folder stands for the LoRA file the trainer writes into it
-    files = [str(Path(lp) / TM.LORA_WEIGHT_NAME) if Path(lp).is_dir() else str(lp)
+    files = [str(Path(lp) / LORA_WEIGHT_NAME) if Path(lp).is_dir() else str(lp)
              for lp in loras]
     load_lora_files(pipe, files, "flux")
     pipe.to(device)

@@ -1,6 +1,6 @@
 """The reader as the expert: label a candidate set through a running studio, over HTTP only.
 
-    python -m pipelines.world label --url http://127.0.0.1:8765 SET [--truth truth.json]
+    python -m pipelines.world_build label --url http://127.0.0.1:8765 SET [--truth truth.json]
 
 It makes the calls the labelling page makes (docs/studio.md): ``GET /api/sets`` to find SET
 (its id, or its folder relative to the studio's ROOT), ``GET /api/sets/<id>`` for the
@@ -34,8 +34,8 @@ import urllib.parse
 import urllib.request
 from typing import Dict, Optional
 
-from . import data as D
-from .reader import read_image
+from ..world import data as D
+from ..world.reader import read_image
 
 __all__ = ["label_set", "export_set", "decide", "LabelError"]
 

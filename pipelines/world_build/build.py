@@ -1,4 +1,4 @@
-"""``python -m pipelines.world build``: train the world's models from a seed, stage by stage.
+"""``python -m pipelines.world_build build``: train the world's models from a seed, stage by stage.
 
 Stages (``STAGES``, in order; each writes its result under ``--out`` and is skipped when that
 result is there, so an interrupted build resumes at the first unfinished stage):
@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..train.world_recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv, \
+from ..world.recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv, \
     world_gsa_data
 
 __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Context"]
@@ -120,7 +120,7 @@ def _stage_vae(ctx: Context) -> Dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL
 
-    from .models import world_vae_config
+    from ..model_presets import world_vae_config
     from .train_base import train_vae
 
     torch.manual_seed(ctx.seed)
@@ -135,7 +135,7 @@ def _stage_base(ctx: Context) -> Dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL, FluxPipeline
 
-    from .models import build_world_pipeline
+    from ..model_presets import build_world_pipeline
     from .train_base import train_base
 
     tmp = ctx.out / "base.tmp"
@@ -190,9 +190,9 @@ def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
     """The preference loop a user runs, with the reader for the expert: world scenarios ->
     ``python -m pipelines.candidates`` (base + this build's stage 1) -> a studio on a free
     loopback port -> the reader labeller over its HTTP API -> the studio's export."""
-    from ..studio.local import studio_process
+    from .studio_child import studio_process
     from .label import export_set, label_set
-    from .scenarios import load_truth, make_scenarios
+    from ..world.scenarios import load_truth, make_scenarios
 
     s = ctx.settings
     t0 = time.perf_counter()
@@ -242,9 +242,9 @@ def _stage_dpo(ctx: Context) -> Dict[str, Any]:
 
 
 def _stage_export(ctx: Context) -> Dict[str, Any]:
-    from ..studio.pairs import copy_pairs
-    from ..train.model import LORA_WEIGHT_NAME
-    from . import weights as W
+    from ..preference_pools import copy_pairs
+    from ..lora_files import LORA_WEIGHT_NAME
+    from ..world import weights as W
 
     dst = ctx.weights
     tmp = dst.parent / (dst.name + ".tmp")
@@ -305,8 +305,8 @@ FROM_WEIGHTS_STAGES = ("vae", "base", "gsa_data", "gsa")
 def seed_from_weights(out: Path, src: Path, state: Dict[str, Any]) -> List[str]:
     """Make ``out`` a build whose vae, base and stage 1 are the weights in ``src`` (copies),
     their figures taken from ``src``'s build.json; return the stages so provided."""
-    from ..train.model import LORA_WEIGHT_NAME
-    from . import weights as W
+    from ..lora_files import LORA_WEIGHT_NAME
+    from ..world import weights as W
 
     if not W.available(src):
         raise SystemExit(f"--from-weights {src}: no {W.FLUX_DIR}/ and {W.GSA_LORA} there; pass "

@@ -40,74 +40,18 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import tiny
-from . import data as D
-from . import render as R
-from .models import MAX_SEQUENCE_LENGTH, WORLD_WORDS, images_to_tensor
+from ..world import data as D
+from ..world import render as R
+from ..model_presets import build_world_sdxl_pipeline, images_to_tensor, seeded
+from ..world.weights import IMAGE_ENCODER_FOLDER, IP_SUBFOLDER, IP_WEIGHT_NAME, ip_adapter_kwargs
 from .train_base import _bar, _cosine, _track, _update
 
-__all__ = ["IP_SUBFOLDER", "IP_WEIGHT_NAME", "IMAGE_ENCODER_FOLDER", "world_sdxl_unet_config",
-           "build_world_sdxl_pipeline", "ip_adapter_kwargs", "train_sdxl_base",
-           "train_sdxl_ip_adapter", "TIME_IDS"]
+__all__ = ["train_sdxl_base", "train_sdxl_ip_adapter", "TIME_IDS"]
 
-IP_SUBFOLDER = "ip_adapter"
-IP_WEIGHT_NAME = "ip-adapter_world.safetensors"
-IMAGE_ENCODER_FOLDER = "image_encoder"
 IP_TOKENS = 4
 IMAGE_SIZE = 32                       # the encoder's input: frames resized 64 -> 32
 # SDXL's micro-conditioning for a 64x64 frame: original size, crop corner, target size
 TIME_IDS = (64.0, 64.0, 0.0, 0.0, 64.0, 64.0)
-
-
-def world_sdxl_unet_config() -> dict:
-    cfg = tiny.tiny_sdxl_unet_config()
-    cfg.update(in_channels=16, out_channels=16, sample_size=16,   # the world VAE's latents
-               # SDXL's own layout: no attention at the first (full-resolution) level, which
-               # also makes a step ~2x cheaper here
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    return cfg
-
-
-def build_world_sdxl_pipeline(path, vae, seed: int = 0, unet=None) -> str:
-    """Write a world SDXL pipeline folder (untrained UNet unless ``unet`` is given)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = tiny._build_clip_tokenizer(MAX_SEQUENCE_LENGTH, WORLD_WORDS)
-    tok2 = tiny._build_clip_tokenizer(MAX_SEQUENCE_LENGTH, WORLD_WORDS)
-    with tiny._seeded(seed * 1000 + 201):
-        unet = unet or UNet2DConditionModel(**world_sdxl_unet_config())
-    with tiny._seeded(seed * 1000 + 203):
-        te = CLIPTextModel(tiny._clip_text_config(len(tok), tok.eos_token_id, tok.bos_token_id,
-                                                  hidden=tiny._SDXL_TE1_HIDDEN, heads=2,
-                                                  proj=tiny._SDXL_TE1_HIDDEN,
-                                                  max_len=MAX_SEQUENCE_LENGTH))
-    with tiny._seeded(seed * 1000 + 204):
-        te2 = CLIPTextModelWithProjection(tiny._clip_text_config(
-            len(tok2), tok2.eos_token_id, tok2.bos_token_id, hidden=tiny._SDXL_TE2_HIDDEN,
-            heads=4, proj=tiny._SDXL_TE2_PROJ, max_len=MAX_SEQUENCE_LENGTH))
-    # SDXL's betas, rescaled to zero terminal SNR with v-prediction and "trailing" spacing
-    # (Lin et al., 2023; diffusers supports all three): with SDXL's plain schedule the last
-    # timestep keeps 7% of the image, so the frame's mean colour (here: the scene) comes from
-    # the initial noise; an eps-trained base (2000 steps) drew the prompted scene at chance
-    # (0.25 of 24 frames)
-    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", prediction_type="v_prediction",
-                                   timestep_spacing="trailing", rescale_betas_zero_snr=True)
-    pipe = StableDiffusionXLPipeline(vae=vae.eval(), text_encoder=te.eval(),
-                                     text_encoder_2=te2.eval(), tokenizer=tok, tokenizer_2=tok2,
-                                     unet=unet.eval(), scheduler=sched)
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    return str(path)
-
-
-def ip_adapter_kwargs(path) -> dict:
-    """Arguments of ``pipe.load_ip_adapter(**ip_adapter_kwargs(sdxl_folder))``."""
-    return {"pretrained_model_name_or_path_or_dict": str(path), "subfolder": IP_SUBFOLDER,
-            "weight_name": IP_WEIGHT_NAME, "image_encoder_folder": IMAGE_ENCODER_FOLDER}
 
 
 @torch.no_grad()
@@ -216,7 +160,7 @@ def init_ip_adapter(folder, unet, seed: int = 0) -> None:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     ip_dir = Path(folder) / IP_SUBFOLDER
-    with tiny._seeded(seed * 1000 + 211):
+    with seeded(seed * 1000 + 211):
         enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
             hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2,
             num_attention_heads=4, num_channels=3, image_size=IMAGE_SIZE, patch_size=4,
@@ -227,7 +171,7 @@ def init_ip_adapter(folder, unet, seed: int = 0) -> None:
                        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
                        ).save_pretrained(str(ip_dir / IMAGE_ENCODER_FOLDER))
     cross = unet.config.cross_attention_dim
-    with tiny._seeded(seed * 1000 + 212):
+    with seeded(seed * 1000 + 212):
         proj = ImageProjection(image_embed_dim=enc.config.projection_dim, cross_attention_dim=cross,
                                num_image_text_embeds=IP_TOKENS)
     t = {"image_proj.proj.weight": proj.image_embeds.weight, "image_proj.proj.bias":
@@ -335,7 +279,7 @@ def train_sdxl_ip_adapter(pipe, steps: int, batch: int, seed: int, device, pool,
 def _world_vae(ctx) -> Path:
     """The world VAE: this build's stage vae, else the one in --weights, else the committed
     one (an SDXL-only build)."""
-    from . import weights as W
+    from ..world import weights as W
 
     own = ctx.out / "vae"
     if (own / "config.json").is_file():
@@ -412,7 +356,7 @@ def stage_sdxl_ip(ctx) -> Dict[str, float]:
 
 
 def stage_sdxl_export(ctx) -> Dict[str, float]:
-    from . import weights as W
+    from ..world import weights as W
 
     dst = ctx.weights / W.SDXL_DIR
     tmp = ctx.weights / (W.SDXL_DIR + ".tmp")

@@ -1,7 +1,7 @@
 """The story world's training recipe: one table read by both ``python -m pipelines.train``
 (its defaults when ``--model`` is not given, i.e. the committed world FLUX) and
-``python -m pipelines.world build`` (the flags of its ``gsa`` and ``dpo`` stages), so the
-two cannot drift apart.
+``python -m pipelines.world_build build`` (the flags of its ``gsa`` and ``dpo`` stages), so the
+two cannot drift apart.  It lives with the world, below both programs, because both read it.
 
 Keys are the trainer's argument names (``args.<key>``).  ``max_steps`` is what a user's run
 gets (sized for a CPU); the build passes its own step count and batch (``SETTINGS``).
@@ -51,7 +51,7 @@ def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
     """Story groups of the world's training identities in ``dst``, made once: a folder that
     already holds the same (seed, groups, per group) is reused.  Written to ``dst.tmp`` and
     renamed, so an interrupted run never leaves a half-made folder behind."""
-    from ..world import data as WD
+    from . import data as WD
 
     dst = Path(dst)
     record = {"seed": seed, "n_groups": n_groups, "per_group": per_group}

@@ -56,7 +56,7 @@ class FluxBackbone:
 
         pipe = FluxPipeline.from_pretrained(self.model, dtype=self.dtype)
         load_lora_files(pipe, self.loras, "flux")
-        from pipelines.story_iter.sampling import prepare_pipe
+        from pipelines.backbones.sampling import prepare_pipe
 
         prepare_pipe(pipe, self, "flux")
         self.pipe = pipe

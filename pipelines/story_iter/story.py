@@ -1,7 +1,13 @@
-"""What ``python -m pipelines.story_iter`` needs from ViStoryBench: the options, reading
-``--story vistorybench:ROOT/ID`` and exporting a finished run (``--export``).
+"""The story stage of ``python -m pipelines.story_iter``: which story the run draws, read
+once, and what the run records about where it came from.
 
-Kept free of torch/diffusers imports: the story_iter parser imports it."""
+``--story`` is a story JSON file (:mod:`pipelines.story`), ``vistorybench:ROOT/STORY_ID``
+(read once through the ViStoryBench input adapter, :mod:`pipelines.vistorybench.layout`),
+or absent (the built-in demo story).  ``--export vistorybench:DIR`` is checked here, before
+anything is drawn, and carried out by :func:`pipelines.vistorybench.export.export_run`.
+
+Kept free of torch/diffusers imports: the parser imports it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..cli_common import UsageError
+from ..story import Story, demo_story, load_story
+from ..vistorybench.export import PREFIX
+from ..vistorybench.layout import read_story
 
-PREFIX = "vistorybench:"
-
-__all__ = ["PREFIX", "add_arguments", "load_story_arg", "export_run", "check_export_args",
-           "manifest_entry", "export_row"]
+__all__ = ["add_arguments", "load", "check_export_args", "manifest_entry", "export_row"]
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -40,14 +46,13 @@ def _split(spec: str):
     return path
 
 
-def load_story_arg(spec: str, args=None):
-    """``--story``: a story JSON file, or ``vistorybench:ROOT/STORY_ID``."""
-    from pipelines.story import load_story
-
+def load(args) -> Story:
+    """The run's story from ``--story`` (the demo story without one), before ``--frames``."""
+    spec = getattr(args, "story", None)
+    if not spec:
+        return demo_story()
     if not spec.startswith(PREFIX):
         return load_story(spec)
-    from pipelines.vistorybench.layout import read_story
-
     d = _split(spec)
     if not d.name.isdigit():
         raise UsageError(f"--story {spec}: the last part must be a story id such as 01 "
@@ -55,8 +60,7 @@ def load_story_arg(spec: str, args=None):
     if not (d / "story.json").is_file():
         raise UsageError(f"--story {spec}: no story.json in {d} (the dataset root is the "
                          "folder holding 01/, 02/, ...)")
-    lang = getattr(args, "lang", "en") if args is not None else "en"
-    story, _ = read_story(d, lang)
+    story, _ = read_story(d, getattr(args, "lang", "en"))
     return story
 
 
@@ -74,34 +78,6 @@ def check_export_args(args) -> None:
     for label, v in (("--method", args.method), ("--vistorybench-mode", args.vistorybench_mode)):
         if "/" in v or "\\" in v or v in (".", ".."):
             raise UsageError(f"{label} {v!r}: expected a plain folder name")
-
-
-def export_run(run_dir, to: str, method: str, mode: str = "base", lang: Optional[str] = None,
-               timestamp: Optional[str] = None) -> Path:
-    """Export a finished story_iter run folder made from a ViStoryBench story: its last
-    round's frames, named by the shots' indices.  Returns the story folder written."""
-    from pipelines.story_iter.report import frame_path, read_json
-    from pipelines.vistorybench.layout import export_frames, read_story
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").is_file():
-        raise UsageError(f"{run_dir}: no manifest.json (not a story_iter output folder)")
-    man = read_json(run_dir / "manifest.json")
-    source = man.get("story", {}).get("source") or ""
-    if not source.startswith(PREFIX):
-        raise UsageError(f"{run_dir}: not made from a ViStoryBench story (source {source!r})")
-    if man.get("status") != "complete":
-        raise UsageError(f"{run_dir}: the run is {man.get('status')!r}; finish it (rerun the "
-                         "same command) before exporting")
-    story_dir = Path(source[len(PREFIX):])
-    lang = lang or man.get("vistorybench", {}).get("lang", "en")
-    _, indices = read_story(story_dir, lang)
-    cfg = man["config"]
-    last = cfg["rounds"]
-    n = cfg["frames"]
-    frames = [frame_path(run_dir, last, i) for i in range(n)]
-    return export_frames(frames, indices[:n], to[len(PREFIX):] if to.startswith(PREFIX) else to,
-                         method, story_dir.name, lang, mode, timestamp)
 
 
 def manifest_entry(args) -> Optional[dict]:

@@ -10,7 +10,7 @@ standard deviation over the training frames become the VAE's ``shift_factor`` an
 ``scaling_factor`` (as FLUX's VAE carries them), so the transformer sees unit-scale latents.
 
 Base: ``FluxTransformer2DModel`` trained from scratch with the flow-matching loss of
-:mod:`pipelines.train.losses` (logit-normal sigma, velocity ``noise - x0``), text embeddings of
+:mod:`pipelines.flow_matching` (logit-normal sigma, velocity ``noise - x0``), text embeddings of
 the frozen tiny encoders, captions dropped with probability 0.1 (the empty prompt is learned
 too).  No references: identities are random, so the base draws *some* character where the
 prompt asks, in the prompted scene and size.
@@ -24,10 +24,11 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..train import losses as L
-from ..train import model as TM
-from . import data as D
-from .models import MAX_SEQUENCE_LENGTH, images_to_tensor
+from .. import flow_matching as L
+from .. import flux_inputs as TM
+from ..world import data as D
+from ..model_presets import WORLD_MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH
+from ..model_presets import images_to_tensor
 
 __all__ = ["train_vae", "train_base"]
 

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pipelines.lora_files import load_lora_files
-from storyattn.processors.grca import install_global_reference_attention
+from storyattn.grca import install_global_reference_attention
 
 __all__ = ["SDXLBackbone", "resolve_ip_adapter"]
 
@@ -82,7 +82,7 @@ class SDXLBackbone:
         pipe.load_ip_adapter(self.ip_dir, subfolder="", weight_name=self.ip_weight,
                              image_encoder_folder=None)
         load_lora_files(pipe, self.loras, "sdxl")
-        from pipelines.story_iter.sampling import prepare_pipe
+        from pipelines.backbones.sampling import prepare_pipe
 
         prepare_pipe(pipe, self, "sdxl")
         self.pipe = pipe
