@@ -551,7 +551,8 @@ def _draw(args, dist, plan, rows, old, est, avail, char_images, char_owner, say,
         if args.export and not missing:
             from pipelines.vistorybench.cli_hooks import export_run
 
-            dest = export_run(out, args.export, args.method, args.vistorybench_mode, args.lang)
+            dest = export_run(out, args.export, args.method, args.vistorybench_mode, args.lang,
+                              args.timestamp)
             print(f"exported round {rounds} for ViStoryBench: {dest}/", flush=True)
     return 0
 

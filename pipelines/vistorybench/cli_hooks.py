@@ -12,8 +12,8 @@ from ..cli_common import UsageError
 
 PREFIX = "vistorybench:"
 
-__all__ = ["PREFIX", "add_arguments", "load_story_arg", "export_run", "check_export_args",
-           "manifest_entry", "export_row"]
+__all__ = ["PREFIX", "add_arguments", "load_story_arg", "export_run", "run_frames",
+           "check_export_args", "manifest_entry", "export_row"]
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -31,6 +31,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--vistorybench-mode", default="base", metavar="MODE",
                    help="mode folder name for --export (default base; the evaluator is told "
                         "the mode on its command line)")
+    g.add_argument("--timestamp", metavar="YYYYMMDD-HHMMSS",
+                   help="run folder for --export (default: the time of the export); give "
+                        "every story of one method's run the same one: the evaluator treats "
+                        "a timestamp folder as one run")
+    g.add_argument("--skip-bad-shots", action="store_true",
+                   help="drop a shot that lacks one of the five fields, with a warning, as "
+                        "ViStoryBench's loader does (default: refuse the story)")
 
 
 def _split(spec: str):
@@ -56,14 +63,30 @@ def load_story_arg(spec: str, args=None):
         raise UsageError(f"--story {spec}: no story.json in {d} (the dataset root is the "
                          "folder holding 01/, 02/, ...)")
     lang = getattr(args, "lang", "en") if args is not None else "en"
-    story, _ = read_story(d, lang)
+    story, _ = read_story(d, lang, bool(getattr(args, "skip_bad_shots", False)))
+    frames = getattr(args, "frames", None) if args is not None else None
+    if getattr(args, "export", None) and frames and frames < len(story.frames):
+        raise UsageError(f"--frames {frames} with --export: ViStoryBench's evaluator needs all "
+                         f"{len(story.frames)} shots of story {d.name} (it stops on a story "
+                         "with fewer pictures than shots); drop --frames or --export")
     return story
 
 
 def check_export_args(args) -> None:
     """Refuse a bad ``--export`` before anything is drawn."""
+    ts = getattr(args, "timestamp", None)
     if not getattr(args, "export", None):
+        if ts:
+            raise UsageError("--timestamp names the run folder of --export; add "
+                             "--export vistorybench:DIR --method NAME")
         return
+    if ts:
+        from pipelines.vistorybench.layout import check_timestamp
+
+        try:
+            check_timestamp(ts)
+        except ValueError as e:
+            raise UsageError(f"--timestamp: {e}") from None
     if not args.export.startswith(PREFIX) or not args.export[len(PREFIX):]:
         raise UsageError(f"--export {args.export!r}: give vistorybench:DIR")
     if not args.method:
@@ -79,9 +102,20 @@ def check_export_args(args) -> None:
 def export_run(run_dir, to: str, method: str, mode: str = "base", lang: Optional[str] = None,
                timestamp: Optional[str] = None) -> Path:
     """Export a finished story_iter run folder made from a ViStoryBench story: its last
-    round's frames, named by the shots' indices.  Returns the story folder written."""
+    round's frames, named by the shots' indices, under the run folder ``timestamp``
+    (default now).  Returns the story folder written."""
+    from pipelines.vistorybench.layout import export_frames
+
+    frames, indices, story_dir, lang = run_frames(run_dir, lang)
+    return export_frames(frames, indices, to[len(PREFIX):] if to.startswith(PREFIX) else to,
+                         method, story_dir.name, lang, mode, timestamp)
+
+
+def run_frames(run_dir, lang: Optional[str] = None):
+    """A finished run's last-round frame paths, its shots' indices, its dataset story
+    folder and language; UsageError (one line) when the run cannot be exported."""
     from pipelines.story_iter.report import frame_path, read_json
-    from pipelines.vistorybench.layout import export_frames, read_story
+    from pipelines.vistorybench.layout import read_story
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").is_file():
@@ -94,14 +128,18 @@ def export_run(run_dir, to: str, method: str, mode: str = "base", lang: Optional
         raise UsageError(f"{run_dir}: the run is {man.get('status')!r}; finish it (rerun the "
                          "same command) before exporting")
     story_dir = Path(source[len(PREFIX):])
-    lang = lang or man.get("vistorybench", {}).get("lang", "en")
-    _, indices = read_story(story_dir, lang)
+    v = man.get("vistorybench") or {}
+    lang = lang or v.get("lang", "en")
+    # the shots the run drew: with --skip-bad-shots the dropped ones have no picture, and
+    # the evaluator's loader drops them too, so the rest pair up in order
+    _, indices = read_story(story_dir, lang, bool(v.get("skip_bad_shots")), warn=lambda m: None)
     cfg = man["config"]
     last = cfg["rounds"]
     n = cfg["frames"]
-    frames = [frame_path(run_dir, last, i) for i in range(n)]
-    return export_frames(frames, indices[:n], to[len(PREFIX):] if to.startswith(PREFIX) else to,
-                         method, story_dir.name, lang, mode, timestamp)
+    if n != len(indices):
+        raise UsageError(f"{run_dir}: {n} frames but {story_dir} now has {len(indices)} shots "
+                         f"({lang}); the story changed since the run")
+    return [frame_path(run_dir, last, i) for i in range(n)], indices, story_dir, lang
 
 
 def manifest_entry(args) -> Optional[dict]:
@@ -109,7 +147,9 @@ def manifest_entry(args) -> Optional[dict]:
     if not (getattr(args, "story", None) or "").startswith(PREFIX):
         return None
     return {"lang": args.lang, "story_id": _split(args.story).name,
-            "export": args.export, "method": args.method, "mode": args.vistorybench_mode}
+            "export": args.export, "method": args.method, "mode": args.vistorybench_mode,
+            "timestamp": getattr(args, "timestamp", None),
+            "skip_bad_shots": bool(getattr(args, "skip_bad_shots", False))}
 
 
 def export_row(plan) -> Optional[str]:
@@ -118,4 +158,4 @@ def export_row(plan) -> Optional[str]:
     if not v or not v.get("export"):
         return None
     return (f"ViStoryBench: {v['export'][len(PREFIX):]}/{v['method']}/{v['mode']}/{v['lang']}/"
-            f"<timestamp>/{v['story_id']}/NN.png")
+            f"{v.get('timestamp') or '<timestamp>'}/{v['story_id']}/NN.png")
