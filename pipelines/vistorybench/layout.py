@@ -200,9 +200,9 @@ def read_story(story_dir, lang: str = "en", skip_bad_shots: bool = False,
             where = f'"Shots"[{n}] (index {idx})'
         absent = [fld for fld in SHOT_FIELDS if fld not in shot and f"{fld}_{lang}" not in shot]
         if absent and skip_bad_shots:
-            (warn or _stderr)(f"warning: {src}: {where} dropped: no "
-                              f"{', '.join(repr(a) for a in absent)} (--skip-bad-shots, as "
-                              "ViStoryBench's loader drops it)")
+            fields = ", ".join('"%s"' % a for a in absent)
+            (warn or _stderr)(f"warning: {src}: {where} dropped: no {fields} "
+                              "(--skip-bad-shots, as ViStoryBench's loader drops it)")
             continue
         if not isinstance(idx, int) or isinstance(idx, bool):
             errors.append(f'{where} "index": expected an integer, got {idx!r}')
