@@ -84,6 +84,8 @@ setup(
     # transformers and diffusers import, whenever Python runs from the checkout.
     packages=find_packages(include=["storyattn", "storyattn.*", "pipelines", "pipelines.*"]),
     package_data={"pipelines.studio": ["static/*.html", "static/*.js", "static/*.css"],
+                  # ViStoryBench's Lite story ids (python -m pipelines.vistorybench --split lite)
+                  "pipelines.vistorybench": ["lite.json"],
                   # the story world's trained weights (python -m pipelines.world build)
                   "pipelines.world": ["weights/*", "weights/*/*", "weights/*/*/*",
                                       "weights/*/*/*/*"]},

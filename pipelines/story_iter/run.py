@@ -298,7 +298,8 @@ def _finish(args, plan, manifest, load_s: float, written: int) -> None:
     print(f"done: {n} frames x {rounds + 1} rounds in {out}/ "
           f"(open {out / 'index.html'})", flush=True)
     if args.export and not missing:
-        dest = export_run(out, args.export, args.method, args.vistorybench_mode, args.lang)
+        dest = export_run(out, args.export, args.method, args.vistorybench_mode, args.lang,
+                          args.timestamp)
         print(f"exported round {rounds} for ViStoryBench: {dest}/", flush=True)
 
 

@@ -37,6 +37,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--vistorybench-mode", default="base", metavar="MODE",
                    help="mode folder name for --export (default base; the evaluator is told "
                         "the mode on its command line)")
+    g.add_argument("--timestamp", metavar="YYYYMMDD-HHMMSS",
+                   help="run folder for --export (default: the time of the export); give "
+                        "every story of one method's run the same one: the evaluator treats "
+                        "a timestamp folder as one run")
+    g.add_argument("--skip-bad-shots", action="store_true",
+                   help="drop a shot that lacks one of the five fields, with a warning, as "
+                        "ViStoryBench's loader does (default: refuse the story)")
 
 
 def _split(spec: str):
@@ -60,14 +67,31 @@ def load(args) -> Story:
     if not (d / "story.json").is_file():
         raise UsageError(f"--story {spec}: no story.json in {d} (the dataset root is the "
                          "folder holding 01/, 02/, ...)")
-    story, _ = read_story(d, getattr(args, "lang", "en"))
+    story, _ = read_story(d, getattr(args, "lang", "en"),
+                          bool(getattr(args, "skip_bad_shots", False)))
+    frames = getattr(args, "frames", None)
+    if getattr(args, "export", None) and frames and frames < len(story.frames):
+        raise UsageError(f"--frames {frames} with --export: ViStoryBench's evaluator needs all "
+                         f"{len(story.frames)} shots of story {d.name} (it stops on a story "
+                         "with fewer pictures than shots); drop --frames or --export")
     return story
 
 
 def check_export_args(args) -> None:
     """Refuse a bad ``--export`` before anything is drawn."""
+    ts = getattr(args, "timestamp", None)
     if not getattr(args, "export", None):
+        if ts:
+            raise UsageError("--timestamp names the run folder of --export; add "
+                             "--export vistorybench:DIR --method NAME")
         return
+    if ts:
+        from pipelines.vistorybench.layout import check_timestamp
+
+        try:
+            check_timestamp(ts)
+        except ValueError as e:
+            raise UsageError(f"--timestamp: {e}") from None
     if not args.export.startswith(PREFIX) or not args.export[len(PREFIX):]:
         raise UsageError(f"--export {args.export!r}: give vistorybench:DIR")
     if not args.method:
@@ -85,7 +109,9 @@ def manifest_entry(args) -> Optional[dict]:
     if not (getattr(args, "story", None) or "").startswith(PREFIX):
         return None
     return {"lang": args.lang, "story_id": _split(args.story).name,
-            "export": args.export, "method": args.method, "mode": args.vistorybench_mode}
+            "export": args.export, "method": args.method, "mode": args.vistorybench_mode,
+            "timestamp": getattr(args, "timestamp", None),
+            "skip_bad_shots": bool(getattr(args, "skip_bad_shots", False))}
 
 
 def export_row(plan) -> Optional[str]:
@@ -94,4 +120,4 @@ def export_row(plan) -> Optional[str]:
     if not v or not v.get("export"):
         return None
     return (f"ViStoryBench: {v['export'][len(PREFIX):]}/{v['method']}/{v['mode']}/{v['lang']}/"
-            f"<timestamp>/{v['story_id']}/NN.png")
+            f"{v.get('timestamp') or '<timestamp>'}/{v['story_id']}/NN.png")
