@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 # GRCA's processor subclasses diffusers' IP-Adapter processor, so its module imports
 # diffusers: loaded on first access to keep ``import storyattn`` light.
 _LAZY = {"GlobalReferenceAttnProcessor": ".processors.grca",
-         "install_global_reference_attention": ".processors.grca"}
+         "install_global_reference_attention": ".processors.grca",
+         # GroupSharedAttention(flux2_transformer) returns one; importable for isinstance
+         "Flux2GroupSharedAttention": ".flux2"}
 
 
 def __getattr__(name):
@@ -34,4 +36,5 @@ __all__ = [
     "available_backends",
     "GlobalReferenceAttnProcessor",
     "install_global_reference_attention",
+    "Flux2GroupSharedAttention",
 ]
