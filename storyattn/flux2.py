@@ -291,7 +291,7 @@ class Flux2GroupSharedAttention(GroupSharedAttention):
         multiple = 2 * self._vae_scale(pipe)
         out = []
         for im in items:
-            if height is None and width is None and hasattr(im, "size") and not callable(im.size):
+            if height is None and width is None and _is_pil(im):
                 w, h = im.size
                 if w * h > 1024 * 1024:
                     im = proc._resize_to_target_area(im, 1024 * 1024)
@@ -305,6 +305,15 @@ class Flux2GroupSharedAttention(GroupSharedAttention):
             raise ValueError(f"record_images: the references come to sizes {sorted(sizes)}; a cache "
                              "holds one size: pass height= and width=")
         return torch.cat(out)
+
+
+def _is_pil(im) -> bool:
+    """A PIL image (sized the pipelines' way); tensors and arrays keep their size."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - diffusers needs Pillow
+        return False
+    return isinstance(im, Image.Image)
 
 
 def _record_host_work_out_of_graphs() -> None:

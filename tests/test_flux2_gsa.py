@@ -280,3 +280,20 @@ def test_misuse_is_refused(pipes, refs):
             g1.remove()
     finally:
         gsa.remove()
+
+
+def test_record_images_accepts_tensors_and_arrays(pipes, refs):
+    """A [3, H, W] tensor in [0, 1] and an HWC float array give the PIL image's entry."""
+    kv, _ = pipes
+    arr = np.asarray(refs[0])
+    gsa = GroupSharedAttention(kv.transformer)
+    try:
+        want = gsa.record_images(kv, refs[:1])
+        for im in (torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
+                   [arr.astype(np.float32) / 255]):
+            got = gsa.record_images(kv, im)
+            assert len(got) == 1 and got.signature == want.signature
+            for layer in range(want.num_layers):
+                assert torch.allclose(got.layer(layer)[0], want.layer(layer)[0], atol=1e-4)
+    finally:
+        gsa.remove()
