@@ -285,7 +285,7 @@ def test_misuse_is_refused(pipes, refs):
 def test_record_images_accepts_tensors_and_arrays(pipes, refs):
     """A [3, H, W] tensor in [0, 1] and an HWC float array give the PIL image's entry."""
     kv, _ = pipes
-    arr = np.asarray(refs[0])
+    arr = np.array(refs[0])  # a writable copy
     gsa = GroupSharedAttention(kv.transformer)
     try:
         want = gsa.record_images(kv, refs[:1])
