@@ -97,6 +97,10 @@ class _Mode:
 class GroupSharedAttention:
     """Group-Shared Attention on a diffusers ``FluxTransformer2DModel``.
 
+    Given a ``Flux2Transformer2DModel`` (FLUX.2 klein / dev) the constructor returns a
+    :class:`storyattn.flux2.Flux2GroupSharedAttention` instead: same API, FLUX.2's layers,
+    reference layout and ``record_images`` (see docs/flux2.md).
+
     Replaces the processor of every attention layer (``transformer_blocks[i].attn``,
     then ``single_transformer_blocks[j].attn``; cache layer numbers follow that
     order) by :class:`GroupSharedFluxAttnProcessor`, keeping the originals for
