@@ -35,6 +35,7 @@ CUDA: torch.cuda.max_memory_allocated; CPU: resident-set high-water mark (Linux
 
 Usage:
   python benchmarks/bench_gsa_e2e.py           # CPU default: a few minutes
+  python benchmarks/bench_gsa_e2e.py --flux2   # FLUX.2 rows (bench_gsa_e2e_flux2.py)
   python benchmarks/bench_gsa_e2e.py --quick   # smaller token counts, fewer cases
 Writes benchmarks/results/bench_gsa_e2e_{cpu,gpu}.{json,md}.
 """
@@ -361,6 +362,12 @@ def report(timing, memory, env, args, cmd):
 
 
 def main(argv: Optional[List[str]] = None):
+    if "--flux2" in (sys.argv[1:] if argv is None else argv):
+        # FLUX.2 [klein] rows (B targets x K shared references against diffusers'
+        # Flux2KleinKVPipeline path): benchmarks/bench_gsa_e2e_flux2.py, its own options
+        import bench_gsa_e2e_flux2
+
+        return bench_gsa_e2e_flux2.main(argv)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer cases, fewer tokens")

@@ -152,7 +152,7 @@ def tiny_sdxl_unet_config() -> dict:
 # tokenizers
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet: printable bytes map to themselves, the rest to
     code points from 256 upward, so every byte has a visible, distinct character."""
     printable = (
@@ -192,7 +192,7 @@ def clip_tokenizer(model_max_length: int, words=None):
     (``words`` when given: the story world adds its names)."""
     from transformers import CLIPTokenizer
 
-    alphabet = [_byte_to_unicode()[b] for b in range(256)]
+    alphabet = [byte_to_unicode()[b] for b in range(256)]
     vocab: dict[str, int] = {}
     for ch in alphabet:
         vocab[ch] = len(vocab)
@@ -278,7 +278,7 @@ def clip_text_config(vocab_size, eos_id, bos_id, hidden, heads, proj, max_len):
     )
 
 
-def _empty_target(path) -> Path:
+def empty_target(path) -> Path:
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
@@ -360,7 +360,7 @@ def build_sdxl_pipeline(path, unet_config: dict, scheduler, *, seed: int, first:
 
 def build_tiny_flux(path, seed: int = 0) -> str:
     """Write a tiny FLUX.1-dev-style diffusers pipeline folder to ``path``; return it."""
-    return build_flux_pipeline(_empty_target(path), tiny_flux_transformer_config(),
+    return build_flux_pipeline(empty_target(path), tiny_flux_transformer_config(),
                                flux_vae_config(), seed=seed, first=1,
                                max_len=TINY_MAX_SEQUENCE_LENGTH)
 
@@ -376,7 +376,7 @@ def build_tiny_sdxl(path, seed: int = 0) -> str:
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    path = _empty_target(path)
+    path = empty_target(path)
     unet_cfg = tiny_sdxl_unet_config()
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -126,7 +126,7 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "storyattn"
 
 
-def _cached(builder, dirname: str, cache_dir, seed: int) -> str:
+def cached(builder, dirname: str, cache_dir, seed: int) -> str:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     name = dirname if seed == 0 else f"{dirname}-seed{seed}"
     final = root / name
@@ -165,12 +165,12 @@ def _cached(builder, dirname: str, cache_dir, seed: int) -> str:
 
 def get_tiny_flux(cache_dir=None, seed: int = 0) -> str:
     """Path of the cached tiny FLUX pipeline folder, built on first use."""
-    return _cached(build_tiny_flux, TINY_FLUX_DIRNAME, cache_dir, seed)
+    return cached(build_tiny_flux, TINY_FLUX_DIRNAME, cache_dir, seed)
 
 
 def get_tiny_sdxl(cache_dir=None, seed: int = 0) -> str:
     """Path of the cached tiny SDXL (+IP-Adapter) pipeline folder, built on first use."""
-    return _cached(build_tiny_sdxl, TINY_SDXL_DIRNAME, cache_dir, seed)
+    return cached(build_tiny_sdxl, TINY_SDXL_DIRNAME, cache_dir, seed)
 
 
 # ----------------------------------------------------------------------------------------

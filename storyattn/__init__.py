@@ -6,6 +6,8 @@ or xformers; backends are looked up on first use.
 from .api import available_backends, merge_attention_states, segment_attention
 from .cache import ReferenceKVCache
 from .gsa import GroupSharedAttention
+# imported for its registration: GroupSharedAttention(flux2_transformer) -> the FLUX.2 handle
+from .flux2 import Flux2GroupSharedAttention
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor
 
 __version__ = "0.1.0"
@@ -37,4 +39,5 @@ __all__ = [
     "GlobalReferenceAttnProcessor",
     "GRCAHandle",
     "install_global_reference_attention",
+    "Flux2GroupSharedAttention",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -75,6 +75,19 @@ def _host_work_out_of_graphs() -> None:
     cls._host_work_disabled = True
 
 
+# Handles of other model families register here when their module is imported (storyattn
+# imports storyattn.flux2 at package import): (predicate(transformer) -> bool, subclass).
+# GroupSharedAttention(model) builds the first subclass whose predicate holds, so one name
+# serves FLUX.1 and FLUX.2 while this module never imports the families (no circle).
+_FAMILIES: List[Tuple[Callable[[object], bool], type]] = []
+
+
+def register_family(predicate: Callable[[object], bool], handle_cls: type) -> None:
+    """Make ``GroupSharedAttention(transformer)`` build ``handle_cls`` when
+    ``predicate(transformer)`` holds."""
+    _FAMILIES.append((predicate, handle_cls))
+
+
 @dataclass(frozen=True, eq=False)
 class _Mode:
     name: str
@@ -87,6 +100,10 @@ class _Mode:
 
 class GroupSharedAttention:
     """Group-Shared Attention on a diffusers ``FluxTransformer2DModel``.
+
+    Given a ``Flux2Transformer2DModel`` (FLUX.2 klein / dev) the constructor returns a
+    :class:`storyattn.flux2.Flux2GroupSharedAttention` instead: same API, FLUX.2's layers,
+    reference layout and ``record_images`` (see docs/flux2.md).
 
     Replaces the processor of every attention layer (``transformer_blocks[i].attn``,
     then ``single_transformer_blocks[j].attn``; cache layer numbers follow that
@@ -130,7 +147,8 @@ class GroupSharedAttention:
             model = getattr(model, "_orig_mod", None) or model.module
         if not (hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks")
                 and hasattr(model, "pos_embed")):
-            raise TypeError("GroupSharedAttention needs a diffusers FluxTransformer2DModel "
+            raise TypeError("GroupSharedAttention needs a diffusers FluxTransformer2DModel or "
+                            "Flux2Transformer2DModel "
                             "(transformer_blocks, single_transformer_blocks, pos_embed); got "
                             f"{type(model).__name__}")
         if not (placement in ("index", "none") or callable(placement)):
@@ -142,8 +160,6 @@ class GroupSharedAttention:
         self._mode: Optional[_Mode] = None
         self._pending_record: Optional[Tuple[ReferenceKVCache, int, int, list]] = None
 
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
         attns = [b.attn for b in model.transformer_blocks] + \
                 [b.attn for b in model.single_transformer_blocks]
         self.num_double_layers = len(model.transformer_blocks)
@@ -153,11 +169,7 @@ class GroupSharedAttention:
             if isinstance(proc, GroupSharedFluxAttnProcessor):
                 raise RuntimeError(f"attention layer {i} already runs GroupSharedFluxAttnProcessor: "
                                    "call remove() on the existing GroupSharedAttention first")
-            if not isinstance(proc, FluxAttnProcessor):
-                raise TypeError(f"attention layer {i} runs {type(proc).__name__}; "
-                                "GroupSharedAttention replaces diffusers' FluxAttnProcessor only "
-                                "(pipe.unload_ip_adapter() or "
-                                "transformer.set_default_attn_processor() resets it)")
+            self._check_stock_processor(i, proc)
         heads = {a.heads for a in attns}
         dims = {a.head_dim for a in attns}
         if len(heads) != 1 or len(dims) != 1:
@@ -168,7 +180,7 @@ class GroupSharedAttention:
         self._originals = [a.processor for a in attns]
         self._procs = []
         for i, attn in enumerate(attns):
-            new = GroupSharedFluxAttnProcessor(i, backend=backend, rope_backend=rope_backend)
+            new = self._make_processor(i, attn.processor, backend, rope_backend)
             # Keep diffusers' attention backend choice for the no-mode path.
             new._attention_backend = getattr(attn.processor, "_attention_backend", None)
             new._parallel_config = getattr(attn.processor, "_parallel_config", None)
@@ -181,6 +193,35 @@ class GroupSharedAttention:
             model.register_forward_hook(self._post_hook, with_kwargs=True),
         ]
         self._removed = False
+
+    # What differs between model families (FLUX.2: storyattn.flux2.Flux2GroupSharedAttention).
+    # The model's forward(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+    # img_ids, txt_ids, guidance, joint_attention_kwargs, ...): positions of the arguments
+    # the pre-hook reads or rewrites when they are passed positionally.
+    _ARG_HIDDEN, _ARG_ENCODER, _ARG_TIMESTEP, _ARG_JOINT_KW = \
+        _ARG_HIDDEN, _ARG_ENCODER, _ARG_TIMESTEP, _ARG_JOINT_KW
+
+    def __new__(cls, transformer=None, *args, **kwargs):
+        # GroupSharedAttention(flux2_transformer) gives the FLUX.2 handle (same API)
+        if cls is GroupSharedAttention:
+            for predicate, family in _FAMILIES:
+                if predicate(transformer):
+                    cls = family
+                    break
+        return super().__new__(cls)
+
+    @staticmethod
+    def _check_stock_processor(i: int, proc) -> None:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        if not isinstance(proc, FluxAttnProcessor):
+            raise TypeError(f"attention layer {i} runs {type(proc).__name__}; "
+                            "GroupSharedAttention replaces diffusers' FluxAttnProcessor only "
+                            "(pipe.unload_ip_adapter() or "
+                            "transformer.set_default_attn_processor() resets it)")
+
+    def _make_processor(self, i: int, stock, backend, rope_backend):
+        return GroupSharedFluxAttnProcessor(i, backend=backend, rope_backend=rope_backend)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -398,9 +439,9 @@ class GroupSharedAttention:
         mode = self._mode
         if mode is None:
             return None
-        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[_ARG_HIDDEN]
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[self._ARG_HIDDEN]
         ehs = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs \
-            else (args[_ARG_ENCODER] if len(args) > _ARG_ENCODER else None)
+            else (args[self._ARG_ENCODER] if len(args) > self._ARG_ENCODER else None)
         if ehs is None:
             raise ValueError("GroupSharedAttention: the transformer was called without "
                              "encoder_hidden_states")
@@ -433,15 +474,15 @@ class GroupSharedAttention:
             fields.update(pools=pools, ref_index=ri)
         ctx = GSAForwardContext(**fields)
 
-        if "joint_attention_kwargs" in kwargs or len(args) <= _ARG_JOINT_KW:
+        if "joint_attention_kwargs" in kwargs or len(args) <= self._ARG_JOINT_KW:
             jak = dict(kwargs.get("joint_attention_kwargs") or {})
             jak["gsa_context"] = ctx
             kwargs["joint_attention_kwargs"] = jak
         else:
             args = list(args)
-            jak = dict(args[_ARG_JOINT_KW] or {})
+            jak = dict(args[self._ARG_JOINT_KW] or {})
             jak["gsa_context"] = ctx
-            args[_ARG_JOINT_KW] = jak
+            args[self._ARG_JOINT_KW] = jak
             args = tuple(args)
         return args, kwargs
 
@@ -451,7 +492,7 @@ class GroupSharedAttention:
         growth and entry numbers.  The layers get plain slot views and a tensor rotation,
         so nothing in the forward depends on the entry count."""
         ts = kwargs["timestep"] if "timestep" in kwargs else (
-            args[_ARG_TIMESTEP] if len(args) > _ARG_TIMESTEP else None)
+            args[self._ARG_TIMESTEP] if len(args) > self._ARG_TIMESTEP else None)
         if ts is None or bool(torch.as_tensor(ts).ne(0).any()):
             got = "no timestep" if ts is None else \
                 f"timestep {torch.as_tensor(ts).flatten()[:4].tolist()}"
