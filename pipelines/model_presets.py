@@ -171,9 +171,10 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def _bpe_split(word: str, ranks: dict) -> list:
-    """Split an ASCII word the way BPE with the '</w>' suffix does under ``ranks``."""
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+def bpe_merge(symbols: list, ranks: dict) -> list:
+    """BPE of a symbol list under ``ranks``: the lowest-ranked adjacent pair is merged first,
+    until no pair has a rank (the CLIP and Qwen tokenizers built here share it)."""
+    symbols = list(symbols)
     while len(symbols) > 1:
         best = None
         for i in range(len(symbols) - 1):
@@ -185,6 +186,11 @@ def _bpe_split(word: str, ranks: dict) -> list:
         i = best[1]
         symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
     return symbols
+
+
+def _bpe_split(word: str, ranks: dict) -> list:
+    """Split an ASCII word the way BPE with the '</w>' suffix does under ``ranks``."""
+    return bpe_merge(list(word[:-1]) + [word[-1] + "</w>"], ranks)
 
 
 def clip_tokenizer(model_max_length: int, words=None):

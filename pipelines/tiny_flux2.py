@@ -31,7 +31,7 @@ images, 512 text tokens) work but are needlessly slow.
 """
 from __future__ import annotations
 
-from .model_presets import WORDS, byte_to_unicode, empty_target, seeded
+from .model_presets import WORDS, bpe_merge, byte_to_unicode, empty_target, seeded
 from .tiny import cached
 
 __all__ = ["build_tiny_flux2", "get_tiny_flux2", "tiny_flux2_transformer_config",
@@ -97,22 +97,6 @@ def _vae_config() -> dict:
     }
 
 
-def _byte_bpe_split(symbols: list, ranks: dict) -> list:
-    """BPE of a byte-level symbol list under ``ranks`` (lowest rank merged first)."""
-    symbols = list(symbols)
-    while len(symbols) > 1:
-        best = None
-        for i in range(len(symbols) - 1):
-            r = ranks.get((symbols[i], symbols[i + 1]))
-            if r is not None and (best is None or r < best[0]):
-                best = (r, i)
-        if best is None:
-            break
-        i = best[1]
-        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
-    return symbols
-
-
 def _build_qwen_tokenizer(model_max_length: int, words=None):
     """A Qwen2 tokenizer (byte-level BPE, 'Ġ' marks a leading space) knowing every word
     of the list, with and without a leading space, as one token; other text falls back
@@ -130,7 +114,7 @@ def _build_qwen_tokenizer(model_max_length: int, words=None):
             # add the first pair's merge until the form is one token: merges added later
             # rank higher, so they never change how earlier forms split
             while True:
-                split = _byte_bpe_split(symbols, ranks)
+                split = bpe_merge(symbols, ranks)
                 if len(split) == 1:
                     break
                 pair = (split[0], split[1])
