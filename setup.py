@@ -56,6 +56,13 @@ def _cuda_extensions():
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-lineinfo"]
+    # The C++ ABI of std::string must be torch's.  torch's cpp_extension no longer passes
+    # -D_GLIBCXX_USE_CXX11_ABI, so a compiler whose default is the old ABI (devtoolset-style
+    # GCC, as /opt/gcc on the lent H200 may be) builds an extension that works until an
+    # error message crosses into libc10: the first failing TORCH_CHECK crashed the process
+    # there (benchmarks/results/gpu_h200/README.md).  State torch's ABI explicitly.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(bool(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True)))}"
+    nvcc_flags.append(abi)
     ext = CUDAExtension(
         name="storyattn._C",
         sources=sources,
@@ -63,7 +70,7 @@ def _cuda_extensions():
         depends=sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh"))),
         # No -std for the C++ glue: torch's headers need C++20 and torch adds it
         # itself when none is given.  The .cu files include no torch headers.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", abi], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
