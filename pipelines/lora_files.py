@@ -94,9 +94,11 @@ def check_lora_file(path: str, backbone: str, arg: str = "--lora") -> None:
     targets = lora_targets(keys)
     if targets and backbone not in targets:
         other = sorted(targets)[0]
+        # story_iter's --lora can switch backbone; train's --stage1-lora must fit the model
+        fix = (f"use --backbone {other} or a {backbone.upper()} LoRA" if arg == "--lora"
+               else f"give a {backbone.upper()} LoRA (one trained on this --model)")
         raise UsageError(f"{arg} {path}: a {other.upper()} LoRA, it does not apply to the "
-                         f"{backbone.upper()} backbone; use --backbone {other} or a "
-                         f"{backbone.upper()} LoRA")
+                         f"{backbone.upper()} backbone; {fix}")
 
 
 def check_lora_applied(pipe, adapter: str, path: str, backbone: str, arg: str = "--lora") -> None:
@@ -157,11 +159,14 @@ def check_lora_fits(transformer, path) -> Tuple[Dict[str, torch.Tensor], int]:
     Returns the transformer state dict (prefix removed) and the number of layers.
     """
     import torch
-    from diffusers import FluxPipeline
+    import diffusers
 
+    # the transformer's own family reads the file (FLUX.2 keys are not FLUX.1 conversions)
+    loader = (diffusers.Flux2KleinPipeline if type(transformer).__name__.startswith("Flux2")
+              else diffusers.FluxPipeline)
     p = lora_file(path)
     try:
-        sd = FluxPipeline.lora_state_dict(str(p))
+        sd = loader.lora_state_dict(str(p))
     except Exception as exc:
         raise UsageError(f"cannot read LoRA file {p}: {type(exc).__name__}: {exc}") from None
     if isinstance(sd, tuple):

@@ -151,3 +151,95 @@ def test_flux2_lora_files_are_told_from_flux1(tmp_path):
     check_lora_file(str(f), "flux2")
     with pytest.raises(UsageError, match="a FLUX2 LoRA.*use --backbone flux2"):
         check_lora_file(str(f), "flux")
+
+
+# -- python -m pipelines.train on FLUX.2 [klein] -----------------------------------------------
+
+
+def _train(argv):
+    from pipelines.train.cli import main as train_main
+
+    return train_main(argv)
+
+
+@pytest.fixture(scope="module")
+def klein_gsa_lora(tmp_path_factory):
+    """Stage gsa, 2 steps on the tiny klein (a high learning rate so the LoRA is visible)."""
+    out = tmp_path_factory.mktemp("train") / "gsa"
+    assert _train(["--stage", "gsa", "--model", "tiny-flux2", "--max-steps", "2",
+                   "--learning-rate", "1e-2", "--checkpoint-every", "0", "--cpu",
+                   "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_train_gsa_on_klein_saves_a_lora_that_loads_and_changes_the_output(klein, klein_gsa_lora):
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    from pipelines.lora_files import LORA_WEIGHT_NAME, read_safetensors_keys
+    from pipelines.tiny_flux2 import TINY_FLUX2_MAX_SEQUENCE_LENGTH
+
+    keys = read_safetensors_keys(klein_gsa_lora / LORA_WEIGHT_NAME, "lora")
+    # every FLUX.2 module kind is targeted: both attention types and the FFNs
+    for part in ("attn.to_q.", "attn.add_k_proj.", "attn.to_add_out.", "ff.linear_in.",
+                 "ff_context.linear_out.", "attn.to_qkv_mlp_proj.", "single_transformer_blocks.0"
+                 ".attn.to_out."):
+        assert any(part in k for k in keys), part
+    summary = json.loads((klein_gsa_lora / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["last"]["step"] == 2
+    pipe = Flux2KleinPipeline.from_pretrained(klein)
+
+    def draw():
+        return pipe(prompt="a red fox", height=64, width=64, num_inference_steps=1,
+                    guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                    max_sequence_length=TINY_FLUX2_MAX_SEQUENCE_LENGTH, output_type="np").images
+
+    plain = draw()
+    pipe.load_lora_weights(str(klein_gsa_lora), adapter_name="gsa")
+    assert "gsa" in pipe.transformer.peft_config
+    assert np.abs(draw() - plain).max() > 1e-4
+
+
+def test_story_iter_klein_with_the_trained_lora(klein, klein_gsa_lora, story_file, tmp_path):
+    """The stage-gsa file is a FLUX.2 LoRA to story_iter (loaded and applied), refused by FLUX."""
+    from pipelines.lora_files import LORA_WEIGHT_NAME
+
+    lora = str(klein_gsa_lora / LORA_WEIGHT_NAME)
+    out = tmp_path / "lora"
+    assert main(["--model", klein, "--story", story_file, "--lora", lora, "--frames", "2",
+                 "--out", str(out), *SMALL]) == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["loras"] == [
+        str(Path(lora).resolve())]
+    assert main(["--backbone", "flux", "--story", story_file, "--lora", lora,
+                 "--out", str(tmp_path / "no")]) == 2
+
+
+def test_train_dpo_on_klein_one_step(klein_gsa_lora, tmp_path):
+    out = tmp_path / "dpo"
+    assert _train(["--stage", "dpo", "--model", "tiny-flux2", "--stage1-lora", str(klein_gsa_lora),
+                   "--max-steps", "1", "--checkpoint-every", "0", "--cpu",
+                   "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["adapter"] == "dpo" and summary["last"]["step"] == 1
+
+
+def test_train_klein_one_line_errors(klein, tmp_path, capsys):
+    """A FLUX.1 stage-1 LoRA on the klein, and a non-FLUX folder, are one line each."""
+    import torch
+    from safetensors.torch import save_file
+
+    f1 = tmp_path / "flux1.safetensors"
+    save_file({"transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.zeros(2, 2),
+               "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.zeros(2, 2)},
+              str(f1))
+    assert _train(["--stage", "dpo", "--model", klein, "--stage1-lora", str(f1), "--cpu",
+                   "--data", "synthetic", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a FLUX LoRA, it does not apply to the FLUX2 backbone; give a FLUX2 LoRA" in err
+    assert len(err.splitlines()) == 1
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert _train(["--stage", "gsa", "--model", str(other), "--cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "or FLUX.2 klein (Flux2KleinPipeline) folder" in err and len(err.splitlines()) == 1
