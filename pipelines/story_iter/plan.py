@@ -147,6 +147,9 @@ def resolve(args, dist) -> Dict[str, Any]:
     seed = args.seed if args.seed is not None else PUBLISHED["seed"]
     guidance = args.guidance if args.guidance is not None else klein.get("guidance") or (
         PUBLISHED["guidance_sdxl"] if args.backbone == "sdxl" else PUBLISHED["guidance_flux"])
+    if klein and klein["guidance"] == 1.0 and guidance != 1.0:
+        notes.append(f"--guidance {guidance}: the step-distilled klein has no CFG branch, so "
+                     "the guidance is not used (the base klein's is)")
     a, b = _parse_scales(args.scales)
     for name, v, lo in (("rounds", rounds, 0), ("steps", steps, 1), ("batch-size", batch, 1),
                         ("height", height, 8), ("width", width, 8)):
