@@ -243,3 +243,30 @@ def test_train_klein_one_line_errors(klein, tmp_path, capsys):
     assert _train(["--stage", "gsa", "--model", str(other), "--cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "or FLUX.2 klein (Flux2KleinPipeline) folder" in err and len(err.splitlines()) == 1
+
+
+def test_klein_backbone_batch_scope_draws_what_round_scope_draws(klein):
+    """A cache too small for the round (re-recorded per batch, other entry numbers) draws the
+    same frames as the whole round recorded once: reference j sits at T = 10 (j + 1)."""
+    import torch
+    from PIL import Image
+
+    from pipelines.backbones.flux2 import Flux2Backbone
+
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    prompts, pages = ["a fox", "an owl"], [[2], [0, 2]]
+    outs = []
+    for budget in (None, 0):
+        bb = Flux2Backbone(klein, height=64, width=64, steps=1, step_progress=False,
+                           cache_budget_bytes=budget)
+        bb.load()
+        info = bb.begin_round(refs, 0.0)
+        imgs = bb.draw(prompts, [torch.Generator().manual_seed(0) for _ in prompts], pages)
+        bb.end_round()
+        outs.append((info["cache_scope"], bb.encoder_images, [np.asarray(i).astype(int) for i in imgs]))
+    assert [o[0] for o in outs] == ["round", "batch"]
+    assert outs[0][1] == 3 and outs[1][1] == 2      # the batch scope recorded only frames 0, 2
+    # exactly: with the references placed by entry number instead (T = 10 (entry + 1)) the
+    # same frames differ (by 1 in 255 on these random tiny weights), so 0 is the check
+    assert all(np.abs(a - b).max() == 0 for a, b in zip(outs[0][2], outs[1][2]))
