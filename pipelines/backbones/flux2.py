@@ -57,7 +57,7 @@ class Flux2Backbone(FluxBackbone):
                  cache_budget_bytes: Optional[int] = None, record_batch: int = 4):
         super().__init__(model, loras, device, dtype, height, width, steps, guidance,
                          step_progress, cache_budget_bytes, record_batch)
-        self.distilled = True
+        self.distilled = True   # read from the folder (is_distilled) by load()
 
     def load(self) -> None:
         import diffusers
