@@ -8,7 +8,10 @@ every layer and shape fit (:func:`check_lora_fits`).  After loading: did it appl
 Key conventions read here (diffusers / peft and kohya exports):
 
 * FLUX: ``transformer.<...>.lora_A.weight`` (diffusers), ``lora_unet_double_blocks_*`` /
-  ``lora_unet_single_blocks_*`` (kohya FLUX).
+  ``lora_unet_single_blocks_*`` (kohya FLUX).  FLUX.2 uses the same ``transformer.`` prefix;
+  its own module names (the single blocks' fused ``to_qkv_mlp_proj``, the FFNs'
+  ``linear_in``/``linear_out``) tell it from FLUX.1 (``proj_mlp``, ``ff.net.*``); a file
+  holding only the attention projections both share counts as either.
 * SDXL: ``unet.*``, ``text_encoder.*``, ``text_encoder_2.*`` (diffusers), ``lora_unet_*``,
   ``lora_te1_*``, ``lora_te2_*`` (kohya).
 """
@@ -53,21 +56,37 @@ def read_safetensors_keys(path: Path, arg: str) -> List[str]:
     return [k for k in header if k != "__metadata__"]
 
 
+_FLUX2_ONLY = (".to_qkv_mlp_proj.", ".ff.linear_in.", ".ff.linear_out.",
+               ".ff_context.linear_in.", ".ff_context.linear_out.", ".attn.to_out.lora")
+_FLUX1_ONLY = (".proj_mlp.", ".ff.net.", ".ff_context.net.", ".norm.linear.")
+
+
 def lora_targets(keys: List[str]) -> Set[str]:
-    """Which backbone the LoRA keys are for: a subset of {"flux", "sdxl"} (empty: unknown)."""
+    """Which backbone the LoRA keys are for: a subset of {"flux", "flux2", "sdxl"} (empty:
+    unknown)."""
     out: Set[str] = set()
+    shared = False
     for k in keys:
-        if k.startswith("transformer.") or k.startswith(("lora_unet_double_blocks",
-                                                        "lora_unet_single_blocks")):
+        if k.startswith("transformer."):
+            if any(t in k for t in _FLUX2_ONLY):
+                out.add("flux2")
+            elif any(t in k for t in _FLUX1_ONLY):
+                out.add("flux")
+            else:
+                shared = True   # attention projections: both FLUX families have them
+        elif k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks")):
             out.add("flux")
         elif k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_",
                            "lora_te1_", "lora_te2_", "lora_te_")):
             out.add("sdxl")
+    if shared and not out & {"flux", "flux2"}:
+        out |= {"flux", "flux2"}
     return out
 
 
 def check_lora_file(path: str, backbone: str, arg: str = "--lora") -> None:
-    """Refuse, before loading, a file that is not a LoRA for ``backbone`` ("flux" | "sdxl")."""
+    """Refuse, before loading, a file that is not a LoRA for ``backbone`` ("flux" | "flux2" |
+    "sdxl")."""
     keys = read_safetensors_keys(Path(path), arg)
     if not any("lora" in k.lower() for k in keys):
         raise UsageError(f"{arg} {path}: holds no LoRA weights (no tensor name contains 'lora'); "
@@ -75,9 +94,11 @@ def check_lora_file(path: str, backbone: str, arg: str = "--lora") -> None:
     targets = lora_targets(keys)
     if targets and backbone not in targets:
         other = sorted(targets)[0]
+        # story_iter's --lora can switch backbone; train's --stage1-lora must fit the model
+        fix = (f"use --backbone {other} or a {backbone.upper()} LoRA" if arg == "--lora"
+               else f"give a {backbone.upper()} LoRA (one trained on this --model)")
         raise UsageError(f"{arg} {path}: a {other.upper()} LoRA, it does not apply to the "
-                         f"{backbone.upper()} backbone; use --backbone {other} or a "
-                         f"{backbone.upper()} LoRA")
+                         f"{backbone.upper()} backbone; {fix}")
 
 
 def check_lora_applied(pipe, adapter: str, path: str, backbone: str, arg: str = "--lora") -> None:
@@ -138,11 +159,14 @@ def check_lora_fits(transformer, path) -> Tuple[Dict[str, torch.Tensor], int]:
     Returns the transformer state dict (prefix removed) and the number of layers.
     """
     import torch
-    from diffusers import FluxPipeline
+    import diffusers
 
+    # the transformer's own family reads the file (FLUX.2 keys are not FLUX.1 conversions)
+    loader = (diffusers.Flux2KleinPipeline if type(transformer).__name__.startswith("Flux2")
+              else diffusers.FluxPipeline)
     p = lora_file(path)
     try:
-        sd = FluxPipeline.lora_state_dict(str(p))
+        sd = loader.lora_state_dict(str(p))
     except Exception as exc:
         raise UsageError(f"cannot read LoRA file {p}: {type(exc).__name__}: {exc}") from None
     if isinstance(sd, tuple):

@@ -121,15 +121,19 @@ class FluxBackbone:
         self.record_forwards += -(-len(ref_ids) // self.record_batch)
 
     # -- drawing ----------------------------------------------------------------------------
+    def _pipe_kwargs(self, prompts: List[str], generators: List[torch.Generator]) -> dict:
+        """The stock pipeline's arguments for one batch (FLUX.2 passes its own)."""
+        return dict(prompt=prompts, generator=generators, num_inference_steps=self.steps,
+                    guidance_scale=self.guidance, height=self.height, width=self.width,
+                    max_sequence_length=self.max_seq, output_type="pil")
+
     @torch.no_grad()
     def draw(self, prompts: List[str], generators: List[torch.Generator],
              ref_index: Optional[List[List[int]]] = None) -> List:
         """Draw one batch; ``ref_index[i]``: reference numbers frame i reads (None = all)."""
         if not self._open:
             raise RuntimeError("draw() outside a round")
-        kw = dict(prompt=prompts, generator=generators, num_inference_steps=self.steps,
-                  guidance_scale=self.guidance, height=self.height, width=self.width,
-                  max_sequence_length=self.max_seq, output_type="pil")
+        kw = self._pipe_kwargs(prompts, generators)
         if not self._refs:
             return self.pipe(**kw).images
         wanted = sorted({j for row in ref_index for j in row}) if ref_index is not None \

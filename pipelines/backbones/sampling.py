@@ -72,13 +72,14 @@ def decode_vae_in_fp32(pipe, model: Optional[str] = None) -> None:
 
 
 def prepare_pipe(pipe, backbone, family: str) -> None:
-    """What both backbones do to a loaded pipeline before a run: move it to the run's
+    """What every backbone does to a loaded pipeline before a run: move it to the run's
     device, set the scheduler, the fp32 VAE decode and the per-step bar.  ``backbone`` is
     the FLUX or SDXL backbone (its device, scheduler, vae_fp32, dtype, model and
     step_progress)."""
     pipe.to(backbone.device)
     set_scheduler(pipe, backbone.scheduler, family)
     if backbone.vae_fp32 and backbone.dtype != torch.float32:
-        decode_vae_in_fp32(pipe, backbone.model)
+        # FLUX.2's VAE is not an AutoencoderKL: cast the loaded one instead of reloading
+        decode_vae_in_fp32(pipe, backbone.model if family != "flux2" else None)
     pipe.set_progress_bar_config(disable=not backbone.step_progress, leave=False, desc="steps",
                                  position=2)

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m pipelines.story_iter [--story FILE] [--backbone sdxl|flux] [--model PATH]
+    python -m pipelines.story_iter [--story FILE] [--backbone sdxl|flux|flux2] [--model PATH]
         [--ip-adapter PATH] [--image-encoder PATH] [--lora PATH ...] [--frames N]
         [--rounds R] [--steps S] [--guidance G] [--scales A:B] [--seed S]
         [--batch-size B] [--height H --width W] [--out DIR] [--device D] [--dtype T]
@@ -15,6 +15,12 @@ while it attends to the frames of round r-1:
   over all N frames (4 tokens each), weight ``scale_r = linspace(A, B, R)[r-1]``.
 * ``flux``: FLUX + Group-Shared Attention replaying a ``ReferenceKVCache`` recorded from
   round r-1's frames at timestep 0; ``--refs`` picks each frame's references.
+* ``flux2``: FLUX.2 [klein] (or dev) + GSA, the same pool of round r-1's frames (each
+  recorded alone, attending to no text); ``--preset flux2-klein`` (distilled, 4 steps) or
+  ``flux2-klein-base`` (50 steps, CFG).
+
+``--model DIR`` alone picks the backbone its ``model_index.json`` names; an explicit
+``--backbone`` that does not fit the folder is refused, naming the fix.
 
 With no ``--model`` it runs the built-in 100-frame demo (a snowman who meets a fox) on a
 tiny model with random weights that it builds offline, with fewer rounds and steps than
@@ -55,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="""examples:
   python -m pipelines.story_iter                       # built-in demo, tiny offline SDXL
   python -m pipelines.story_iter --backbone flux       # the same on the tiny FLUX preset
+  python -m pipelines.story_iter --backbone flux2      # ... on the tiny FLUX.2 klein preset
+  python -m pipelines.story_iter --model /models/FLUX.2-klein-4B --preset flux2-klein \
+      --refs topk:3 --out runs/klein
   python -m pipelines.story_iter --story my.json --model /models/sdxl \\
       --ip-adapter /models/ip/sdxl_models/ip-adapter_sdxl.safetensors --out runs/my
   python -m pipelines.story_iter --backbone flux --model /models/flux1-dev \\
@@ -63,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
       (each process draws its share of every round; also works on CPU, with gloo)
 Rerun the same command to resume an interrupted run.""")
     ap.add_argument("--story", help="story JSON (default: the built-in 100-frame demo)")
-    ap.add_argument("--backbone", choices=["sdxl", "flux"], default="sdxl")
+    ap.add_argument("--backbone", choices=["sdxl", "flux", "flux2"], default=None,
+                    help="default: the one --model's model_index.json names (sdxl without "
+                         "--model)")
     ap.add_argument("--model", help="local diffusers pipeline folder (default: tiny offline "
                                     "preset, random weights)")
     ap.add_argument("--ip-adapter", help="SDXL: local IP-Adapter weights file")
@@ -77,7 +88,9 @@ Rerun the same command to resume an interrupted run.""")
                                                f"(published: {PUBLISHED['rounds']})")
     ap.add_argument("--steps", type=int, help=f"denoising steps (published: {PUBLISHED['steps']})")
     ap.add_argument("--guidance", type=float, help="guidance scale (sdxl: CFG, default 5.0; "
-                                                   "flux: distilled guidance, default 3.5)")
+                                                   "flux: distilled guidance, default 3.5; "
+                                                   "flux2: klein base CFG, default 4.0, "
+                                                   "ignored by the distilled klein)")
     ap.add_argument("--scales", help="A:B, reference weight of round r = linspace(A, B, R) "
                                      "(default 0.3:0.5)")
     ap.add_argument("--seed", type=int, help="seed of every frame's generator (default 0)")

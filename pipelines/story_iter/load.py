@@ -27,7 +27,10 @@ def _make_backbone(plan, step_progress: bool, cache_budget: Optional[int] = None
                             cfg["loras"], plan["device"], dtype, cfg["height"], cfg["width"],
                             cfg["steps"], cfg["guidance"],
                             step_progress=step_progress)
-    from pipelines.backbones.flux import FluxBackbone
+    if cfg["backbone"] == "flux2":
+        from pipelines.backbones.flux2 import Flux2Backbone as FluxBackbone
+    else:
+        from pipelines.backbones.flux import FluxBackbone
 
     return FluxBackbone(plan["model"], cfg["loras"], plan["device"], dtype, cfg["height"],
                         cfg["width"], cfg["steps"], cfg["guidance"],
@@ -75,7 +78,9 @@ def truncation_note(backbone, prompts: List[str]) -> Optional[str]:
         if tok is None:
             continue
         limit = int(tok.model_max_length)
-        if name == "tokenizer_2" and getattr(backbone, "max_seq", None):
+        # FLUX.1's T5 (tokenizer_2) and FLUX.2's Qwen3 (tokenizer) read max_seq tokens
+        if (name == "tokenizer_2" or getattr(backbone, "name", "") == "flux2") \
+                and getattr(backbone, "max_seq", None):
             limit = int(backbone.max_seq)
         n = sum(len(tok(p).input_ids) > limit for p in prompts)
         if n and (worst is None or n > worst[0]):

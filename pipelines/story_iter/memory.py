@@ -41,7 +41,7 @@ class PreflightError(RuntimeError):
 class MemoryPlan:
     """What the estimate depends on (everything known before loading weights)."""
 
-    backbone: str                 # "sdxl" | "flux"
+    backbone: str                 # "sdxl" | "flux" | "flux2" (same cache layout as flux)
     model: str                    # pipeline folder
     extra_weight_paths: Tuple[str, ...] = ()   # ip-adapter file, image encoder, LoRA files
     dtype: str = "float32"
@@ -249,7 +249,7 @@ def check_fits(plan: MemoryPlan, available: Optional[int] = None, source: str = 
     if est.total <= budget:
         return est, available
     options = []
-    if plan.backbone == "flux":
+    if plan.backbone in ("flux", "flux2"):
         for k in (3, 1):
             if refs_per_target(plan.refs, plan.frames) > k:
                 alt = replace(plan, refs=f"topk:{k}")

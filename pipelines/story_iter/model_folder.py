@@ -14,12 +14,38 @@ from typing import Optional
 
 from ..cli_common import UsageError
 
-__all__ = ["SMALL_BELOW", "native_size", "size_multiple", "check_model"]
+__all__ = ["SMALL_BELOW", "native_size", "size_multiple", "check_model", "detect_backbone",
+           "is_distilled"]
 
 SMALL_BELOW = 512   # a model whose config was built for fewer pixels than this is "small"
 
 # model_index.json _class_name -> backbone
-_PIPELINE_BACKBONE = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINE_BACKBONE = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl",
+                      "Flux2KleinPipeline": "flux2", "Flux2KleinKVPipeline": "flux2",
+                      "Flux2Pipeline": "flux2"}
+# what each backbone loads, for the mismatch error
+_NEEDS = {"flux2": "Flux2KleinPipeline/Flux2Pipeline", "flux": "FluxPipeline",
+          "sdxl": "StableDiffusionXLPipeline"}
+
+
+def _model_index(model: Path) -> dict:
+    try:
+        return json.loads((model / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def detect_backbone(model: Optional[str]) -> Optional[str]:
+    """The backbone a model folder's ``model_index.json`` names (None: no folder, or a
+    class Story-Iter does not run; :func:`check_model` then says what is wrong)."""
+    if model is None:
+        return None
+    return _PIPELINE_BACKBONE.get(_model_index(Path(model)).get("_class_name", ""))
+
+
+def is_distilled(model: Path) -> bool:
+    """A FLUX.2 klein folder of the step-distilled model (4 steps, no CFG), not the base."""
+    return bool(_model_index(model).get("is_distilled", False))
 
 
 def _config(model: Path, sub: str) -> dict:
@@ -62,9 +88,11 @@ def check_model(backbone: str, model: str) -> Path:
     found = _PIPELINE_BACKBONE.get(cls)
     if found is None:
         raise UsageError(f"--model {model}: a {cls or 'unknown'} folder; Story-Iter needs a "
-                         "StableDiffusionXLPipeline (--backbone sdxl) or FluxPipeline "
-                         "(--backbone flux) folder")
+                         "StableDiffusionXLPipeline (--backbone sdxl), FluxPipeline "
+                         "(--backbone flux) or Flux2KleinPipeline (--backbone flux2) folder")
     if found != backbone:
-        raise UsageError(f"--model {model}: a {cls} folder, not {backbone.upper()}; use "
-                         f"--backbone {found} or give a {backbone.upper()} model folder")
+        raise UsageError(f"--model {model}: a {cls} folder, not the {_NEEDS[backbone]} "
+                         f"--backbone {backbone} loads; use --backbone {found} (or leave "
+                         f"--backbone out: the folder names it) or give a {_NEEDS[backbone]} "
+                         "folder")
     return p

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..cli_common import UsageError
 from ..lora_files import check_lora_file
 from . import story as story_stage
-from .model_folder import SMALL_BELOW, check_model, native_size, size_multiple
+from .model_folder import SMALL_BELOW, check_model, is_distilled, native_size, size_multiple
 from .presets import PLAN_ROWS as SAMPLING_ROWS
 from .presets import config_fields, sampling_config
 
@@ -28,6 +28,9 @@ __all__ = ["PUBLISHED", "DEMO", "parse_refs", "resolve", "PLAN_ROWS", "plan_rows
 # Published Story-Iter defaults and the reduced ones for models built for a small size.
 PUBLISHED = dict(rounds=10, steps=50, scales=(0.3, 0.5), guidance_sdxl=5.0, guidance_flux=3.5,
                  height=1024, width=1024, batch_size=4, seed=0)
+# FLUX.2 [klein] as Black Forest Labs run it: the step-distilled model 4 steps, no CFG
+# (guidance 1.0); the base model 50 steps with CFG 4.0 (Flux2KleinPipeline's default)
+KLEIN = {True: dict(steps=4, guidance=1.0), False: dict(steps=50, guidance=4.0)}
 DEMO = dict(rounds=2, steps=3, batch_size=10)
 
 
@@ -104,6 +107,10 @@ def resolve(args, dist) -> Dict[str, Any]:
                                  tiny.SDXL_IP_ADAPTER_WEIGHT_NAME)
                 image_encoder = image_encoder or str(Path(model) / tiny.SDXL_IP_ADAPTER_SUBFOLDER /
                                                      tiny.SDXL_IMAGE_ENCODER_FOLDER)
+        elif args.backbone == "flux2":
+            from pipelines.tiny_flux2 import get_tiny_flux2
+
+            model = get_tiny_flux2()
         else:
             model = tiny.get_tiny_flux()
     else:
@@ -122,6 +129,9 @@ def resolve(args, dist) -> Dict[str, Any]:
     base = dict(DEMO, height=native, width=native) if small else {}
     if native and not small:
         base.update(height=native, width=native)
+    klein = KLEIN[is_distilled(model_path)] if args.backbone == "flux2" else {}
+    if klein and not small:
+        base["steps"] = klein["steps"]
 
     world = getattr(args, "world", None)
     if world:
@@ -135,8 +145,11 @@ def resolve(args, dist) -> Dict[str, Any]:
     rounds, steps, batch = pick("rounds"), pick("steps"), pick("batch_size")
     height, width = pick("height"), pick("width")
     seed = args.seed if args.seed is not None else PUBLISHED["seed"]
-    guidance = args.guidance if args.guidance is not None else (
+    guidance = args.guidance if args.guidance is not None else klein.get("guidance") or (
         PUBLISHED["guidance_sdxl"] if args.backbone == "sdxl" else PUBLISHED["guidance_flux"])
+    if klein and klein["guidance"] == 1.0 and guidance != 1.0:
+        notes.append(f"--guidance {guidance}: the step-distilled klein has no CFG branch, so "
+                     "the guidance is not used (the base klein's is)")
     a, b = _parse_scales(args.scales)
     for name, v, lo in (("rounds", rounds, 0), ("steps", steps, 1), ("batch-size", batch, 1),
                         ("height", height, 8), ("width", width, 8)):

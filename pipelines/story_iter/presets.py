@@ -18,6 +18,11 @@ with ``StoryAdapterXL.generate``):
   round;
 * fp16 weights, VAE decoded in fp32.
 
+``flux2-klein`` / ``flux2-klein-base``: FLUX.2 [klein] with GSA over the previous round's
+frames, as Black Forest Labs run the two klein checkpoints: the step-distilled model at 4
+steps with no guidance (guidance 1.0: the pipeline skips CFG), the base model at 50 steps
+with CFG 4.0 (the ``Flux2KleinPipeline`` default); the scheduler the folder ships.
+
 ``gsa`` is the GSA paper's inference setting: FLUX.1-dev, flow-matching Euler, 50 steps,
 distilled guidance 3.5, Group-Shared Attention over the characters' reference images from
 round 0 on (``--round0-refs characters``; later rounds add the previous round's frames),
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..cli_common import UsageError
-from .model_folder import SMALL_BELOW, native_size
+from .model_folder import SMALL_BELOW, detect_backbone, is_distilled, native_size
 
 __all__ = ["PRESETS", "STYLE_TEMPLATES", "STORY_ITER_NEGATIVE", "add_arguments", "apply",
            "frame_text", "sampling_config", "config_fields", "configure_backbone",
@@ -65,7 +70,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "gsa": dict(
         backbone="flux", scheduler="euler", steps=50, guidance=3.5, refs="all",
         round0_refs="characters", height=1024, width=1024, seed_per_frame=False),
+    "flux2-klein": dict(
+        backbone="flux2", scheduler="model", steps=4, guidance=1.0, refs="all",
+        height=1024, width=1024, seed_per_frame=False),
+    "flux2-klein-base": dict(
+        backbone="flux2", scheduler="model", steps=50, guidance=4.0, refs="all",
+        height=1024, width=1024, seed_per_frame=False),
 }
+
+# the klein preset that fits a folder's is_distilled flag (a mismatch is refused)
+_KLEIN_PRESET = {True: "flux2-klein", False: "flux2-klein-base"}
 
 # What each sampling option means when neither the preset nor the user sets it (today's
 # behaviour before these options existed).
@@ -84,7 +98,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                         "references resized to 256, fp16 with an fp32 VAE decode, 10 rounds "
                         "at 0.3..0.5); gsa: the GSA paper's (FLUX.1-dev, flow-matching Euler, "
                         "50 steps, guidance 3.5, GSA with the characters' reference images, "
-                        "--lora STAGE1 STAGE2)")
+                        "--lora STAGE1 STAGE2); flux2-klein: FLUX.2 [klein] distilled "
+                        "(4 steps, no guidance); flux2-klein-base: the klein base model (50 "
+                        "steps, CFG 4)")
     g.add_argument("--negative-prompt", metavar="TEXT",
                    help="text of the guidance branch (default: the story's negative_prompt "
                         "field, else zero embeddings as the stock pipeline uses; story-iter: "
@@ -157,10 +173,26 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
     argv = sys.argv[1:] if argv is None else argv
     notes: List[str] = []
     info: Dict[str, Any] = {"name": args.preset, "applied": {}, "overridden": {}, "kept": {}}
+    # no --backbone: the model folder's model_index.json names it (else SDXL, as always)
+    found = detect_backbone(args.model)
     if args.preset:
         given = _explicit(parser, argv)
         if "backbone" not in given:
-            args.backbone = PRESETS[args.preset].get("backbone", args.backbone)
+            want = PRESETS[args.preset].get("backbone", args.backbone)
+            if found is not None and want is not None and found != want:
+                raise UsageError(f"--preset {args.preset} is for --backbone {want}, but --model "
+                                 f"{args.model} is a {found} folder; give a {want} model folder "
+                                 "or a preset for it")
+            args.backbone = want
+    if args.backbone is None:
+        args.backbone = found or "sdxl"
+    if args.preset in _KLEIN_PRESET.values() and found == "flux2":
+        fit = _KLEIN_PRESET[is_distilled(Path(args.model))]
+        if fit != args.preset:
+            kind = "step-distilled" if fit == "flux2-klein" else "base (not distilled)"
+            raise UsageError(f"--preset {args.preset}: --model {args.model} is the {kind} klein; "
+                             f"use --preset {fit}")
+    if args.preset:
         small = _small_model(args)
         if cuda is None:
             import torch
@@ -202,14 +234,19 @@ def apply(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] =
         if args.negative_prompt:
             raise UsageError("--negative-prompt: FLUX.1-dev's distilled guidance has no "
                              "negative branch; drop the option for --backbone flux")
+    elif args.backbone == "flux2" and args.negative_prompt:
+        raise UsageError("--negative-prompt: the FLUX.2 backbone runs the pipeline's own empty "
+                         "negative prompt (klein base; the distilled klein has no CFG); drop "
+                         "the option for --backbone flux2")
+    if args.backbone in ("flux", "flux2"):
         if args.ref_size is not None:
             raise UsageError("--ref-size: FLUX references are VAE-encoded at the frame size; "
-                             "drop the option for --backbone flux")
+                             f"drop the option for --backbone {args.backbone}")
         if args.scheduler == "ddim":
             raise UsageError("--scheduler ddim is for SDXL; FLUX takes euler or model")
     elif args.round0_refs != "none":
-        raise UsageError("--round0-refs characters is for --backbone flux (SDXL's round 0 has "
-                         "no reference weight); drop it")
+        raise UsageError("--round0-refs characters is for --backbone flux or flux2 (SDXL's "
+                         "round 0 has no reference weight); drop it")
     args.preset_info = info if args.preset else None
     return notes
 

@@ -10,10 +10,12 @@ from ..world.recipe import WORLD_RECIPE
 from . import model as M
 
 TINY = "tiny"             # --model tiny: the random-weight preset (pipelines.tiny)
+TINY_FLUX2 = "tiny-flux2"  # --model tiny-flux2: the random-weight FLUX.2 klein (pipelines.tiny_flux2)
 SYNTHETIC = "synthetic"   # --data synthetic: pipelines.train.synthetic
 
 # the first line of the program's docstring (pipelines/train/cli.py)
-DESCRIPTION = "LoRA training for Group-Shared Attention (GSA) on FLUX.1: stage ``gsa`` and ``dpo``."
+DESCRIPTION = ("LoRA training for Group-Shared Attention (GSA) on FLUX.1 and FLUX.2 [klein]: "
+               "stage ``gsa`` and ``dpo``.")
 
 DEFAULTS = {
     # stage: (learning rate, max steps real, max steps synthetic)
@@ -55,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                       epilog=EPILOG, formatter_class=DefaultsFormatter)
     p.add_argument("--stage", choices=["gsa", "dpo"], required=True)
     p.add_argument("--model", default=None,
-                   help="local FLUX.1 pipeline folder, or 'tiny' (a tiny FLUX with random "
-                        "weights built offline: shapes only, for tests); default: the committed "
-                        "story-world FLUX (its values are marked WORLD)")
+                   help="local FLUX.1 (FluxPipeline) or FLUX.2 klein (Flux2KleinPipeline) "
+                        "pipeline folder, or 'tiny' / 'tiny-flux2' (a tiny FLUX / FLUX.2 klein "
+                        "with random weights built offline: shapes only, for tests); default: the "
+                        "committed story-world FLUX (its values are marked WORLD)")
     p.add_argument("--data", default=None,
                    help="gsa: folder with metadata.jsonl; dpo: pairs.jsonl or its folder; "
                         "'synthetic': a small dataset written to OUTPUT_DIR/synthetic_data; "
@@ -95,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square training size in pixels (default 512, or the VAE's sample_size "
                         f"if smaller: 64 for the tiny model; WORLD {_w('resolution')})")
     p.add_argument("--max-sequence-length", type=int, default=None,
-                   help="T5 tokens (default 512, or the T5 tokenizer's limit if smaller; "
+                   help="text tokens (T5 on FLUX.1, Qwen3 on FLUX.2; default 512, or the "
+                        "tokenizer's limit if smaller; 32 for tiny-flux2; "
                         f"WORLD {_w('max_sequence_length')})")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="gsa: probability of training a row with the empty caption")
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args) -> argparse.Namespace:
     """Fill the model-, data- and stage-dependent defaults and check ranges."""
     args.world_model = args.model is None
-    args.synthetic_model = args.model == TINY
+    args.synthetic_model = args.model in (TINY, TINY_FLUX2)
     args.world_data = args.data is None and not args.synthetic_model
     args.synthetic_data = args.data == SYNTHETIC or (args.data is None and args.synthetic_model)
     _world_paths(args)

@@ -1,4 +1,4 @@
-"""LoRA training for Group-Shared Attention (GSA) on FLUX.1: stage ``gsa`` and ``dpo``.
+"""LoRA training for Group-Shared Attention (GSA) on FLUX.1 and FLUX.2 [klein]: stage ``gsa`` and ``dpo``.
 
     python -m pipelines.train --stage gsa [--model PATH|tiny] [--data DIR|synthetic] ...
     python -m pipelines.train --stage dpo --stage1-lora DIR_OR_FILE [--data pairs.jsonl] ...
@@ -24,7 +24,14 @@ Without ``--model`` the stage trains the committed story-world FLUX
 to ``OUTPUT_DIR/world_data`` (gsa) or the committed preference pools (dpo), and for dpo
 without ``--stage1-lora`` on the committed stage-1 LoRA; each default is announced.
 ``--model tiny`` (a random-weight FLUX built offline) with ``--data synthetic`` (the
-default with it) is the quick preset of the tests.
+default with it) is the quick preset of the tests; ``--model tiny-flux2`` the same on a
+random-weight FLUX.2 [klein] (:mod:`pipelines.tiny_flux2`).
+
+FLUX.2 [klein]: ``--model DIR`` with a ``Flux2KleinPipeline`` folder trains the same stages
+on FLUX.2 (Qwen3 text, 2x2-patchified batch-normalised latents, 4-axis positions, all from
+the pipeline's own helpers: :mod:`pipelines.flux2_inputs`), with LoRA targets on its modules
+(:data:`pipelines.train.model.FLUX2_LORA_TARGET_REGEX`); the saved file loads with
+``Flux2KleinPipeline.load_lora_weights``.
 
 Outputs in ``--output-dir``: ``pytorch_lora_weights.safetensors`` (diffusers
 format: ``FluxPipeline.load_lora_weights(OUT, adapter_name=...)``),

@@ -1,5 +1,8 @@
 """FLUX model plumbing for ``python -m pipelines.train``: loading, LoRA adapters,
-latents, text embeddings, the transformer call, saving LoRA files.
+latents, text embeddings, the transformer call, saving LoRA files.  FLUX.1 (``FluxPipeline``)
+and FLUX.2 [klein] (``Flux2KleinPipeline``; FLUX.2 dev's ``Flux2Pipeline`` too): the folder's
+``model_index.json`` names the family, :func:`inputs` gives its input module
+(:mod:`pipelines.flux_inputs` / :mod:`pipelines.flux2_inputs`, same functions).
 
 LoRA targets (``LORA_TARGET_REGEX``, matched by peft against full module names):
 
@@ -11,6 +14,17 @@ LoRA targets (``LORA_TARGET_REGEX``, matched by peft against full module names):
 
 Not targeted: the model's top-level ``proj_out``, embedders, and the AdaLN
 modulation linears (``norm1.linear`` ...), which only carry the timestep/pooled text.
+
+FLUX.2 (``FLUX2_LORA_TARGET_REGEX``; ``Flux2Transformer2DModel``'s module names):
+
+- double-stream blocks (``Flux2Attention``): ``attn.to_q/to_k/to_v/to_out.0``,
+  ``attn.add_q_proj/add_k_proj/add_v_proj/to_add_out``, the FFNs ``ff.linear_in/linear_out``
+  and ``ff_context.linear_in/linear_out``;
+- single-stream blocks (``Flux2ParallelSelfAttention``): the fused QKV + MLP input
+  ``attn.to_qkv_mlp_proj`` and the fused output ``attn.to_out``.
+
+Not targeted: the shared modulation linears (``double_stream_modulation_*``,
+``single_stream_modulation``), embedders, ``norm_out`` and ``proj_out``.
 """
 from __future__ import annotations
 
@@ -24,6 +38,16 @@ from ..cli_common import UsageError
 from ..flux_inputs import (encode_latents, encode_prompts, flux_forward,  # noqa: F401
                            has_guidance_embeds, image_ids, pack_latents)
 from ..lora_files import LORA_WEIGHT_NAME, check_lora_fits, lora_file
+
+FLUX2_LORA_TARGET_REGEX = (
+    r"^(?:transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
+    r"|add_v_proj|to_add_out)|ff\.(?:linear_in|linear_out)|ff_context\.(?:linear_in|linear_out))"
+    r"|single_transformer_blocks\.\d+\.attn\.(?:to_qkv_mlp_proj|to_out))$"
+)
+
+# model_index.json _class_name -> family; the pipeline class each family loads and saves with
+_FAMILY = {"FluxPipeline": "flux", "Flux2KleinPipeline": "flux2", "Flux2KleinKVPipeline": "flux2",
+           "Flux2Pipeline": "flux2"}
 
 LORA_TARGET_REGEX = (
     r"^(?:transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
@@ -56,12 +80,53 @@ def check_model_path(path) -> Path:
         cls = json.loads((p / "model_index.json").read_text()).get("_class_name", "")
     except (OSError, ValueError):
         cls = ""
-    if cls and cls != "FluxPipeline":
-        raise ModelError(f"--model {p}: a {cls} folder; training needs a FLUX.1 folder "
-                         "(FluxPipeline in model_index.json)")
+    if cls and cls not in _FAMILY:
+        raise ModelError(f"--model {p}: a {cls} folder; training needs a FLUX.1 (FluxPipeline) "
+                         "or FLUX.2 klein (Flux2KleinPipeline) folder")
     if not (p / "transformer").is_dir():
         raise ModelError(f"{p} has no transformer/ sub-folder; is it a FLUX pipeline?")
     return p
+
+
+def _class_name(path) -> str:
+    import json
+
+    try:
+        return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def model_family(path) -> str:
+    """``flux`` (FLUX.1) or ``flux2`` (FLUX.2), from the folder's model_index.json."""
+    return _FAMILY.get(_class_name(path), "flux")
+
+
+def family_of(transformer) -> str:
+    return "flux2" if type(transformer).__name__.startswith("Flux2") else "flux"
+
+
+def inputs(family: str):
+    """The family's input module (text, latents, ids, the forward; same function names)."""
+    if family == "flux2":
+        from .. import flux2_inputs
+
+        return flux2_inputs
+    from .. import flux_inputs
+
+    return flux_inputs
+
+
+def pipeline_class(family_or_path: str):
+    """The diffusers pipeline class that loads (and saves LoRAs for) a family or folder."""
+    import diffusers
+
+    if family_or_path in ("flux", "flux2"):
+        return diffusers.Flux2KleinPipeline if family_or_path == "flux2" else diffusers.FluxPipeline
+    cls = _class_name(family_or_path)
+    if cls == "Flux2KleinKVPipeline":
+        cls = "Flux2KleinPipeline"   # the same weights; the KV pipeline's image= path is unused
+    return getattr(diffusers, cls if cls in _FAMILY else "FluxPipeline")
 
 
 def model_defaults(path) -> Tuple[int, int]:
@@ -75,8 +140,10 @@ def model_defaults(path) -> Tuple[int, int]:
         res = min(res, int(json.loads((p / "vae" / "config.json").read_text())["sample_size"]))
     except (OSError, KeyError, ValueError, TypeError):
         pass
+    # FLUX.1's T5 is tokenizer_2; FLUX.2's Qwen3 is tokenizer
+    sub = "tokenizer" if model_family(p) == "flux2" else "tokenizer_2"
     try:
-        cfg = json.loads((p / "tokenizer_2" / "tokenizer_config.json").read_text())
+        cfg = json.loads((p / sub / "tokenizer_config.json").read_text())
         seq = min(seq, int(cfg["model_max_length"]))
     except (OSError, KeyError, ValueError, TypeError):
         pass
@@ -95,11 +162,10 @@ def vae_scale_factor(path) -> int:
 
 
 def load_pipeline(path, dtype: torch.dtype):
-    """``FluxPipeline.from_pretrained`` from a local folder, all weights frozen."""
-    from diffusers import FluxPipeline
-
+    """``FluxPipeline`` / ``Flux2KleinPipeline.from_pretrained`` from a local folder, all
+    weights frozen."""
     p = check_model_path(path)
-    pipe = FluxPipeline.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+    pipe = pipeline_class(str(p)).from_pretrained(str(p), dtype=dtype, local_files_only=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         m = getattr(pipe, name, None)
         if m is not None:
@@ -112,12 +178,13 @@ def load_pipeline(path, dtype: torch.dtype):
 # LoRA
 
 
-def lora_config(rank: int, alpha: Optional[float] = None):
-    """peft ``LoraConfig`` on ``LORA_TARGET_REGEX``; B is zero-initialised (delta 0)."""
+def lora_config(rank: int, alpha: Optional[float] = None, family: str = "flux"):
+    """peft ``LoraConfig`` on the family's target regex; B is zero-initialised (delta 0)."""
     from peft import LoraConfig
 
+    regex = FLUX2_LORA_TARGET_REGEX if family == "flux2" else LORA_TARGET_REGEX
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                      init_lora_weights=True, target_modules=LORA_TARGET_REGEX, lora_dropout=0.0)
+                      init_lora_weights=True, target_modules=regex, lora_dropout=0.0)
 
 
 def lora_module_names(transformer, adapter: str) -> List[str]:
@@ -139,7 +206,7 @@ def adapter_params(transformer, adapter: str) -> Dict[str, torch.nn.Parameter]:
 def add_trainable_lora(transformer, adapter: str, rank: int, alpha: Optional[float] = None) -> None:
     """Inject a fresh LoRA named ``adapter``; its params become fp32 and trainable,
     everything else stays frozen."""
-    transformer.add_adapter(lora_config(rank, alpha), adapter_name=adapter)
+    transformer.add_adapter(lora_config(rank, alpha, family_of(transformer)), adapter_name=adapter)
     for n, p in transformer.named_parameters():
         p.requires_grad_(False)
     for p in adapter_params(transformer, adapter).values():
@@ -180,15 +247,13 @@ def lora_state_dict(transformer, adapter: str) -> Dict[str, torch.Tensor]:
 def save_lora(transformer, adapter: str, out_dir, dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``OUT/pytorch_lora_weights.safetensors`` in the diffusers format (keys
     ``transformer.<module>.lora_A/B.weight`` + peft config metadata), loadable with
-    ``FluxPipeline.load_lora_weights(OUT, adapter_name=...)``."""
-    from diffusers import FluxPipeline
-
+    ``FluxPipeline`` / ``Flux2KleinPipeline.load_lora_weights(OUT, adapter_name=...)``."""
     sd = lora_state_dict(transformer, adapter)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     meta = transformer.peft_config[adapter].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    FluxPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=sd,
+    pipeline_class(family_of(transformer)).save_lora_weights(str(out_dir), transformer_lora_layers=sd,
                                    weight_name=LORA_WEIGHT_NAME,
                                    transformer_lora_adapter_metadata=meta)
     return Path(out_dir) / LORA_WEIGHT_NAME

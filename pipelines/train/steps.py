@@ -18,15 +18,16 @@ from . import model as M
 class StepMixin:
     """The per-step half of :class:`pipelines.train.trainer.Trainer`; it uses what the
     trainer's setup made (``args``, ``acc``, ``ds``, ``sampler``, ``image_paths``,
-    ``path_index``, ``vae``, ``latent_cache``, ``text``, ``model``, ``gsa``, ...)."""
+    ``path_index``, ``vae``, ``latent_cache``, ``text``, ``model``, ``gsa``, and ``io``: the
+    model family's input module, :mod:`pipelines.flux_inputs` or :mod:`pipelines.flux2_inputs`)."""
 
     def _encode(self, image_indices: List[int]) -> torch.Tensor:
         pix = torch.stack([D.load_image(self.image_paths[i], self.args.resolution)
                            for i in image_indices])
-        return M.encode_latents(self.vae, pix)
+        return self.io.encode_latents(self.vae, pix)
 
     def _latents(self, image_indices: List[int]) -> torch.Tensor:
-        """Packed latents ``[rows, L, 64]`` on the device, float32."""
+        """Packed latents ``[rows, L, C]`` on the device, float32 (FLUX.1: C = 64)."""
         if self.latent_cache:
             lat = torch.stack([self.latent_cache[i] for i in image_indices]).to(self.acc.device)
         else:
@@ -34,7 +35,7 @@ class StepMixin:
             enc = self._encode(uniq)
             pos = {k: j for j, k in enumerate(uniq)}
             lat = enc[[pos[i] for i in image_indices]]
-        return M.pack_latents(lat.float())
+        return self.io.pack_latents(lat.float())
 
     def _text(self, prompts: List[str]):
         emb = torch.stack([self.text[p][0] for p in prompts]).to(self.acc.device, self.weight_dtype)
@@ -78,7 +79,8 @@ class StepMixin:
 
     def _forward(self, model, packed, text, pooled, sigma):
         with self.acc.autocast():
-            return M.flux_forward(model, packed, text, pooled, sigma, self.img_ids, self.guidance)
+            return self.io.flux_forward(model, packed, text, pooled, sigma, self.img_ids,
+                                        self.guidance)
 
     def _gsa_step(self, step: int):
         a = self.args

@@ -17,7 +17,7 @@ from ..lora_files import check_lora_file, lora_file
 from . import checkpoints as C
 from . import data as D
 from . import model as M
-from .args import ConfigError, build_parser, resolve_args
+from .args import TINY_FLUX2, ConfigError, build_parser, resolve_args
 from .log import say
 from .steps import StepMixin
 
@@ -59,10 +59,16 @@ class Trainer(StepMixin):
         args = self.args
         if args.synthetic_model:
             from ..tiny import get_tiny_flux
+            from ..tiny_flux2 import TINY_FLUX2_MAX_SEQUENCE_LENGTH, get_tiny_flux2
 
+            name = args.model
             with acc.main_process_first():
-                args.model = get_tiny_flux()
-            say(acc, f"--model tiny: the tiny FLUX built offline with random weights "
+                args.model = get_tiny_flux2() if name == TINY_FLUX2 else get_tiny_flux()
+            if name == TINY_FLUX2 and args.max_sequence_length is None:
+                # the tiny tokenizer allows 512; the tiny preset is meant to run at 32
+                args.max_sequence_length = TINY_FLUX2_MAX_SEQUENCE_LENGTH
+            what = "FLUX.2 [klein]" if name == TINY_FLUX2 else "FLUX"
+            say(acc, f"--model {name}: the tiny {what} built offline with random weights "
                      f"({args.model})")
         else:
             M.check_model_path(args.model)
@@ -124,7 +130,8 @@ class Trainer(StepMixin):
     def _load_model(self, acc):
         args = self.args
         if args.stage1_lora is not None:   # a wrong file is refused before any weight loads
-            check_lora_file(str(lora_file(args.stage1_lora)), "flux", "--stage1-lora")
+            check_lora_file(str(lora_file(args.stage1_lora)), M.model_family(args.model),
+                            "--stage1-lora")
         with quiet.no_loading_bars():
             pipe = M.load_pipeline(args.model, self.weight_dtype)
         vsf = pipe.vae_scale_factor
@@ -141,10 +148,15 @@ class Trainer(StepMixin):
             say(acc, f"stage-1 LoRA {args.stage1_lora}: {n} layers loaded as adapter "
                      f"'{M.STAGE1_ADAPTER}', frozen")
         device = acc.device
-        pipe.text_encoder.to(device)
-        pipe.text_encoder_2.to(device)
-        self.text = M.encode_prompts(pipe, self.prompts, device, args.max_sequence_length)
-        pipe.text_encoder = pipe.text_encoder_2 = None   # cached: free the encoders
+        self.family = M.family_of(tr)
+        self.io = M.inputs(self.family)
+        for name in ("text_encoder", "text_encoder_2"):   # FLUX.2 has one text encoder
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(device)
+        self.text = self.io.encode_prompts(pipe, self.prompts, device, args.max_sequence_length)
+        for name in ("text_encoder", "text_encoder_2"):   # cached: free the encoders
+            if hasattr(pipe, name):
+                setattr(pipe, name, None)
         self.vae = pipe.vae.to(device)
         self.latent_cache: Dict[int, torch.Tensor] = {}
         if args.cache_latents:
@@ -158,7 +170,7 @@ class Trainer(StepMixin):
         pipe.vae = None
         self.pipe = pipe
         self.transformer = tr
-        self.guidance = args.guidance_scale if M.has_guidance_embeds(tr) else None
+        self.guidance = args.guidance_scale if self.io.has_guidance_embeds(tr) else None
 
     def _synthetic_stage1(self, acc) -> str:
         """dpo on the tiny model without --stage1-lora: train a short stage gsa first."""
@@ -167,6 +179,8 @@ class Trainer(StepMixin):
         argv = ["--stage", "gsa", "--output-dir", str(sub), "--model", self.args.model,
                 "--data", "synthetic", "--seed", str(self.args.seed), "--num-refs", str(self.args.num_refs),
                 "--rank", str(self.args.rank), "--max-steps", "4", "--checkpoint-every", "0"]
+        if self.args.max_sequence_length:   # stage 1 reads the text as this stage does
+            argv += ["--max-sequence-length", str(self.args.max_sequence_length)]
         if self.args.cpu:
             argv.append("--cpu")
         argv += ["--mixed-precision", self.args.mixed_precision]
@@ -266,7 +280,8 @@ class Trainer(StepMixin):
         self._resolve_inputs(acc)
         self._load_data(acc)
         self._load_model(acc)
-        self.img_ids = M.image_ids(self.latent_hw, self.latent_hw, acc.device, self.weight_dtype)
+        self.img_ids = self.io.image_ids(self.latent_hw, self.latent_hw, acc.device,
+                                         self.weight_dtype)
         self._setup_lora(acc)
         start = self._resume()
         if start >= args.max_steps:
@@ -351,7 +366,8 @@ class Trainer(StepMixin):
                        "stage1_lora": str(args.stage1_lora) if args.stage1_lora else None}
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             say(acc, f"saved LoRA '{self.adapter}' to {lora_path}")
-            say(acc, f"load it with FluxPipeline.load_lora_weights({str(self.out)!r}, "
+            say(acc, f"load it with {M.pipeline_class(self.family).__name__}.load_lora_weights("
+                     f"{str(self.out)!r}, "
                      f"adapter_name={self.adapter!r})")
         acc.wait_for_everyone()
         self.gsa.remove()
