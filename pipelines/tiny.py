@@ -66,8 +66,12 @@ this module names the cache and the command line.  ``tiny_flux_transformer_confi
 ``tiny_sdxl_unet_config()`` return the model config dicts (``FluxTransformer2DModel(**tiny_flux_transformer_config())`` builds the same
 architecture directly, without the pipeline).
 
-CLI: ``python -m pipelines.tiny --out DIR [--seed S] [--only flux|sdxl]`` builds both into
-``DIR/tiny-flux-v1`` and ``DIR/tiny-sdxl-v1`` and prints the paths.
+``get_tiny_flux2(cache_dir=None, seed=0)`` is the same for the FLUX.2 [klein] preset of
+:mod:`pipelines.tiny_flux2` (``<root>/tiny-flux2-v1``; call it with
+``max_sequence_length=TINY_FLUX2_MAX_SEQUENCE_LENGTH`` and ``height=width=64``).
+
+CLI: ``python -m pipelines.tiny --out DIR [--seed S] [--only flux|flux2|sdxl]`` builds them
+into ``DIR/tiny-flux-v1``, ``DIR/tiny-flux2-v1`` and ``DIR/tiny-sdxl-v1`` and prints the paths.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ from .model_presets import (SDXL_IMAGE_ENCODER_FOLDER, SDXL_IP_ADAPTER_NUM_TOKEN
                             TINY_MAX_SEQUENCE_LENGTH, TINY_WIDTH, build_tiny_flux,
                             build_tiny_sdxl, sdxl_ip_adapter_kwargs, tiny_flux_transformer_config,
                             tiny_sdxl_unet_config)
+from .tiny_flux2 import TINY_FLUX2_MAX_SEQUENCE_LENGTH, build_tiny_flux2
 
 __all__ = [
     "TINY_VERSION",
@@ -92,6 +97,8 @@ __all__ = [
     "TINY_MAX_SEQUENCE_LENGTH",
     "TINY_FLUX_DIRNAME",
     "TINY_SDXL_DIRNAME",
+    "TINY_FLUX2_DIRNAME",
+    "TINY_FLUX2_MAX_SEQUENCE_LENGTH",
     "SDXL_IP_ADAPTER_SUBFOLDER",
     "SDXL_IP_ADAPTER_WEIGHT_NAME",
     "SDXL_IMAGE_ENCODER_FOLDER",
@@ -102,6 +109,8 @@ __all__ = [
     "build_tiny_sdxl",
     "get_tiny_flux",
     "get_tiny_sdxl",
+    "get_tiny_flux2",
+    "build_tiny_flux2",
     "default_cache_root",
     "sdxl_ip_adapter_kwargs",
     "main",
@@ -111,6 +120,7 @@ __all__ = [
 TINY_VERSION = "v1"
 TINY_FLUX_DIRNAME = f"tiny-flux-{TINY_VERSION}"
 TINY_SDXL_DIRNAME = f"tiny-sdxl-{TINY_VERSION}"
+TINY_FLUX2_DIRNAME = f"tiny-flux2-{TINY_VERSION}"
 
 _COMPLETE_MARKER = ".storyattn_tiny_complete"
 
@@ -168,6 +178,12 @@ def get_tiny_flux(cache_dir=None, seed: int = 0) -> str:
     return cached(build_tiny_flux, TINY_FLUX_DIRNAME, cache_dir, seed)
 
 
+def get_tiny_flux2(cache_dir=None, seed: int = 0) -> str:
+    """Path of the cached tiny FLUX.2 [klein] pipeline folder (Qwen3 text encoder and
+    tokenizer built offline; :mod:`pipelines.tiny_flux2`), built on first use."""
+    return cached(build_tiny_flux2, TINY_FLUX2_DIRNAME, cache_dir, seed)
+
+
 def get_tiny_sdxl(cache_dir=None, seed: int = 0) -> str:
     """Path of the cached tiny SDXL (+IP-Adapter) pipeline folder, built on first use."""
     return cached(build_tiny_sdxl, TINY_SDXL_DIRNAME, cache_dir, seed)
@@ -180,15 +196,17 @@ def get_tiny_sdxl(cache_dir=None, seed: int = 0) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.tiny",
-        description="Build the tiny offline FLUX and SDXL(+IP-Adapter) presets.",
+        description="Build the tiny offline FLUX, FLUX.2 [klein] and SDXL(+IP-Adapter) presets.",
     )
     parser.add_argument("--out", default=None,
                         help="root folder (default: $STORYATTN_TINY_DIR or ~/.cache/storyattn)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["flux", "sdxl"], default=None)
+    parser.add_argument("--only", choices=["flux", "sdxl", "flux2"], default=None)
     args = parser.parse_args(argv)
     if args.only in (None, "flux"):
         print("flux:", get_tiny_flux(args.out, seed=args.seed))
+    if args.only in (None, "flux2"):
+        print("flux2:", get_tiny_flux2(args.out, seed=args.seed))
     if args.only in (None, "sdxl"):
         path = get_tiny_sdxl(args.out, seed=args.seed)
         print("sdxl:", path)

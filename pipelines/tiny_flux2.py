@@ -26,18 +26,16 @@ Call the pipelines with ``height=width=64`` (8x8 = 64 image tokens) and
 ``max_sequence_length=TINY_FLUX2_MAX_SEQUENCE_LENGTH`` (32): the defaults (1024^2
 images, 512 text tokens) work but are needlessly slow.
 
-``get_tiny_flux2(cache_dir=None, seed=0)`` builds once into ``<root>/tiny-flux2-v1``
-(see :func:`pipelines.tiny.get_tiny_flux` for ``<root>``) and returns the path.
+The cached preset is :func:`pipelines.tiny.get_tiny_flux2` (``<root>/tiny-flux2-v1``, the
+same cache as the FLUX.1 and SDXL presets); this module only builds.
 """
 from __future__ import annotations
 
 from .model_presets import WORDS, bpe_merge, byte_to_unicode, empty_target, seeded
-from .tiny import cached
 
-__all__ = ["build_tiny_flux2", "get_tiny_flux2", "tiny_flux2_transformer_config",
-           "TINY_FLUX2_DIRNAME", "TINY_FLUX2_MAX_SEQUENCE_LENGTH"]
+__all__ = ["build_tiny_flux2", "tiny_flux2_transformer_config",
+           "TINY_FLUX2_MAX_SEQUENCE_LENGTH"]
 
-TINY_FLUX2_DIRNAME = "tiny-flux2-v1"
 TINY_FLUX2_MAX_SEQUENCE_LENGTH = 32
 
 _TEXT_HIDDEN = 16
@@ -160,8 +158,3 @@ def build_tiny_flux2(path, seed: int = 0) -> str:
                               tokenizer=tokenizer, transformer=transformer.eval(), is_distilled=True)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return str(path)
-
-
-def get_tiny_flux2(cache_dir=None, seed: int = 0) -> str:
-    """Path of the cached tiny FLUX.2 [klein] pipeline folder, built on first use."""
-    return cached(build_tiny_flux2, TINY_FLUX2_DIRNAME, cache_dir, seed)

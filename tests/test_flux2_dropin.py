@@ -147,7 +147,7 @@ def check_model_attention_backend(install):
 def _klein(kind="klein", distilled=True):
     from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
-    from pipelines.tiny_flux2 import get_tiny_flux2
+    from pipelines.tiny import get_tiny_flux2
 
     cls = Flux2KleinKVPipeline if kind == "kv" else Flux2KleinPipeline
     pipe = cls.from_pretrained(get_tiny_flux2(), is_distilled=distilled)

@@ -22,7 +22,7 @@ STEPS = 2
 def pipes():
     from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
-    from pipelines.tiny_flux2 import get_tiny_flux2
+    from pipelines.tiny import get_tiny_flux2
 
     kv = Flux2KleinKVPipeline.from_pretrained(get_tiny_flux2(), torch_dtype=torch.float32)
     kv.set_progress_bar_config(disable=True)

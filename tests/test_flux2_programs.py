@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 from pipelines.story_iter import main  # noqa: E402
-from pipelines.tiny_flux2 import get_tiny_flux2  # noqa: E402
+from pipelines.tiny import get_tiny_flux2  # noqa: E402
 
 STORY = {"title": "klein", "characters": [{"name": "Fox", "description": "a red fox"},
                                           {"name": "Owl", "description": "a grey owl"}],

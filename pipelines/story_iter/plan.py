@@ -108,7 +108,7 @@ def resolve(args, dist) -> Dict[str, Any]:
                 image_encoder = image_encoder or str(Path(model) / tiny.SDXL_IP_ADAPTER_SUBFOLDER /
                                                      tiny.SDXL_IMAGE_ENCODER_FOLDER)
         elif args.backbone == "flux2":
-            from pipelines.tiny_flux2 import get_tiny_flux2
+            from pipelines.tiny import get_tiny_flux2
 
             model = get_tiny_flux2()
         else:

@@ -58,8 +58,7 @@ class Trainer(StepMixin):
     def _resolve_inputs(self, acc):
         args = self.args
         if args.synthetic_model:
-            from ..tiny import get_tiny_flux
-            from ..tiny_flux2 import TINY_FLUX2_MAX_SEQUENCE_LENGTH, get_tiny_flux2
+            from ..tiny import TINY_FLUX2_MAX_SEQUENCE_LENGTH, get_tiny_flux, get_tiny_flux2
 
             name = args.model
             with acc.main_process_first():
