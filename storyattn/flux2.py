@@ -42,7 +42,7 @@ from .gsa import GroupSharedAttention, _Mode, register_family
 from .processors.flux2_gsa import (GroupSharedFlux2AttnProcessor,
                                    GroupSharedFlux2ParallelAttnProcessor,
                                    flux2_stock_processor_types)
-from .references import _as_list
+from .references import record_inputs, unwrap_model
 
 __all__ = ["Flux2GroupSharedAttention", "encode_flux2_latents", "flux2_image_ids",
            "REFERENCE_T_SCALE"]
@@ -225,24 +225,11 @@ class Flux2GroupSharedAttention(GroupSharedAttention):
             raise ValueError("record_images: FLUX.2 references attend to no text (as in "
                              "Flux2KleinKVPipeline); pass prompts=None")
         del max_sequence_length  # no text is encoded
-        tr = pipe.transformer if hasattr(pipe, "transformer") else None
-        while tr is not None and tr is not self.transformer and (
-                hasattr(tr, "_orig_mod") or hasattr(tr, "module")):
-            tr = getattr(tr, "_orig_mod", None) or tr.module
-        if tr is not self.transformer or not hasattr(pipe, "vae"):
+        if unwrap_model(getattr(pipe, "transformer", None)) is not self.transformer or \
+                not hasattr(pipe, "vae"):
             raise ValueError("record_images: pipe must be a FLUX.2 pipeline whose transformer is "
                              "the one this GroupSharedAttention was installed on")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"record_images: batch_size must be an int >= 1, got {batch_size!r}")
-        items = _as_list(images)
-        if not items:
-            raise ValueError("record_images: no images given")
-        cache = ReferenceKVCache() if cache is None else cache
-        if not isinstance(cache, ReferenceKVCache):
-            raise TypeError(f"record_images: cache must be a ReferenceKVCache, got "
-                            f"{type(cache).__name__}")
-        if replace:
-            cache.reset()
+        items, cache = record_inputs(images, batch_size, cache, replace)
         self._check_family(cache, "record_images")
         pixels = self._preprocess(pipe, items, height, width)
         cache.reserve(len(cache) + len(items))
@@ -328,11 +315,7 @@ def _record_host_work_out_of_graphs() -> None:
 
 def _is_flux2(transformer) -> bool:
     """A diffusers Flux2Transformer2DModel, possibly inside torch.compile / DDP wrappers."""
-    model = transformer
-    while model is not None and not hasattr(model, "transformer_blocks") and (
-            hasattr(model, "_orig_mod") or hasattr(model, "module")):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return type(model).__name__ == "Flux2Transformer2DModel"
+    return type(unwrap_model(transformer)).__name__ == "Flux2Transformer2DModel"
 
 
 register_family(_is_flux2, Flux2GroupSharedAttention)

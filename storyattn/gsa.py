@@ -30,6 +30,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .cache import CacheSignature, ReferenceKVCache, _dtype_name
+from .references import unwrap_model
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor, GSAForwardContext
 
 __all__ = ["GroupSharedAttention"]
@@ -139,12 +140,9 @@ class GroupSharedAttention:
 
     def __init__(self, transformer: torch.nn.Module, *, placement: Placement = "index",
                  backend: Optional[str] = None, rope_backend: Optional[str] = None):
-        model = transformer
         # torch.compile (_orig_mod) and DDP/FSDP-style (module) wrappers: hooks and
         # processors go on the FluxTransformer2DModel inside, which they call.
-        while not hasattr(model, "transformer_blocks") and (
-                hasattr(model, "_orig_mod") or hasattr(model, "module")):
-            model = getattr(model, "_orig_mod", None) or model.module
+        model = unwrap_model(transformer)
         if not (hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks")
                 and hasattr(model, "pos_embed")):
             raise TypeError("GroupSharedAttention needs a diffusers FluxTransformer2DModel or "

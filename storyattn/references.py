@@ -20,7 +20,8 @@ import torch
 
 from .cache import ReferenceKVCache
 
-__all__ = ["encode_latents", "pack_latents", "latent_image_ids", "record_images"]
+__all__ = ["encode_latents", "pack_latents", "latent_image_ids", "record_images",
+           "unwrap_model", "record_inputs"]
 
 
 @torch.no_grad()
@@ -85,6 +86,34 @@ def _prompts_for(prompts, n: int) -> List[str]:
     return prompts
 
 
+def unwrap_model(model):
+    """The diffusers model inside torch.compile (``_orig_mod``) and DDP/FSDP-style
+    (``module``) wrappers: the one whose blocks GSA hooks and whose processors it replaces.
+    None stays None."""
+    while model is not None and not hasattr(model, "transformer_blocks") and (
+            hasattr(model, "_orig_mod") or hasattr(model, "module")):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def record_inputs(images, batch_size, cache: Optional[ReferenceKVCache], replace: bool):
+    """The checks every ``record_images`` makes of its common arguments: the images as a
+    non-empty list, a positive int batch size, and the cache to append to (a new one when
+    None; emptied first with ``replace``).  Returns ``(items, cache)``."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"record_images: batch_size must be an int >= 1, got {batch_size!r}")
+    items = _as_list(images)
+    if not items:
+        raise ValueError("record_images: no images given")
+    cache = ReferenceKVCache() if cache is None else cache
+    if not isinstance(cache, ReferenceKVCache):
+        raise TypeError(f"record_images: cache must be a ReferenceKVCache, got "
+                        f"{type(cache).__name__}")
+    if replace:
+        cache.reset()
+    return items, cache
+
+
 def record_images(gsa, pipe, images, prompts=None,
                   cache: Optional[ReferenceKVCache] = None, *, height: Optional[int] = None,
                   width: Optional[int] = None, batch_size: int = 4, guidance: float = 3.5,
@@ -94,30 +123,16 @@ def record_images(gsa, pipe, images, prompts=None,
 
     ``gsa`` is that handle; its class is not imported here because ``storyattn.gsa``
     imports this module (one direction only)."""
-    tr = getattr(pipe, "transformer", None)
     for attr in ("vae", "image_processor", "encode_prompt"):
         if not hasattr(pipe, attr):
             raise TypeError(f"record_images needs a diffusers FluxPipeline (vae, image_processor, "
                             f"encode_prompt, transformer); got {type(pipe).__name__} without "
                             f"{attr!r}")
-    while tr is not None and tr is not gsa.transformer and (
-            hasattr(tr, "_orig_mod") or hasattr(tr, "module")):
-        tr = getattr(tr, "_orig_mod", None) or tr.module
-    if tr is not gsa.transformer:
+    if unwrap_model(getattr(pipe, "transformer", None)) is not gsa.transformer:
         raise ValueError("record_images: pipe.transformer is not the transformer this "
                          "GroupSharedAttention was installed on")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"record_images: batch_size must be an int >= 1, got {batch_size!r}")
-    items = _as_list(images)
-    if not items:
-        raise ValueError("record_images: no images given")
+    items, cache = record_inputs(images, batch_size, cache, replace)
     texts = _prompts_for(prompts, len(items))
-    cache = ReferenceKVCache() if cache is None else cache
-    if not isinstance(cache, ReferenceKVCache):
-        raise TypeError(f"record_images: cache must be a ReferenceKVCache, got "
-                        f"{type(cache).__name__}")
-    if replace:
-        cache.reset()
     cache.reserve(len(cache) + len(items))
 
     device, dtype = gsa._device(), gsa.transformer.dtype
