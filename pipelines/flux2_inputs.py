@@ -21,6 +21,8 @@ import torch
 
 from storyattn.flux2 import encode_flux2_latents, flux2_image_ids
 
+from .flux_inputs import encode_unique
+
 __all__ = ["encode_prompts", "encode_latents", "pack_latents", "image_ids", "flux_forward",
            "has_guidance_embeds"]
 
@@ -29,15 +31,11 @@ __all__ = ["encode_prompts", "encode_latents", "pack_latents", "image_ids", "flu
 def encode_prompts(pipe, prompts: Sequence[str], device, max_sequence_length: int,
                    batch_size: int = 8) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Unique prompt -> (Qwen3 embeddings ``[L, D]``, an empty ``[0]`` pooled stand-in), CPU."""
-    uniq = list(dict.fromkeys(prompts))
-    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    for i in range(0, len(uniq), batch_size):
-        chunk = uniq[i:i + batch_size]
+    def encode(chunk):
         emb, _ids = pipe.encode_prompt(prompt=chunk, device=device, num_images_per_prompt=1,
                                        max_sequence_length=max_sequence_length)
-        for j, p in enumerate(chunk):
-            out[p] = (emb[j].cpu(), torch.zeros(0))
-    return out
+        return [(emb[j].cpu(), torch.zeros(0)) for j in range(len(chunk))]
+    return encode_unique(prompts, batch_size, encode)
 
 
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:

@@ -15,24 +15,32 @@ from storyattn.references import encode_latents as _encode_latents
 from storyattn.references import latent_image_ids
 from storyattn.references import pack_latents as _pack_latents
 
-__all__ = ["encode_prompts", "encode_latents", "pack_latents", "image_ids", "flux_forward",
-           "has_guidance_embeds"]
+__all__ = ["encode_unique", "encode_prompts", "encode_latents", "pack_latents", "image_ids",
+           "flux_forward", "has_guidance_embeds"]
+
+
+def encode_unique(prompts: Sequence[str], batch_size: int, encode) -> Dict[str, Tuple]:
+    """Each distinct prompt once, ``batch_size`` at a time: ``encode(chunk)`` returns one
+    ``(embedding, pooled)`` per prompt of the chunk (the FLUX.1 and FLUX.2 encoders both
+    run through here)."""
+    uniq = list(dict.fromkeys(prompts))
+    out: Dict[str, Tuple] = {}
+    for i in range(0, len(uniq), batch_size):
+        chunk = uniq[i:i + batch_size]
+        out.update(zip(chunk, encode(chunk)))
+    return out
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], device, max_sequence_length: int,
                    batch_size: int = 8) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Unique prompt -> (T5 embeddings ``[L, D]``, CLIP pooled ``[P]``), kept on the CPU."""
-    uniq = list(dict.fromkeys(prompts))
-    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    for i in range(0, len(uniq), batch_size):
-        chunk = uniq[i:i + batch_size]
+    def encode(chunk):
         emb, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device,
                                             num_images_per_prompt=1,
                                             max_sequence_length=max_sequence_length)
-        for j, p in enumerate(chunk):
-            out[p] = (emb[j].cpu(), pooled[j].cpu())
-    return out
+        return [(emb[j].cpu(), pooled[j].cpu()) for j in range(len(chunk))]
+    return encode_unique(prompts, batch_size, encode)
 
 
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
