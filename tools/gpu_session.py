@@ -82,7 +82,6 @@ def _py() -> str:
 
 def stages() -> list[Stage]:
     py = _py()
-    bench = [py]
     return [
         Stage("device", 30,
               [["nvidia-smi"], [py, "-c", _DEVICE_PY]],
@@ -110,23 +109,23 @@ def stages() -> list[Stage]:
                 "tests/test_segment_attention.py", "tests/test_qk_norm_rope.py"]],
               "every test marked gpu", keep_going=True),
         Stage("bench_op", 75,
-              [bench[:1] + ["benchmarks/bench_gsa.py", "--reps", "5", "--no-flex"]],
-              [bench[:1] + ["benchmarks/bench_gsa.py", "--smoke", "--cpu", "--no-flex",
+              [[py, "benchmarks/bench_gsa.py", "--reps", "5", "--no-flex"]],
+              [[py, "benchmarks/bench_gsa.py", "--smoke", "--cpu", "--no-flex",
                             "--reps", "1"]],
               "segment attention at FLUX sizes against concat+SDPA, flash, FlexAttention"),
         Stage("bench_e2e", 90,
-              [bench[:1] + ["benchmarks/bench_gsa_e2e.py"]],
-              [bench[:1] + ["benchmarks/bench_gsa_e2e.py", "--smoke", "--cpu", "--reps", "1",
+              [[py, "benchmarks/bench_gsa_e2e.py"]],
+              [[py, "benchmarks/bench_gsa_e2e.py", "--smoke", "--cpu", "--reps", "1",
                             "--no-memory"]],
               "one denoising step: in-batch vs cached replay vs per-step concatenation"),
         Stage("bench_train", 60,
-              [bench[:1] + ["benchmarks/bench_train.py"]],
-              [bench[:1] + ["benchmarks/bench_train.py", "--config", "tiny", "--device", "cpu",
+              [[py, "benchmarks/bench_train.py"]],
+              [[py, "benchmarks/bench_train.py", "--config", "tiny", "--device", "cpu",
                             "--reps", "1"]],
               "a LoRA train step: storyattn attention vs naive concatenation"),
         Stage("bench_cuda", 60,
-              [bench[:1] + ["benchmarks/bench_cuda.py"]],
-              [bench[:1] + ["benchmarks/bench_cuda.py", "--quick"]],
+              [[py, "benchmarks/bench_cuda.py"]],
+              [[py, "benchmarks/bench_cuda.py", "--quick"]],
               "csrc kernels vs triton vs naive (needs the build stage)"),
     ]
 
