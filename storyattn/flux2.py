@@ -42,7 +42,7 @@ from .gsa import GroupSharedAttention, _Mode, register_family
 from .processors.flux2_gsa import (GroupSharedFlux2AttnProcessor,
                                    GroupSharedFlux2ParallelAttnProcessor,
                                    flux2_stock_processor_types)
-from .references import record_inputs, unwrap_model
+from .references import record_inputs, unwrap_model, unwrap_to
 
 __all__ = ["Flux2GroupSharedAttention", "encode_flux2_latents", "flux2_image_ids",
            "REFERENCE_T_SCALE"]
@@ -225,7 +225,7 @@ class Flux2GroupSharedAttention(GroupSharedAttention):
             raise ValueError("record_images: FLUX.2 references attend to no text (as in "
                              "Flux2KleinKVPipeline); pass prompts=None")
         del max_sequence_length  # no text is encoded
-        if unwrap_model(getattr(pipe, "transformer", None)) is not self.transformer or \
+        if unwrap_to(getattr(pipe, "transformer", None), self.transformer) is not self.transformer or \
                 not hasattr(pipe, "vae"):
             raise ValueError("record_images: pipe must be a FLUX.2 pipeline whose transformer is "
                              "the one this GroupSharedAttention was installed on")

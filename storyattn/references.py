@@ -21,7 +21,7 @@ import torch
 from .cache import ReferenceKVCache
 
 __all__ = ["encode_latents", "pack_latents", "latent_image_ids", "record_images",
-           "unwrap_model", "record_inputs"]
+           "unwrap_model", "unwrap_to", "record_inputs"]
 
 
 @torch.no_grad()
@@ -96,6 +96,16 @@ def unwrap_model(model):
     return model
 
 
+def unwrap_to(model, target):
+    """``model`` with torch.compile / DDP wrappers taken off until it is ``target`` (a
+    compiled module forwards ``transformer_blocks``, so :func:`unwrap_model` would stop at
+    it): how ``record_images`` tells that ``pipe.transformer`` is the handle's model."""
+    while model is not None and model is not target and (
+            hasattr(model, "_orig_mod") or hasattr(model, "module")):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 def record_inputs(images, batch_size, cache: Optional[ReferenceKVCache], replace: bool):
     """The checks every ``record_images`` makes of its common arguments: the images as a
     non-empty list, a positive int batch size, and the cache to append to (a new one when
@@ -128,7 +138,7 @@ def record_images(gsa, pipe, images, prompts=None,
             raise TypeError(f"record_images needs a diffusers FluxPipeline (vae, image_processor, "
                             f"encode_prompt, transformer); got {type(pipe).__name__} without "
                             f"{attr!r}")
-    if unwrap_model(getattr(pipe, "transformer", None)) is not gsa.transformer:
+    if unwrap_to(getattr(pipe, "transformer", None), gsa.transformer) is not gsa.transformer:
         raise ValueError("record_images: pipe.transformer is not the transformer this "
                          "GroupSharedAttention was installed on")
     items, cache = record_inputs(images, batch_size, cache, replace)
