@@ -6,7 +6,11 @@ Stage ``gsa``: a folder of story groups in the image-folder layout::
     DATA/fox/001.png ...
 
 ``metadata.jsonl`` files may also sit in sub-folders (``file_name`` is relative to
-the folder of the metadata file that names it).  ``group`` defaults to the folder
+the folder of the metadata file that names it).  A line may name its own references,
+``"references": ["fox/ref.png", "owl/ref.png"]`` (file names of other lines of the same
+metadata file): that target then reads those (``--num-refs`` of them, drawn each step)
+instead of random members of its group, e.g. each character's reference sheet for a frame
+showing two characters, so the model learns which reference belongs to whom.  ``group`` defaults to the folder
 that holds the image.  Groups with fewer than 2 images are skipped with a warning;
 images that exist but do not decode are skipped and reported by path; a metadata
 line that names a missing file is an error.
@@ -97,6 +101,8 @@ class StoryGroupDataset:
     groups: List[List[int]]             # group index -> items
     group_names: List[str]
     skipped: Dict[str, str] = field(default_factory=dict)   # path -> reason
+    # item -> the items it reads as references (its line's "references"), None = its group
+    refs_of: List[Optional[List[int]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -132,6 +138,7 @@ def load_story_groups(data_dir, min_group_size: int = 2) -> StoryGroupDataset:
         raise DataError(f"no metadata.jsonl under {root}: stage gsa needs lines like "
                         f'{{"file_name": "group/img.png", "text": "caption", "group": "group"}}')
     entries: List[Tuple[Path, str, str]] = []
+    named_refs: Dict[Path, Tuple[List[Path], str]] = {}     # target -> (refs, where)
     missing: List[str] = []
     for meta in metas:
         for lineno, obj in _read_jsonl(meta):
@@ -151,6 +158,12 @@ def load_story_groups(data_dir, min_group_size: int = 2) -> StoryGroupDataset:
             if not path.is_file():
                 missing.append(f"{path} (named in {meta}:{lineno})")
                 continue
+            refs = obj.get("references")
+            if refs is not None:
+                if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
+                    raise DataError(f"{meta}:{lineno}: 'references' must be a non-empty list of "
+                                    f"file names of other lines")
+                named_refs[path] = ([(meta.parent / r).resolve() for r in refs], f"{meta}:{lineno}")
             entries.append((path, text, group))
     if missing:
         shown = "\n  ".join(missing[:20])
@@ -189,7 +202,17 @@ def load_story_groups(data_dir, min_group_size: int = 2) -> StoryGroupDataset:
         raise DataError(f"no usable story group under {root}: every group has fewer than "
                         f"{min_group_size} readable images ({len(entries)} entries, "
                         f"{len(skipped)} unreadable)")
-    return StoryGroupDataset(paths, captions, group_of, groups, names, skipped)
+    index = {p: i for i, p in enumerate(paths)}
+    refs_of: List[Optional[List[int]]] = [None] * len(paths)
+    for target, (refs, where) in named_refs.items():
+        if target not in index:
+            continue                               # skipped above (unreadable, small group)
+        bad = [str(r) for r in refs if r not in index or r == target]
+        if bad:
+            raise DataError(f"{where}: reference {bad[0]} is not another usable line of the "
+                            f"data (name a file_name that has its own metadata line)")
+        refs_of[index[target]] = [index[r] for r in refs]
+    return StoryGroupDataset(paths, captions, group_of, groups, names, skipped, refs_of)
 
 
 # ----------------------------------------------------------------------------------------

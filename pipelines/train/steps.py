@@ -56,7 +56,8 @@ class StepMixin:
         rng = D.step_rng(a.seed, step, rank, 1)
         rows: List[int] = []
         for t in self.sampler.indices(step, rank):
-            others = [j for j in ds.groups[ds.group_of[t]] if j != t]
+            named = ds.refs_of[t] if ds.refs_of else None
+            others = named or [j for j in ds.groups[ds.group_of[t]] if j != t]
             rows += [t] + D.choose(rng, others, a.num_refs)
         drop = rng.random(len(rows)) < a.caption_dropout
         prompts = ["" if d else ds.captions[i] for i, d in zip(rows, drop)]
