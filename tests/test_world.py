@@ -57,6 +57,40 @@ def test_world_has_hundreds_of_identities_and_renders_deterministically():
         R.render_frame("mars", [])
 
 
+def test_every_character_fills_at_least_twelve_model_tokens():
+    """Legibility: the models see 8 x 8 tokens of 8 x 8 px; every identity in every slot and
+    size fills >= 1/8 of at least 12 of them (and the count is what the mask says)."""
+    from pipelines.world.legibility import token_coverage
+
+    cov = token_coverage(1 / 8)
+    assert cov["tokens_per_frame"] == 64 and cov["min"] >= 12, cov
+    p = R.Placement(R.Identity("square", "red", "solid", "none"), "centre", "big")
+    m = R.character_mask(p)
+    assert m.sum() == 40 * 30                        # a square fills its whole box
+    # rows 14..53, columns 17..46: token rows 1..6 (row 1 holds 2 of its pixel rows), token
+    # columns 2..5 (7, 8, 8, 7 px): 24 tokens touched, 20 of them at least half full
+    assert R.character_tokens(p) == R.character_tokens(p, 1 / 64) == 24
+    assert R.character_tokens(p, 1 / 2) == 20
+
+
+def test_two_characters_stand_left_and_right_and_read_back():
+    ids = R.all_identities()
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match="left"):
+        R.render_frame("day", [R.Placement(ids[0], "left"), R.Placement(ids[1], "centre")])
+    with pytest.raises(D.PromptError, match="left and on the right"):
+        D.parse_prompt("Pip big on the centre and Moss small on the right, day")
+    for _ in range(60):
+        a, b = (ids[i] for i in rng.choice(len(ids), 2, replace=False))
+        sa, sb = (R.SIZES[i] for i in rng.integers(2, size=2))
+        scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
+        r = read_image(R.render_frame(scene, [R.Placement(a, "left", sa),
+                                              R.Placement(b, "right", sb)]))
+        got = [(c["position"], c["size"], *(c[k] for k in R.ATTRIBUTES)) for c in r.characters]
+        assert r.scene == scene and got == [("left", sa, *a.as_dict().values()),
+                                            ("right", sb, *b.as_dict().values())]
+
+
 def test_every_identity_size_and_slot_reads_back_exactly():
     """All 288 identities x 2 sizes, slots and scenes cycling: every attribute right."""
     wrong = []
@@ -180,6 +214,48 @@ def test_gsa_groups_and_dpo_pairs_load_with_the_trainers_readers(tmp_path):
                                                 "losers": ["g0001/00.png", "g0001/01.png"]}])
     pp = load_preference_pairs(pairs)
     assert len(pp) == 2 and json.loads(pairs.read_text().splitlines()[0])["scenario"] == "0"
+
+
+def test_cast_groups_name_both_references_and_the_trainer_reads_them(tmp_path):
+    """Every frame of a cast group reads its group's two reference frames (the trainer's
+    "references" field), each lone, big, in the centre; the trainer draws exactly those."""
+    import numpy as np
+
+    from pipelines.train.data import DataError, load_story_groups
+
+    train, _ = D.split_identities()
+    root = D.make_cast_groups(tmp_path / "c", n_groups=6, per_group=5, pool=train)
+    ds = load_story_groups(root)
+    assert len(ds.groups) == 6 and len(ds) == 6 * 7
+    duos = 0
+    for i, refs in enumerate(ds.refs_of):
+        names = {n for n, _, _ in D.parse_prompt(ds.captions[i])[1]}
+        if refs is None:                           # a reference frame itself
+            assert ds.paths[i].name.startswith("ref_")
+            continue
+        assert len(refs) == 2 and all(ds.group_of[r] == ds.group_of[i] for r in refs)
+        ref_names = set()
+        for r in refs:
+            scene, cast = D.parse_prompt(ds.captions[r])
+            assert [(s, p) for _, s, p in cast] == [("big", "centre")]
+            ref_names.add(cast[0][0])
+        assert names <= ref_names and len(ref_names) == 2
+        duos += len(names) == 2
+        # the frame's characters look like their references (read back from the pixels)
+        reading = read_image(ds.paths[i])
+        for name, size, pos in D.parse_prompt(ds.captions[i])[1]:
+            r = next(r for r in refs if D.parse_prompt(ds.captions[r])[1][0][0] == name)
+            want = read_image(ds.paths[r]).characters[0]
+            assert all(reading.at(pos)[a] == want[a] for a in R.ATTRIBUTES)
+    assert 0 < duos < 30
+    # a line naming a reference that has no line of its own is refused in one line
+    meta = root / "metadata.jsonl"
+    lines = meta.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["references"] = ["g0000/nothere.png"]
+    meta.write_text("\n".join([lines[0], lines[1], json.dumps(bad)]) + "\n")
+    with pytest.raises(DataError, match="is not another usable line"):
+        load_story_groups(root)
 
 
 @pytest.fixture(scope="module")

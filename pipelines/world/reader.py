@@ -37,8 +37,8 @@ _SCENE_SKY = np.array([R.SCENES[s][0] for s in _SCENE_NAMES], np.float32)
 _SCENE_GROUND = np.array([R.SCENES[s][1] for s in _SCENE_NAMES], np.float32)
 _SCENE_MAX_DIST = 60.0      # RGB distance of a row median to the scene colour
 _PIXEL_MAX_DIST = 80.0      # a pixel further than this from every class is "other"
-_MIN_COLUMN_PIXELS = 2      # palette pixels a column needs to belong to a character
-_MIN_CHAR_PIXELS = 15       # smallest character (small triangle with a stripe) has ~50
+_MIN_COLUMN_PIXELS = 3      # palette pixels a column needs to belong to a character
+_MIN_CHAR_PIXELS = 60       # smallest character (small triangle with a stripe) has ~350
 
 # pixel class ids
 _BLACK = len(_NAMES)
@@ -87,7 +87,7 @@ def to_array(img) -> np.ndarray:
 
 def _read_scene(img: np.ndarray):
     sky = np.median(img[:R.SKY_ROWS].reshape(-1, 3), axis=0).astype(np.float32)
-    ground = np.median(img[R.FOOT_ROW + 3:].reshape(-1, 3), axis=0).astype(np.float32)
+    ground = np.median(img[R.GROUND_READ_ROW:].reshape(-1, 3), axis=0).astype(np.float32)
     d = np.maximum(np.linalg.norm(_SCENE_SKY - sky, axis=1),
                    np.linalg.norm(_SCENE_GROUND - ground, axis=1))
     k = int(np.argmin(d))
@@ -119,8 +119,8 @@ def _classify(img: np.ndarray, sky: np.ndarray, ground: np.ndarray) -> np.ndarra
 # label by label.  The template with the most agreeing pixels wins.  Nothing about the shapes is
 # typed twice, and noise, blur or a slightly misplaced body only lower the agreement a little.
 
-_WIN_ROWS = (26, 64)                        # window rows in the canonical (centre slot) frame
-_WIN_COLS = (R.SLOT_X["centre"] - 14, R.SLOT_X["centre"] + 14)
+_WIN_ROWS = (R.SKY_ROWS - 2, R.SIZE)        # window rows in the canonical (centre slot) frame
+_WIN_COLS = (R.SLOT_X["centre"] - 18, R.SLOT_X["centre"] + 18)
 _SEARCH = 4                                 # pixels searched around the estimated offset
 _MIN_AGREEMENT = 0.5                        # of the template's own character pixels
 
@@ -143,16 +143,17 @@ def _templates():
     return keys, np.stack(arrays)
 
 
-def _best_template(obs: np.ndarray, dy0: int, dx0: int):
-    """Search offsets around (dy0, dx0); return (key, dy, dx, agreement on the template's
-    character pixels)."""
+def _best_template(obs: np.ndarray, dy0: int, dx0: int, dy1: Optional[int] = None):
+    """Search offsets around (dy0..dy1, dx0); return (key, dy, dx, agreement on the
+    template's character pixels)."""
+    dy1 = dy0 if dy1 is None else dy1
     keys, T = _templates()
     h, w = T.shape[1:]
     pad = _SEARCH + 40
     padded = np.pad(obs, pad, constant_values=0)
     fg_count = (T > 0).sum(axis=(1, 2))
     best = (-1, None, 0, 0)
-    for dy in range(dy0 - _SEARCH, dy0 + _SEARCH + 1):
+    for dy in range(min(dy0, dy1) - _SEARCH, max(dy0, dy1) + _SEARCH + 1):
         for dx in range(dx0 - _SEARCH, dx0 + _SEARCH + 1):
             r0, c0 = _WIN_ROWS[0] + dy + pad, _WIN_COLS[0] + dx + pad
             if r0 < 0 or c0 < 0 or r0 + h > padded.shape[0] or c0 + w > padded.shape[1]:
@@ -207,9 +208,14 @@ def _read_character(lab: np.ndarray, c0: int, c1: int) -> Optional[Dict[str, Any
     obs[:, c0:c1][mine] = 1
     obs[:, c0:c1][lab[:, c0:c1] == _BLACK] = 2
     obs[:, c0:c1][(lab[:, c0:c1] == _OTHER)] = 3       # matches no template label
+    # the body colour's lowest row is the body's bottom unless a stripe paints a pointed
+    # bottom black (diamond, triangle tip): search down to the lowest body-or-black row
+    # without boots' height, so both cases are in range
+    dark = np.where((mine | (lab[:, c0:c1] == _BLACK)).any(axis=1))[0]
     dy0 = int(rows[-1]) + 1 - R.FOOT_ROW
+    dy1 = max(dy0, int(dark[-1]) + 1 - R.FOOT_ROW - R.BODY_PX["big"][1] // 5)
     dx0 = int(round(centre)) - R.SLOT_X["centre"]
-    key, dy, dx, agreement = _best_template(obs, dy0, dx0)
+    key, dy, dx, agreement = _best_template(obs, dy0, dx0, dy1)
     out = {"colour": colour, "pixels": total, "agreement": round(agreement, 3)}
     if key is None or agreement < _MIN_AGREEMENT:
         x = centre
