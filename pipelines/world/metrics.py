@@ -8,8 +8,10 @@ reference image per character) and one image per frame:
                         accessory) that equal those read from the character's reference image;
                         a character missing from its prompted slot scores 0.  Mean over
                         appearances.  ``identity_cross_all``: share with all 4 equal.
-                        ``attribute_rate[a]``: the same per attribute.  Chance (random
-                        identities): ``CHANCE_IDENTITY_CROSS`` = 0.26.
+                        ``by_cast["solo" | "duo"]``: both, over the appearances in one- and in
+                        two-character frames.  ``attribute_rate[a]``: the same per
+                        attribute.  Chance (random identities): ``CHANCE_IDENTITY_CROSS``
+                        = 0.26.
 ``identity_self``       per character, over the frames it was found in, the share of the most
                         common value of each attribute (how much it agrees with itself, whatever
                         the reference says); mean over attributes, then characters.
@@ -79,6 +81,8 @@ def score_frames(story, images: Sequence, refs: Optional[Dict[str, Dict[str, Any
     checks: Dict[str, List[float]] = {"scene": [], "count": [], "position": [], "size": []}
     seen_attrs: Dict[str, Dict[str, List[str]]] = {}
     copy_eligible = copy_hits = 0
+    solo: List[Dict[str, bool]] = []          # appearances in one-character frames
+    duo: List[Dict[str, bool]] = []           # ... and in two-character frames
     for i, img in zip(idx, images):
         try:
             scene, cast = parse_prompt(story.frames[i].prompt)
@@ -105,6 +109,7 @@ def score_frames(story, images: Sequence, refs: Optional[Dict[str, Dict[str, Any
                          for a in R.ATTRIBUTES}
                 entry["match"] = match
                 appearances.append(match)
+                (duo if len(cast) > 1 else solo).append(match)
                 if pos != ref["position"] or scene != ref["scene"]:
                     copy_eligible += 1
                     copied_scene = scene != ref["scene"] and reading.scene == ref["scene"]
@@ -126,6 +131,9 @@ def score_frames(story, images: Sequence, refs: Optional[Dict[str, Dict[str, Any
         "frames": len(per_frame),
         "identity_cross": _mean(_mean(m.values()) for m in appearances),
         "identity_cross_all": _mean(float(all(m.values())) for m in appearances),
+        "by_cast": {k: {"identity_cross": _mean(_mean(m.values()) for m in v),
+                        "identity_cross_all": _mean(float(all(m.values())) for m in v),
+                        "appearances": len(v)} for k, v in (("solo", solo), ("duo", duo))},
         "attribute_rate": {a: _mean(float(m[a]) for m in appearances) for a in R.ATTRIBUTES},
         "identity_self": _mean(selfs),
         "prompt_adherence": _mean(all_checks),

@@ -31,6 +31,7 @@ WORLD_RECIPE: Dict[str, Dict[str, Any]] = {
 
 # stage gsa data: one group per training identity, this many lone frames each
 WORLD_GROUPS, WORLD_PER_GROUP = 240, 6
+WORLD_GSA_KIND = "lone"
 _RECORD = "world_data.json"
 
 
@@ -47,14 +48,19 @@ def recipe_argv(stage: str, **override: Any) -> List[str]:
 
 
 def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
-                   per_group: int = WORLD_PER_GROUP) -> Path:
+                   per_group: int = WORLD_PER_GROUP, kind: str = WORLD_GSA_KIND) -> Path:
     """Story groups of the world's training identities in ``dst``, made once: a folder that
-    already holds the same (seed, groups, per group) is reused.  Written to ``dst.tmp`` and
-    renamed, so an interrupted run never leaves a half-made folder behind."""
+    already holds the same (seed, groups, per group, kind) is reused.  ``kind``: ``lone``
+    (:func:`data.make_gsa_groups`: one character per group, references drawn from the group)
+    or ``cast`` (:func:`data.make_cast_groups`: two characters per group, every frame naming
+    both reference frames).  Written to ``dst.tmp`` and renamed, so an interrupted run never
+    leaves a half-made folder behind."""
     from . import data as WD
 
+    if kind not in ("lone", "cast"):
+        raise ValueError(f"kind {kind!r} is not 'lone' or 'cast'")
     dst = Path(dst)
-    record = {"seed": seed, "n_groups": n_groups, "per_group": per_group}
+    record = {"seed": seed, "n_groups": n_groups, "per_group": per_group, "kind": kind}
     rec = dst / _RECORD
     if (dst / "metadata.jsonl").is_file() and rec.is_file() \
             and json.loads(rec.read_text()) == record:
@@ -62,7 +68,8 @@ def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
     train, _ = WD.split_identities(seed)
     tmp = dst.parent / (dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    WD.make_gsa_groups(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train)
+    make = WD.make_cast_groups if kind == "cast" else WD.make_gsa_groups
+    make(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train)
     (tmp / _RECORD).write_text(json.dumps(record) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
