@@ -186,6 +186,23 @@ def test_select_refs_and_scales():
         select_refs(s, 0, "top3")
 
 
+def test_round0_character_refs_are_each_frames_own(tmp_path):
+    """--round0-refs characters: a frame reads the images of the characters it names (all of
+    them when it names none); later rounds read the previous round plus the named ones."""
+    from PIL import Image
+
+    from pipelines.story_iter.refs import round_refs
+
+    s = parse_story(STORY)
+    imgs = [Image.new("RGB", (8, 8), c) for c in ((250, 250, 250), (200, 60, 0))]
+    owner = ["Snowman", "Fox"]
+    refs, prompts, per = round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner,
+                                    [f["prompt"] for f in STORY["frames"]], round0_chars=True)
+    assert len(refs) == 2 and prompts[1].startswith("Fox, a red fox")
+    assert per == [[0], [1], [0, 1], [0, 1]]
+    assert round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner, ["p"] * 4) == ([], [], None)
+
+
 def test_flux_backbone_small_run(story_file, tmp_path):
     out = tmp_path / "flux"
     assert main(_args(story_file, out, "--backbone", "flux", "--refs", "topk:2")) == 0

@@ -48,14 +48,21 @@ def round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
     """References of round r: the N frames of round r-1 (read back from disk, so a resumed
     run sees exactly the same pixels) followed by the story's character images; their
     prompts (``texts``: the frames'); and per frame the entries it reads (None = all).
-    Round 0 has none, or with ``round0_chars`` (--round0-refs characters) every character
-    image for every frame."""
+    Round 0 has none, or with ``round0_chars`` (--round0-refs characters) the character
+    images: each frame reads those of the characters it names (a frame naming none reads them
+    all): a frame reading every character would show a lone character the others' looks too,
+    which GSA blends, while stage gsa trains each target on references of its own character."""
     from PIL import Image
 
     if r == 0:
         if not (round0_chars and char_images):
             return [], [], None
-        return list(char_images), _char_prompts(story, char_owner), None
+        per_frame = []
+        for t in range(n):
+            present = set(story.frames[t].characters)
+            own = [j for j, name in enumerate(char_owner) if name in present]
+            per_frame.append(own or list(range(len(char_owner))))
+        return list(char_images), _char_prompts(story, char_owner), per_frame
     refs, prompts = [], []
     for i in range(n):
         with Image.open(frame_path(out, r - 1, i)) as im:
