@@ -10,17 +10,20 @@ Rows (every one on the same story of held-out identities, same prompts, same see
                                replayed (Story-Iter's FLUX backbone, stock ``FluxPipeline``)
   stage 1 + DPO, in-batch      base + stage 1 + stage-2 DPO LoRA
   Story-Iter FLUX, refs        ``python -m pipelines.story_iter --backbone flux`` with stage 1,
-                               rounds 0..R, character reference images added from round 1
+                               rounds 0..R, each frame reading its characters' reference images
+                               from round 0 on (``--round0-refs characters``)
   Story-Iter FLUX, no refs     the same story without reference images (rounds read only the
                                previous round's frames)
   Story-Iter SDXL, refs /      ``python -m pipelines.story_iter --backbone sdxl`` (the published
-  no refs                      method: GRCA over the world-trained IP-Adapter), the same rounds
+  no refs                      method: GRCA over the world-trained IP-Adapter), the same rounds;
+                               its round 0 has no reference weight, so character images join
+                               the pool from round 1
 
-Expected (issue 11) and whether the measurement met it are columns of the table; a row that
+Expected (issue 21's targets) and whether the measurement met it are columns of the table; a row that
 misses keeps its figure.  Metrics: :mod:`pipelines.world.metrics` (chance identity-cross 0.26).
 
 Usage:
-  python benchmarks/bench_quality.py [--frames 100] [--rounds 2] [--steps 10] [--seed 300]
+  python benchmarks/bench_quality.py [--frames 100] [--rounds 3] [--steps 10] [--seed 300]
       [--stories N] [--weights DIR] [--only-sdxl] [--skip-sdxl] [--skip-story-iter]
 Writes benchmarks/results/bench_quality_{cpu,gpu}.{json,md,png} (``--only-sdxl``: the SDXL rows
 alone, to bench_quality_sdxl_*).
@@ -116,7 +119,8 @@ def story_iter_rows(story_file, loras, args, seed: int, work: Path, tag: str, ba
 
     out = work / f"story_iter_{backbone}_{tag}"
     model = (_sdxl_argv(args) if backbone == "sdxl" else
-             ["--backbone", "flux", "--model", args.model_path, "--lora", *loras])
+             ["--backbone", "flux", "--model", args.model_path, "--lora", *loras]
+             + (["--round0-refs", "characters"] if tag == "refs" else []))
     argv = ["--story", str(story_file), *model, "--rounds", str(args.rounds),
             "--steps", str(args.steps),
             "--refs", args.refs, "--batch-size", "25", "--frames", str(args.frames),
@@ -135,9 +139,14 @@ ROW_KEYS = ("identity_cross", "identity_cross_all", "identity_self", "prompt_adh
 BASE, STAGE1, REPLAY, DPO = ("base, no refs", "stage 1 GSA, in-batch",
                              "stage 1 GSA, replay from cache", "stage 1 + stage 2 DPO")
 EXPECTED = {BASE: "identity-cross near chance; adherence >= 0.9",
-            STAGE1: "identity-cross >= 0.9, adherence >= 0.9, copy-paste low",
+            STAGE1: "identity-cross >= 0.85 and all four right >= 0.6, alone and in duos; "
+                    "copy-paste low",
             REPLAY: "equal to in-batch within sampling noise",
-            DPO: "accessory rate +10 points over stage 1, identity kept"}
+            DPO: "accessory rate +10 points over stage 1 (half the gap to 1.0 above 0.8), "
+                 "identity kept"}
+STORY_ITER_EXPECTED = "identity-self above the previous round's; adherence not below round 0's"
+# adherence may dip by this much (sampling noise on 100 frames) and still count as kept
+ADHERENCE_SLACK = 0.02
 
 
 def judge(rows: List[Dict[str, Any]], chance: float) -> None:
@@ -153,17 +162,22 @@ def judge(rows: List[Dict[str, Any]], chance: float) -> None:
         if name == BASE:
             ok = abs(r["identity_cross"] - chance) < 0.1 and r["prompt_adherence"] >= 0.9
         elif name == STAGE1:
-            ok = (r["identity_cross"] >= 0.9 and r["prompt_adherence"] >= 0.9
-                  and (r["copy_paste"] or 0) < 0.1)
+            casts = [c for c in r["by_cast"].values() if c["appearances"]]
+            ok = (bool(casts) and all(c["identity_cross"] >= 0.85 and c["identity_cross_all"]
+                                      >= 0.6 for c in casts) and (r["copy_paste"] or 0) < 0.1)
         elif name == REPLAY:
             ok = s1 is not None and abs(r["identity_cross"] - s1["identity_cross"]) <= 0.03
         elif name == DPO:
-            ok = (s1 is not None and acc(r) - acc(s1) >= 0.10
+            need = 0.10 if s1 is None or acc(s1) <= 0.8 else (1.0 - acc(s1)) / 2
+            ok = (s1 is not None and acc(r) - acc(s1) >= need - 1e-9
                   and r["identity_cross"] >= s1["identity_cross"] - 0.02)
         else:                                   # "Story-Iter ..., round R"
             prefix, _, rnd = name.rpartition(", round ")
             r0 = by[f"{prefix}, round 0"]
-            ok = rnd == "0" or (r["identity_self"] or 0) > (r0["identity_self"] or 0)
+            prev = by[f"{prefix}, round {int(rnd) - 1}"] if rnd != "0" else None
+            ok = prev is None or ((r["identity_self"] or 0) > (prev["identity_self"] or 0)
+                                  and r["prompt_adherence"]
+                                  >= r0["prompt_adherence"] - ADHERENCE_SLACK)
         r["met"] = bool(ok)
 
 
@@ -182,12 +196,16 @@ def mean_rows(per_story: List[List[Dict[str, Any]]], seeds: List[int]) -> List[D
             r[k] = _mean(g[k] for g in group)
         for k in ("attribute_rate", "adherence"):
             r[k] = {a: _mean(g[k][a] for g in group) for a in group[0][k]}
+        r["by_cast"] = {c: {k: (_mean(g["by_cast"][c][k] for g in group) if k != "appearances"
+                                else sum(g["by_cast"][c][k] for g in group))
+                            for k in group[0]["by_cast"][c]} for c in group[0]["by_cast"]}
         r["frames"] = sum(g["frames"] for g in group)
         r["time_s"] = round(sum(g["time_s"] for g in group), 1)
         if "max_pixel_diff" in r:
             r["max_pixel_diff"] = max(g["max_pixel_diff"] for g in group)
         r["per_story"] = [{"story_seed": sd, **{k: g[k] for k in ROW_KEYS},
-                           "accessory": g["attribute_rate"]["accessory"]}
+                           "accessory": g["attribute_rate"]["accessory"],
+                           "by_cast": g["by_cast"]}
                           for sd, g in zip(seeds, group)]
         out.append(r)
     return out
@@ -215,9 +233,10 @@ def story_rows(args, seed: int, work: Path):
 
     def add(name, imgs, secs, scores=None, **extra):
         s = scores or M.score_frames(story, imgs)
-        rows.append({"row": name, "expected": EXPECTED.get(name, "identity-self rises from round 0"),
+        rows.append({"row": name, "expected": EXPECTED.get(name, STORY_ITER_EXPECTED),
                      "time_s": round(secs, 1), **extra,
-                     **{k: s[k] for k in ROW_KEYS + ("attribute_rate", "adherence", "frames")}})
+                     **{k: s[k] for k in ROW_KEYS + ("attribute_rate", "adherence", "frames",
+                                                     "by_cast")}})
         if imgs is not None:
             strips.append(np.concatenate([np.asarray(i) for i in imgs[:12]], 1))
         print(f"[story {seed}] {name:34s} {M.format_scores(s)}  [{secs:.0f} s]", flush=True)
@@ -232,6 +251,9 @@ def story_rows(args, seed: int, work: Path):
             add(f"Story-Iter {title} {label}, round {r}", imgs, secs / len(res["rounds"]),
                 scores=dict(res["rounds"][r]))
 
+    # "with character refs": FLUX reads them from round 0 on (--round0-refs characters, the
+    # GSA paper's setting); SDXL's round 0 has no reference weight (published Story-Iter),
+    # so there they join the pool from round 1
     sdxl_runs = (("refs", story_file, "with character refs"),
                  ("norefs", norefs_file, "without character refs"))
     if args.only_sdxl:
@@ -267,7 +289,7 @@ def story_rows(args, seed: int, work: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="Story-Iter rounds after round 0")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps (the build draws with 10)")
     ap.add_argument("--seed", type=int, default=300, help="story seed; frame i uses seed + i")
     ap.add_argument("--stories", type=int, default=1,
@@ -319,20 +341,26 @@ def main(argv=None) -> int:
 def _write(args, rows, strips, chance, seeds, name) -> int:
     from PIL import Image
 
-    headers = ["row", "id-cross", "id-cross all-4", "id-self", "adherence", "copy-paste",
-               "accessory", "expected", "met", "s"]
+    headers = ["row", "id-cross", "id-cross all-4", "solo / duo id-cross", "solo / duo all-4",
+               "id-self", "adherence", "copy-paste", "accessory", "expected", "met", "s"]
     if len(seeds) > 1:
-        headers.insert(7, "accessory by story")
+        headers.insert(9, "id-cross by story")
+        headers.insert(10, "accessory by story")
     table = []
     for r in rows:
         expected = r["expected"] + (f" (max pixel diff {r['max_pixel_diff']})"
                                     if "max_pixel_diff" in r else "")
+        bc = r["by_cast"]
         line = [r["row"], _fmt(r["identity_cross"]), _fmt(r["identity_cross_all"]),
+                f"{_fmt(bc['solo']['identity_cross'])} / {_fmt(bc['duo']['identity_cross'])}",
+                f"{_fmt(bc['solo']['identity_cross_all'])} / "
+                f"{_fmt(bc['duo']['identity_cross_all'])}",
                 _fmt(r["identity_self"]), _fmt(r["prompt_adherence"]), _fmt(r["copy_paste"]),
                 _fmt(r["attribute_rate"]["accessory"]), expected,
                 "yes" if r["met"] else "NO", r["time_s"]]
         if len(seeds) > 1:
-            line.insert(7, " / ".join(_fmt(p["accessory"], 2) for p in r["per_story"]))
+            line.insert(9, " / ".join(_fmt(p["identity_cross"], 2) for p in r["per_story"]))
+            line.insert(10, " / ".join(_fmt(p["accessory"], 2) for p in r["per_story"]))
         table.append(line)
     print()
     print(text_table(headers, table))

@@ -11,11 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_quality as BQ  # noqa: E402
 
 
-def row(name, idc=0.5, ids=0.5, adh=0.5, cp=0.0, acc=0.5, **extra):
+def row(name, idc=0.5, ids=0.5, adh=0.5, cp=0.0, acc=0.5, solo=(0.5, 0.1), duo=(0.5, 0.1),
+        **extra):
+    cast = {k: {"identity_cross": v[0], "identity_cross_all": v[1], "appearances": 10}
+            for k, v in (("solo", solo), ("duo", duo))}
     return {"row": name, "identity_cross": idc, "identity_cross_all": 0.1, "identity_self": ids,
             "prompt_adherence": adh, "copy_paste": cp, "frames": 10, "time_s": 1.0,
             "attribute_rate": {"shape": 0.5, "colour": 0.5, "pattern": 0.5, "accessory": acc},
-            "adherence": {"scene": 1.0, "count": 0.5, "position": 0.5, "size": 0.5}, **extra}
+            "adherence": {"scene": 1.0, "count": 0.5, "position": 0.5, "size": 0.5},
+            "by_cast": cast, **extra}
 
 
 def met(rows):
@@ -25,13 +29,15 @@ def met(rows):
 
 def test_judge_applies_each_rows_expectation():
     si = "Story-Iter FLUX+GSA with character refs"
-    rows = [row(BQ.BASE, idc=0.30, adh=0.9), row(BQ.STAGE1, idc=0.9, adh=0.95, cp=0.05, acc=0.4),
+    rows = [row(BQ.BASE, idc=0.30, adh=0.9),
+            row(BQ.STAGE1, idc=0.9, adh=0.95, cp=0.05, acc=0.4, solo=(0.9, 0.7), duo=(0.85, 0.6)),
             row(BQ.REPLAY, idc=0.88), row(BQ.DPO, idc=0.89, acc=0.51),
-            row(f"{si}, round 0", ids=0.4), row(f"{si}, round 1", ids=0.41),
-            row(f"{si}, round 2", ids=0.4)]
+            row(f"{si}, round 0", ids=0.4, adh=0.8), row(f"{si}, round 1", ids=0.41, adh=0.79),
+            row(f"{si}, round 2", ids=0.42, adh=0.77), row(f"{si}, round 3", ids=0.42, adh=0.8)]
     assert met(rows) == {BQ.BASE: True, BQ.STAGE1: True, BQ.REPLAY: True, BQ.DPO: True,
                          f"{si}, round 0": True, f"{si}, round 1": True,
-                         f"{si}, round 2": False}
+                         f"{si}, round 2": False,      # adherence 0.03 below round 0
+                         f"{si}, round 3": False}      # identity-self not above round 2
     # each rule just failing
     rows[0]["identity_cross"] = 0.37          # 0.11 from chance
     rows[1]["copy_paste"] = 0.1
@@ -44,6 +50,18 @@ def test_judge_applies_each_rows_expectation():
     rows[3]["identity_cross"] = 0.87          # identity lost by 0.03
     got = met(rows)
     assert got[BQ.STAGE1] and not got[BQ.DPO]
+    for cast, fig in (("duo", (0.84, 0.6)), ("solo", (0.9, 0.59))):   # one cast just short
+        rows[1]["by_cast"][cast].update(identity_cross=fig[0], identity_cross_all=fig[1])
+        assert not met(rows)[BQ.STAGE1]
+        rows[1]["by_cast"][cast].update(identity_cross=0.9, identity_cross_all=0.7)
+    assert met(rows)[BQ.STAGE1]
+    # above 0.8, DPO needs half the remaining gap: 0.9 -> 0.95
+    rows[1]["attribute_rate"]["accessory"] = 0.9
+    rows[3].update(identity_cross=0.9)
+    rows[3]["attribute_rate"]["accessory"] = 0.949
+    assert not met(rows)[BQ.DPO]
+    rows[3]["attribute_rate"]["accessory"] = 0.95
+    assert met(rows)[BQ.DPO]
 
 
 def test_mean_rows_averages_each_figure_and_keeps_the_stories():
@@ -78,7 +96,8 @@ def test_two_stories_average_the_stories_benched_alone(tmp_path):
         assert p["accessory"] == pytest.approx(r1["attribute_rate"]["accessory"])
         mean = (r2["per_story"][0]["identity_cross"] + p["identity_cross"]) / 2
         assert r2["identity_cross"] == pytest.approx(mean)
-    assert "accessory by story" in next((tmp_path / "two").glob("*.md")).read_text()
+    md = next((tmp_path / "two").glob("*.md")).read_text()
+    assert "accessory by story" in md and "id-cross by story" in md
 
 
 def test_bad_arguments_get_one_line(capsys, tmp_path):
