@@ -89,7 +89,7 @@ def train_vae(vae, steps: int, batch: int, seed: int, device, lr: float = 1e-3,
         kl = post.kl().mean() / x[0].numel()
         loss = l1 + mse + kl_weight * kl
         _update(loss, vae, opt, sched)
-        _track(bar, hist, float(mse), "vae", "mse", step, log, every=100)
+        _track(bar, hist, float(mse.detach()), "vae", "mse", step, log, every=100)
     bar.close()
     vae.eval().requires_grad_(False)
     # latent statistics -> shift and scale factors
@@ -143,7 +143,7 @@ def train_base(pipe, steps: int, batch: int, seed: int, device, lr: float = 1e-3
         pred = TM.flux_forward(tr, xt, e, p, sigma, img_ids, None)
         loss = L.flow_matching_errors(pred, x0, noise).mean()
         _update(loss, tr, opt, sched)
-        _track(bar, hist, float(loss), "base", "loss", step, log, every=200)
+        _track(bar, hist, float(loss.detach()), "base", "loss", step, log, every=200)
     bar.close()
     tr.eval().requires_grad_(False)
     return {"steps": steps, "batch": batch, "first_loss": float(np.mean(hist[:50])),
