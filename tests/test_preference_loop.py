@@ -48,7 +48,9 @@ def test_world_loop_reader_labels_through_the_studio(tmp_path, monkeypatch):
     from pipelines.world_build.label import label_set
     from pipelines.world.scenarios import load_truth, make_scenarios
 
-    scen = make_scenarios(tmp_path / "scen", n=3, seed=4)
+    # seed 7: with the committed weights one of its scenarios draws both a winner and a
+    # loser (stage 1 is right most of the time, so most seeds give winners only)
+    scen = make_scenarios(tmp_path / "scen", n=3, seed=7)
     truth = load_truth(tmp_path / "scen")
     recorded, replays = [], []
     real_record, real_replay = GroupSharedAttention.record_images, GroupSharedAttention.replay

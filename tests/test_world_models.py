@@ -57,9 +57,9 @@ def test_base_draws_the_prompted_scene_and_slot(solo_story):
     pipe = load_world(W.flux_path())
     imgs = draw(pipe, [f.prompt for f in st.frames], list(range(16)), steps=10)
     s = M.score_frames(st, imgs)
-    # measured at commit: scene 1.0, position 0.875 (16 frames, 10 steps)
+    # measured at commit: scene 1.0, count 0.94, position 0.94, size 0.75 (16 frames, 10 steps)
     assert s["adherence"]["scene"] >= 0.9
-    assert s["adherence"]["position"] >= 0.7
+    assert s["adherence"]["position"] >= 0.75
 
 
 def test_stage1_reads_clean_references_and_not_noised_ones(solo_story):
@@ -77,9 +77,9 @@ def test_stage1_reads_clean_references_and_not_noised_ones(solo_story):
     noised = M.score_frames(st, draw(pipe, prompts, seeds, steps=10, refs=refs, ref_prompts=rp,
                                      gsa=gsa, ref_sigma=0.9))
     base = M.score_frames(st, draw(load_world(W.flux_path()), prompts, seeds, steps=10))
-    # measured at commit: clean 0.672, noised 0.125, base 0.250 (chance 0.26)
-    assert clean["identity_cross"] >= base["identity_cross"] + 0.15
-    assert clean["identity_cross"] >= noised["identity_cross"] + 0.15
+    # measured at commit: clean 0.906, noised 0.297, base 0.297 (chance 0.26)
+    assert clean["identity_cross"] >= base["identity_cross"] + 0.3
+    assert clean["identity_cross"] >= noised["identity_cross"] + 0.3
 
 
 def test_story_iter_default_is_the_world(tmp_path, capsys):
@@ -113,8 +113,9 @@ def test_a_few_hundred_gsa_steps_from_the_base_learn_identity(tmp_path):
     the result must beat the base's identity-cross by a wide margin with clean references,
     and lose that margin when the same references are fed as noise: the gain comes from
     reading the references (it fails if references were noised in training, the loss taken
-    on reference rows, or the reference tokens cut off).  Measured when written (seed 0):
-    base 0.17, 300 steps 0.33, 600 steps 0.39, 1500 steps 0.53."""
+    on reference rows, or the reference tokens cut off).  Measured on the committed base
+    (seed 0, 600 steps): learned 0.67, the same LoRA with noised references 0.09, base 0.27;
+    the whole file took 108 s on 2 cores."""
     from storyattn import GroupSharedAttention
 
     from pipelines.train.cli import main as train_main
@@ -138,5 +139,5 @@ def test_a_few_hundred_gsa_steps_from_the_base_learn_identity(tmp_path):
     noised = M.score_frames(st, draw(pipe, prompts, seeds, steps=10, refs=refs, gsa=gsa,
                                      ref_sigma=1.0))
     base = M.score_frames(st, draw(load_world(W.flux_path()), prompts, seeds, steps=10))
-    assert learned["identity_cross"] >= base["identity_cross"] + 0.12, (learned, base)
-    assert learned["identity_cross"] >= noised["identity_cross"] + 0.12, (learned, noised)
+    assert learned["identity_cross"] >= base["identity_cross"] + 0.2, (learned, base)
+    assert learned["identity_cross"] >= noised["identity_cross"] + 0.2, (learned, noised)

@@ -62,8 +62,9 @@ _FULL: Dict[str, int] = dict(
     dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10,
     sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32, sdxl_ip_steps=SDXL_IP_STEPS,
     sdxl_ip_batch=32)
-# steps per stage ("profiles"): "full" is the committed build (trained on a GPU), "cpu" the
-# same chain cut to fit a 2-core CPU, "quick" a smoke test of the whole chain
+# steps per stage ("profiles"): "full" for a GPU, "cpu" the same chain cut to fit a 2-core CPU
+# (the committed weights: pipelines/world/weights/build.json records it), "quick" a smoke test
+# of the whole chain
 SETTINGS: Dict[str, Dict[str, int]] = {
     "full": _FULL,
     # sized to an idle 2-core CPU in under 60 min (docs/world.md has the stage times): half

@@ -171,8 +171,13 @@ def label_set(url: str, set_ref: str, truth: Optional[Dict[str, dict]] = None,
             n["winners_only"] += 1
         labels[sid] = mine
     out = {"set": set_id, **n, "labels": labels}
-    if export:
+    if export and n["pools"]:
         out["export"] = export_set(url, set_id)
+    elif export:
+        # the studio answers 409 to an export with nothing to pair; a set whose candidates
+        # are all right (or all wrong) is a result to report, not an error
+        out["export"] = {"scenarios": 0, "pairs": 0, "written": False,
+                         "why": "no scenario has both a winner and a loser"}
     return out
 
 
