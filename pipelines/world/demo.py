@@ -13,10 +13,12 @@ from typing import Any, Dict, Optional
 from . import weights as W
 
 DEMO_SEED = 0
-DEMO_VERSION = "v1"
-# 64x64 frames, 20 flow-matching steps (the world model's sampling setting), 2 rounds
-SETTINGS = dict(rounds=2, steps=20, height=64, width=64, batch_size=25)
-DEMO_REFS = "topk:3"
+DEMO_VERSION = "v2"            # v2: the world of big characters (two stand left and right)
+# 64x64 frames, 10 flow-matching steps (what the build and bench_quality draw with; 20 took
+# twice the time for the same reader figures), rounds 0..3
+SETTINGS = dict(rounds=3, steps=10, height=64, width=64, batch_size=25)
+DEMO_REFS = "topk:1"
+DEMO_ROUND0_REFS = "characters"
 
 
 def demo_story_path(root=None) -> Path:
@@ -59,14 +61,17 @@ def world_default(args, argv) -> Optional[Dict[str, Any]]:
         return None
     args.backbone = "flux"
     args.story, args.model, args.lora = world["story"], world["model"], list(world["loras"])
-    # The stage-1 LoRA learned from groups of a few references: reading all 100 frames of the
-    # previous round at once swamps each frame's own tokens (later rounds turn to noise), so
-    # the demo reads the 3 frames that share the most characters, as bench_quality does.
+    # The stage-1 LoRA learned to read one clean reference of the frame's character: round 0
+    # reads the characters' images (without them it draws identity at random, 0.11), and a
+    # later round reads one frame of the previous round beside them -- each extra frame of
+    # the previous round pulled identity further down (docs/world.md, "Story-Iter's rounds").
     if not any(a == "--refs" or a.startswith("--refs=") for a in argv):
         args.refs = DEMO_REFS
+    if not any(a == "--round0-refs" or a.startswith("--round0-refs=") for a in argv):
+        args.round0_refs = DEMO_ROUND0_REFS
     note = (f"no --model or --story: the built-in story-world demo ({args.story}) on the world "
             f"FLUX model trained here (pipelines/world/weights) with its stage-1 GSA LoRA; "
             f"{SETTINGS['rounds']} rounds x {SETTINGS['steps']} steps at 64x64, --refs {args.refs} "
-            f"unless given; "
+            f"and --round0-refs {args.round0_refs} unless given; "
             f"the contact sheet shows the reader's consistency metrics per round")
     return {"settings": {k: world[k] for k in SETTINGS}, "note": note}
