@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     prof = b.add_mutually_exclusive_group()
     prof.add_argument("--profile", default="auto", choices=["auto", *SETTINGS],
-                      help="step settings: full = the committed weights' (sized for a GPU), cpu = "
-                           "cut to about 42 min on 2 CPU cores, auto (default) = full on a GPU, "
+                      help="step settings: full = sized for a GPU, cpu = the committed weights' "
+                           "(52 min on 2 CPU cores), auto (default) = full on a GPU, "
                            "cpu without one (docs/world.md)")
     prof.add_argument("--quick", action="store_const", dest="profile", const="quick",
                       help="= --profile quick: a few steps per stage: checks the whole chain, "
