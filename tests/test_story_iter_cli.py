@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 from pipelines.story_iter import main  # noqa: E402
+from pipelines.story_iter.run import PAUSE_ENV  # noqa: E402
 from pipelines.tiny import get_tiny_flux, get_tiny_sdxl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,9 +184,11 @@ def test_ctrl_c_then_a_clean_resumed_run(tmp_path):
     (no library warnings or notices, no bars: stderr is not a terminal)."""
     out = tmp_path / "run"
     args = [*SMALL, "--out", str(out)]
+    # the run waits after its first frame (test hook), so the interrupt lands mid-run: a
+    # 32x32 one-step frame takes milliseconds and the run used to finish before the signal
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.story_iter", *args], cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            env={**_env(), PAUSE_ENV: "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not list(out.glob("round_00/frame_*.png")) and proc.poll() is None:
         assert time.time() < deadline, "no frame was written"

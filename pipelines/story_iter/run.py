@@ -39,6 +39,9 @@ _STATS_NAME = "_stats_rank{rank}.json"
 # Test hook: stop this process after it has written this many frames (simulates a kill
 # at a frame boundary; a real kill can land anywhere, which the atomic writes cover).
 STOP_ENV = "STORYATTN_STOP_AFTER_FRAMES"
+# Test hook: after this many frames wait (up to a minute) once, so that a test's Ctrl-C lands
+# mid-run however fast the model draws; the interrupt itself takes the real path.
+PAUSE_ENV = "STORYATTN_PAUSE_AFTER_FRAMES"
 
 
 def _now() -> str:
@@ -178,11 +181,14 @@ class _Drawn:
     def __init__(self):
         self.count = 0
         self.stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+        self.pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
 
     def add(self) -> None:
         self.count += 1
         if self.stop_after and self.count >= self.stop_after:
             raise SystemExit(75)
+        if self.pause_after and self.count == self.pause_after:
+            time.sleep(60)
 
 
 def _draw_round(r, todo, backbone, plan, ctx, drawn, progress, rank) -> Dict[str, Any]:
