@@ -188,7 +188,10 @@ def test_ctrl_c_then_a_clean_resumed_run(tmp_path):
     # 32x32 one-step frame takes milliseconds and the run used to finish before the signal
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.story_iter", *args], cwd=ROOT,
                             env={**_env(), PAUSE_ENV: "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job starts with SIGINT ignored, and the
+                            # child would inherit that: give it the default a user's run has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list(out.glob("round_00/frame_*.png")) and proc.poll() is None:
         assert time.time() < deadline, "no frame was written"
