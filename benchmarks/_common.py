@@ -145,7 +145,11 @@ def environment(device: str) -> Dict[str, object]:
 
 
 def write_results(name: str, env: Dict, rows: List[Dict], md_table: str, notes: str = "",
-                  plot: Optional[Callable[[str], None]] = None, out_dir: str = RESULTS_DIR) -> List[str]:
+                  plot: Optional[Callable[[str], None]] = None,
+                  out_dir: Optional[str] = None) -> List[str]:
+    """Write ``{name}_{cpu|gpu}.json`` and ``.md`` (and ``.png`` with ``plot``) to ``out_dir``
+    (None: ``RESULTS_DIR``); return their paths."""
+    out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     tag = "gpu" if env.get("gpu") else "cpu"
     base = os.path.join(out_dir, f"{name}_{tag}")

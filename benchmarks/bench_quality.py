@@ -383,9 +383,8 @@ def _write(args, rows, strips, chance, seeds, name) -> int:
         img = np.concatenate(strips, 0)
         Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
-    extra = {"out_dir": args.results_dir} if args.results_dir else {}
     paths = write_results(name, env, rows, markdown_table(headers, table), notes,
-                          plot=plot, **extra)
+                          plot=plot, out_dir=args.results_dir)
     print("wrote", ", ".join(paths))
     return 0
 

@@ -84,10 +84,12 @@ def main(argv=None) -> int:
     def drawn(i):
         return Image.open(frame_path(run, 0, i)).convert("RGB")
 
-    def other(i):
+    def nearest_same_cast(i):
         cast = set(st.frames[i].characters)
         js = [j for j in range(len(prompts)) if j != i and set(st.frames[j].characters) == cast]
         return min(js, key=lambda j: (abs(j - i), j)) if js else i
+
+    other = [nearest_same_cast(i) for i in range(len(prompts))]
 
     def refs_of(i, extra=None):
         names = st.frames[i].characters
@@ -102,8 +104,8 @@ def main(argv=None) -> int:
         ("characters' images only (round 0)", lambda i: refs_of(i)),
         ("+ the round-0 frame", lambda i: refs_of(i, (i, drawn(i)))),
         ("+ the exact render of the frame", lambda i: refs_of(i, (i, exact(i)))),
-        ("+ the round-0 frame of another frame", lambda i: refs_of(i, (other(i), drawn(other(i))))),
-        ("+ the exact render of another frame", lambda i: refs_of(i, (other(i), exact(other(i))))),
+        ("+ the round-0 frame of another frame", lambda i: refs_of(i, (other[i], drawn(other[i])))),
+        ("+ the exact render of another frame", lambda i: refs_of(i, (other[i], exact(other[i])))),
     ]
     pipe = load_world(W.flux_path(), [W.gsa_lora_path()], device=args.device)
     gsa = GroupSharedAttention(pipe.transformer)
@@ -128,9 +130,8 @@ def main(argv=None) -> int:
     notes = (f"World story seed {args.seed} ({args.frames} frames, held-out identities), "
              f"{args.steps} steps, stage-1 LoRA of pipelines/world/weights; 'another frame' is "
              "the nearest frame with the same cast. Chance identity-cross 0.26.")
-    kw = {"out_dir": args.results_dir} if args.results_dir else {}
     for p in write_results("bench_story_iter_refs", environment(args.device), rows,
-                           markdown_table(headers, table), notes, **kw):
+                           markdown_table(headers, table), notes, out_dir=args.results_dir):
         print("wrote", p)
     return 0
 

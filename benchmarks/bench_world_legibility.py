@@ -90,9 +90,8 @@ def main(argv=None) -> int:
              "frames), posterior mode, reader on the decoded frame against the reader on the "
              "render. A frame whose character count changed counts as lost for every "
              "per-character key.")
-    kw = {"out_dir": args.results_dir} if args.results_dir else {}
     for p in write_results("bench_world_legibility", environment(args.device), rows,
-                           markdown_table(headers, table), notes, **kw):
+                           markdown_table(headers, table), notes, out_dir=args.results_dir):
         print("wrote", p)
     return 0
 
