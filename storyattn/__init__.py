@@ -9,6 +9,7 @@ from .gsa import GroupSharedAttention
 # imported for its registration: GroupSharedAttention(flux2_transformer) -> the FLUX.2 handle
 from .flux2 import Flux2GroupSharedAttention
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor
+from .regions import region_masks
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "GRCAHandle",
     "install_global_reference_attention",
     "Flux2GroupSharedAttention",
+    "region_masks",
 ]

@@ -161,9 +161,10 @@ class Flux2GroupSharedAttention(GroupSharedAttention):
                              "FLUX.2 transformer cannot use it (record the references with this "
                              "model)")
 
-    def replay(self, cache, ref_index=None, *, strict_tokens: bool = True):
+    def replay(self, cache, ref_index=None, *, ref_regions=None, strict_tokens: bool = True):
         self._check_family(cache, "replay")
-        return super().replay(cache, ref_index, strict_tokens=strict_tokens)
+        return super().replay(cache, ref_index, ref_regions=ref_regions,
+                              strict_tokens=strict_tokens)
 
     def record(self, cache, *, replace: bool = False):
         if not replace:

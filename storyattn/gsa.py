@@ -31,6 +31,7 @@ import torch
 
 from .cache import CacheSignature, ReferenceKVCache, _dtype_name
 from .references import unwrap_model
+from .regions import check_ref_regions
 from .processors.flux_gsa import GroupSharedFluxAttnProcessor, GSAForwardContext
 
 __all__ = ["GroupSharedAttention"]
@@ -94,6 +95,7 @@ class _Mode:
     name: str
     cache: Optional[ReferenceKVCache] = None
     ref_index: Optional[torch.Tensor] = None
+    ref_regions: Optional[torch.Tensor] = None
     group_size: int = 0
     num_targets: int = 0
     strict_tokens: bool = True
@@ -280,7 +282,8 @@ class GroupSharedAttention:
             self._mode = None
             self._pending_record = None
 
-    def in_batch(self, group_size: int, num_targets: int):
+    def in_batch(self, group_size: int, num_targets: int, *,
+                 ref_regions: Optional[torch.Tensor] = None):
         """Context manager: rows come in groups of ``group_size``; the first
         ``num_targets`` rows of each group are targets, the rest its references.
 
@@ -288,6 +291,10 @@ class GroupSharedAttention:
         tokens (reference ``j`` placed at index ``j + 1``); references attend only
         to themselves.  Differentiable (training): gradients reach the references'
         projections through the targets' attention.
+
+        ``ref_regions``: bool ``[targets, group_size - num_targets, N]`` (targets in
+        batch order, group by group), image token ``i`` of a target reads its group's
+        reference ``j`` only where True (:func:`storyattn.region_masks`).
         """
         self._check_alive()
         for name, val in (("group_size", group_size), ("num_targets", num_targets)):
@@ -296,8 +303,11 @@ class GroupSharedAttention:
         if not 1 <= num_targets <= group_size:
             raise ValueError(f"need 1 <= num_targets <= group_size, got num_targets={num_targets}, "
                              f"group_size={group_size}")
+        if ref_regions is not None:
+            ref_regions = check_ref_regions(ref_regions, int(group_size) - int(num_targets),
+                                            self._device())
         return self._activate(_Mode("in_batch", group_size=int(group_size),
-                                    num_targets=int(num_targets)))
+                                    num_targets=int(num_targets), ref_regions=ref_regions))
 
     def record_images(self, pipe, images, prompts=None, cache: Optional[ReferenceKVCache] = None,
                       *, height: Optional[int] = None, width: Optional[int] = None,
@@ -353,10 +363,14 @@ class GroupSharedAttention:
         return self._activate(_Mode("record", cache=cache))
 
     def replay(self, cache: ReferenceKVCache, ref_index: Optional[torch.Tensor] = None, *,
-               strict_tokens: bool = True):
+               ref_regions: Optional[torch.Tensor] = None, strict_tokens: bool = True):
         """Context manager: the rows are targets; each attends to its own tokens plus
         every entry of ``cache`` (``ref_index=None``) or the entries of its row of
         ``ref_index`` (``[B, R]`` integer, ``-1`` = none).
+
+        ``ref_regions``: bool ``[B, R, N]`` aligned with ``ref_index``: image token ``i``
+        of target ``b`` reads slot ``r`` only where True (:func:`storyattn.region_masks`
+        makes it from one box per character; :mod:`storyattn.regions`).
 
         Refuses (``ValueError``) a cache recorded for another layer count, head
         count, head dim, dtype or placement, or on another device; with
@@ -375,8 +389,14 @@ class GroupSharedAttention:
                              f"move it with cache.to({str(dev)!r})")
         if ref_index is not None:
             ref_index = self._check_ref_index(ref_index, len(cache), dev)
+        if ref_regions is not None:
+            if ref_index is None:
+                raise ValueError("replay: ref_regions needs a ref_index (its slots are the "
+                                 "ref_index columns)")
+            ref_regions = check_ref_regions(ref_regions, ref_index.shape[1], dev,
+                                            rows=ref_index.shape[0])
         return self._activate(_Mode("replay", cache=cache, ref_index=ref_index,
-                                    strict_tokens=bool(strict_tokens)))
+                                    ref_regions=ref_regions, strict_tokens=bool(strict_tokens)))
 
     @staticmethod
     def _check_ref_index(ref_index, num_entries: int, device) -> torch.Tensor:
@@ -452,7 +472,8 @@ class GroupSharedAttention:
                 raise ValueError(f"in_batch: batch of {B} rows is not a whole number of groups of "
                                  f"{G}")
             fields.update(group_size=G, num_targets=T,
-                          ref_rotary=self._placement_rotary(0, G - T, hs.device))
+                          ref_rotary=self._placement_rotary(0, G - T, hs.device),
+                          ref_regions=self._regions_for(mode.ref_regions, B // G * T, n_img))
         elif mode.name == "record":
             fields.update(self._record_fields(mode.cache, args, kwargs, B, n_img, hs.device))
         else:  # replay
@@ -469,7 +490,8 @@ class GroupSharedAttention:
                                      "num_images_per_prompt repeats each prompt's rows")
                 ri = ri.repeat_interleave(B // ri.shape[0], dim=0)
             pools = tuple(cache.layer(i) for i in range(self.num_layers))
-            fields.update(pools=pools, ref_index=ri)
+            fields.update(pools=pools, ref_index=ri,
+                          ref_regions=self._regions_for(mode.ref_regions, B, n_img))
         ctx = GSAForwardContext(**fields)
 
         if "joint_attention_kwargs" in kwargs or len(args) <= self._ARG_JOINT_KW:
@@ -483,6 +505,24 @@ class GroupSharedAttention:
             args[self._ARG_JOINT_KW] = jak
             args = tuple(args)
         return args, kwargs
+
+    @staticmethod
+    def _regions_for(regions: Optional[torch.Tensor], rows: int, n_img: int
+                     ) -> Optional[torch.Tensor]:
+        """The mode's ``ref_regions`` for a forward of ``rows`` targets (repeated per image
+        when ``num_images_per_prompt`` repeats each prompt's rows)."""
+        if regions is None:
+            return None
+        if regions.shape[2] != n_img:
+            raise ValueError(f"ref_regions covers {regions.shape[2]} image tokens but the "
+                             f"targets have {n_img}; make it with region_masks(boxes, grid) "
+                             "for the targets' token grid")
+        if regions.shape[0] != rows:
+            if rows % regions.shape[0]:
+                raise ValueError(f"ref_regions has {regions.shape[0]} rows but the forward has "
+                                 f"{rows} targets; give one row per target")
+            regions = regions.repeat_interleave(rows // regions.shape[0], dim=0)
+        return regions
 
     def _record_fields(self, cache: ReferenceKVCache, args, kwargs, B: int, n_img: int,
                        device) -> dict:

@@ -34,7 +34,6 @@ from typing import Optional
 
 import torch
 
-from ..api import segment_attention
 from .flux_gsa import MODES, GroupSharedFluxAttnProcessor, GSAForwardContext, _heads, _projections
 
 __all__ = ["GroupSharedFlux2AttnProcessor", "GroupSharedFlux2ParallelAttnProcessor",
@@ -116,9 +115,7 @@ class _Flux2Processor(GroupSharedFluxAttnProcessor):
             return self._self_attention(q, k, v)
         q, k, v = self._norm_rope(attn, q, k, v, eq, ek, ev, rot, text_len, double)
         if ctx.mode == "replay":
-            ref_k, ref_v = ctx.pools[self.layer_index]
-            return segment_attention(q, k, v, ref_k, ref_v, ref_index=ctx.ref_index,
-                                     backend=self.backend)
+            return self._replay(q, k, v, text_len, ctx)
         if ctx.mode == "in_batch":
             return self._in_batch(q, k, v, text_len, ctx)
         raise ValueError(f"unknown GSA mode {ctx.mode!r}; expected one of {MODES}")

@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..api import segment_attention
+from ..regions import regional_segment_attention
 from ..rope import qk_norm_rope, qk_norm_rope_into_cache, rotate_keys
 
 __all__ = ["GroupSharedFluxAttnProcessor", "GSAForwardContext", "MODES"]
@@ -66,6 +67,9 @@ class GSAForwardContext:
             they have written their slot (the cache checks it after the forward).
         pools: ``replay`` per-layer ``(ref_k, ref_v)`` views ``[P, Lr, H, D]``.
         ref_index: ``replay`` page table ``[B, R]`` (-1 = none) or None = all entries.
+        ref_regions: ``replay`` / ``in_batch`` bool ``[B, R, N]`` (targets, reference
+            slots, image tokens): image token ``i`` reads slot ``r`` only where True
+            (:mod:`storyattn.regions`); None = every token reads every slot.
     """
 
     mode: str
@@ -78,6 +82,7 @@ class GSAForwardContext:
     record_written: Optional[list] = None
     pools: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]] = None
     ref_index: Optional[torch.Tensor] = None
+    ref_regions: Optional[torch.Tensor] = None
 
 
 def _diffusers_fns():
@@ -198,9 +203,7 @@ class GroupSharedFluxAttnProcessor:
         if ctx.mode == "record":
             out = self._self_attention(q, k, v)
         elif ctx.mode == "replay":
-            ref_k, ref_v = ctx.pools[self.layer_index]
-            out = segment_attention(q, k, v, ref_k, ref_v, ref_index=ctx.ref_index,
-                                    backend=self.backend)
+            out = self._replay(q, k, v, text_len, ctx)
         elif ctx.mode == "in_batch":
             out = self._in_batch(q, k, v, text_len, ctx)
         else:
@@ -286,6 +289,15 @@ class GroupSharedFluxAttnProcessor:
                               _split_rotary(rot, 0, text_len), backend=self.rope_backend)
         return torch.cat([qt, qi], dim=1), torch.cat([kt, ki], dim=1), torch.cat([ev, v], dim=1)
 
+    def _replay(self, q, k, v, text_len, ctx):
+        """Targets over their own tokens plus their cache entries (regional when asked)."""
+        ref_k, ref_v = ctx.pools[self.layer_index]
+        if ctx.ref_regions is not None:
+            return regional_segment_attention(q, k, v, ref_k, ref_v, ctx.ref_index,
+                                              ctx.ref_regions, text_len, backend=self.backend)
+        return segment_attention(q, k, v, ref_k, ref_v, ref_index=ctx.ref_index,
+                                 backend=self.backend)
+
     def _self_attention(self, q, k, v):
         """Rows attending only to themselves (references), as the stock processor does."""
         return self._dispatch(q, k, v, backend=self._attention_backend)
@@ -312,10 +324,14 @@ class GroupSharedFluxAttnProcessor:
         else:
             pool_k = pool_k.contiguous()
         ref_index = None
-        if ng > 1:
+        if ng > 1 or ctx.ref_regions is not None:
             ref_index = torch.arange(ng * K, device=q.device).view(ng, K).repeat_interleave(T, dim=0)
-        out_t = segment_attention(qt, kt, vt, pool_k, pool_v, ref_index=ref_index,
-                                  backend=self.backend)
+        if ctx.ref_regions is not None:
+            out_t = regional_segment_attention(qt, kt, vt, pool_k, pool_v, ref_index,
+                                               ctx.ref_regions, text_len, backend=self.backend)
+        else:
+            out_t = segment_attention(qt, kt, vt, pool_k, pool_v, ref_index=ref_index,
+                                      backend=self.backend)
         out_r = self._self_attention(qr, kr, vr).to(out_t.dtype)
         out = torch.cat([out_t.view(ng, T, L, H, D), out_r.view(ng, K, L, H, D)], dim=1)
         return out.view(B, L, H, D)
