@@ -13,9 +13,17 @@ A story is a JSON object::
       ],
       "frames": [
         {"prompt": "the snowman stands alone in a snowy field", "characters": ["Snowman"]},
-        {"prompt": "a fox peeks out from behind a tree", "characters": ["Fox"]}
+        {"prompt": "a fox peeks out from behind a tree", "characters": ["Fox"]},
+        {"prompt": "the snowman and the fox side by side", "characters": ["Snowman", "Fox"],
+         "regions": {"Snowman": [0.0, 0.1, 0.5, 1.0], "Fox": [0.5, 0.4, 1.0, 1.0]}}
       ]
     }
+
+A frame's optional ``regions`` is its layout: for some of its characters, the box
+``[x0, y0, x1, y1]`` (fractions of the frame's width and height, y down) where that character
+stands.  The FLUX backbones then let each image token read a character's reference images only
+inside its box (``storyattn.region_masks``), so two characters in one frame each take their
+own look instead of a blend of both.
 
 ``load_story(path)`` / ``parse_story(obj)`` validate everything and raise :class:`StoryError`
 whose message names every bad field, e.g. ``frames[3].characters[0]: unknown character
@@ -59,6 +67,11 @@ class Character:
 class Frame:
     prompt: str
     characters: tuple = ()
+    regions: tuple = ()       # ((name, (x0, y0, x1, y1)), ...): the frame's layout
+
+    def region(self, name: str):
+        """The box where ``name`` stands in this frame, or None (no layout for it)."""
+        return dict(self.regions).get(name)
 
 
 @dataclass
@@ -110,7 +123,7 @@ class Story:
             "title": self.title,
             "style": self.style,
             "characters": chars,
-            "frames": [{"prompt": f.prompt, "characters": list(f.characters)} for f in self.frames],
+            "frames": [_frame_json(f) for f in self.frames],
         }
         if self.negative_prompt:
             # only when set, so stories without one keep their fingerprint (and resume)
@@ -126,8 +139,39 @@ class Story:
         return h.hexdigest()
 
 
+def _frame_json(f: Frame) -> Dict[str, Any]:
+    d: Dict[str, Any] = {"prompt": f.prompt, "characters": list(f.characters)}
+    if f.regions:
+        # only when set, so stories without a layout keep their fingerprint (and resume)
+        d["regions"] = {n: list(b) for n, b in f.regions}
+    return d
+
+
 def _is_str(x) -> bool:
     return isinstance(x, str)
+
+
+def _parse_regions(raw, present: List[str], where: str, errors: List[str]) -> tuple:
+    """A frame's ``regions``: {name: [x0, y0, x1, y1]} for characters the frame names."""
+    if not isinstance(raw, dict):
+        errors.append(f"{where}.regions: expected an object {{character name: [x0, y0, x1, y1]}}, "
+                      f"got {type(raw).__name__}")
+        return ()
+    out = []
+    for name, box in raw.items():
+        rw = f"{where}.regions.{name}"
+        if name not in present:
+            errors.append(f"{rw}: {name!r} is not one of the frame's characters "
+                          f"({', '.join(present) or 'none'})")
+            continue
+        ok = (isinstance(box, list) and len(box) == 4
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box))
+        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            errors.append(f"{rw}: expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                          f"0 <= y0 < y1 <= 1 (fractions of the frame), got {box!r}")
+            continue
+        out.append((name, tuple(float(v) for v in box)))
+    return tuple(out)
 
 
 def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story",
@@ -236,8 +280,9 @@ def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story"
             errors.append(f"{where}: expected an object with a prompt, got {type(fr).__name__}")
             continue
         for key in fr:
-            if key not in ("prompt", "characters"):
-                errors.append(f"{where}.{key}: unknown field (allowed: prompt, characters)")
+            if key not in ("prompt", "characters", "regions"):
+                errors.append(f"{where}.{key}: unknown field (allowed: prompt, characters, "
+                              f"regions)")
         prompt = fr.get("prompt")
         if not _is_str(prompt) or not prompt.strip():
             errors.append(f"{where}.prompt: expected a non-empty string, got {prompt!r}")
@@ -258,7 +303,8 @@ def parse_story(obj: Any, base_dir: Optional[Path] = None, source: str = "story"
                 errors.append(f"{cw}: character {name!r} listed twice")
             else:
                 ok.append(name)
-        frames.append(Frame(prompt, tuple(ok)))
+        regions = _parse_regions(fr["regions"], ok, where, errors) if "regions" in fr else ()
+        frames.append(Frame(prompt, tuple(ok), regions))
     if errors:
         raise StoryError(errors, source)
     return Story(title, style, characters, frames, source, negative)

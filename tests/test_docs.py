@@ -77,12 +77,13 @@ def test_story_example_parses_and_validates(tmp_path, capsys):
     _png(tmp_path / "refs" / "snowman.png")
     story = load_story(f)
     assert [c.name for c in story.characters] == ["Snowman", "Fox"]
-    assert len(story.frames) == 4 and story.frames[3].prompt == "snow falls on the empty field"
+    assert len(story.frames) == 5 and story.frames[4].prompt == "snow falls on the empty field"
+    assert story.frames[3].region("Fox") == (0.5, 0.4, 1.0, 1.0)
     assert story.characters[0].reference_images == (str(tmp_path / "refs" / "snowman.png"),)
     # the page spells out the third frame's full prompt
     assert _flat(story.full_prompt(2)) in _flat(page.read_text())
     assert main([str(f)]) == 0
-    assert f"{f}: ok: 'The Snowman and the Fox', 2 characters, 4 frames" in capsys.readouterr().out
+    assert f"{f}: ok: 'The Snowman and the Fox', 2 characters, 5 frames" in capsys.readouterr().out
     # the page's error example: an unknown character and a missing reference image
     obj = json.loads(body)
     obj["frames"][1]["characters"] = ["Foxx"]

@@ -43,6 +43,21 @@ def test_valid_story_and_prompts():
     assert parse_story(s.to_json()).to_json() == s.to_json()
 
 
+def test_regions_round_trip_and_keep_old_fingerprints():
+    plain = parse_story(_story())
+    obj = _story()
+    obj["frames"][2]["regions"] = {"Snowman": [0, 0.1, 0.5, 1], "Fox": [0.5, 0.4, 1, 1]}
+    s = parse_story(obj)
+    f = s.frames[2]
+    assert f.region("Snowman") == (0.0, 0.1, 0.5, 1.0) and f.region("Fox") == (0.5, 0.4, 1.0, 1.0)
+    assert s.frames[0].region("Snowman") is None
+    assert parse_story(s.to_json()).to_json() == s.to_json()
+    assert "regions" not in plain.to_json()["frames"][2]
+    # a layout is part of the story: it changes the fingerprint; none keeps the old one
+    assert s.fingerprint() != plain.fingerprint()
+    assert parse_story(_story()).fingerprint() == plain.fingerprint()
+
+
 def test_unknown_character_names_the_field():
     obj = _story()
     obj["frames"].append({"prompt": "x", "characters": ["Foxx"]})
@@ -60,6 +75,14 @@ def test_unknown_character_names_the_field():
     (lambda o: o["frames"][2].update(characters=["Fox", "Fox"]),
      "frames[2].characters[1]: character 'Fox' listed twice"),
     (lambda o: o["frames"][0].update(camera="wide"), "frames[0].camera: unknown field"),
+    (lambda o: o["frames"][2].update(regions=[0, 0, 1, 1]),
+     "frames[2].regions: expected an object"),
+    (lambda o: o["frames"][0].update(regions={"Fox": [0, 0, 1, 1]}),
+     "frames[0].regions.Fox: 'Fox' is not one of the frame's characters (Snowman)"),
+    (lambda o: o["frames"][2].update(regions={"Fox": [0.6, 0, 0.4, 1]}),
+     "frames[2].regions.Fox: expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1"),
+    (lambda o: o["frames"][2].update(regions={"Fox": [0, 0, 1]}),
+     "frames[2].regions.Fox: expected [x0, y0, x1, y1]"),
     (lambda o: o["characters"].append({"name": "Fox", "description": "x"}),
      "characters[2].name: duplicate character 'Fox'"),
     (lambda o: o["characters"][0].update(name=""), "characters[0].name: expected a non-empty"),

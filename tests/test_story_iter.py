@@ -196,11 +196,44 @@ def test_round0_character_refs_are_each_frames_own(tmp_path):
     s = parse_story(STORY)
     imgs = [Image.new("RGB", (8, 8), c) for c in ((250, 250, 250), (200, 60, 0))]
     owner = ["Snowman", "Fox"]
-    refs, prompts, per = round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner,
-                                    [f["prompt"] for f in STORY["frames"]], round0_chars=True)
+    refs, prompts, per, regions = round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner,
+                                             [f["prompt"] for f in STORY["frames"]],
+                                             round0_chars=True)
     assert len(refs) == 2 and prompts[1].startswith("Fox, a red fox")
-    assert per == [[0], [1], [0, 1], [0, 1]]
-    assert round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner, ["p"] * 4) == ([], [], None)
+    assert per == [[0], [1], [0, 1], [0, 1]] and regions is None    # no layout in this story
+    assert round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner, ["p"] * 4) == ([], [], None,
+                                                                               None)
+
+
+def test_round_refs_carry_each_characters_box(tmp_path):
+    """A story with a layout: each character image a frame reads comes with the box of that
+    character in that frame (None where the frame gives it none); previous-round frames get
+    None (they show the whole scene)."""
+    import copy
+
+    from PIL import Image
+
+    from pipelines.run_folder import frame_path
+    from pipelines.story_iter.refs import round_refs
+
+    obj = copy.deepcopy(STORY)
+    obj["frames"][2]["regions"] = {"Snowman": [0.0, 0.0, 0.5, 1.0], "Fox": [0.5, 0.2, 1.0, 1.0]}
+    s = parse_story(obj)
+    imgs = [Image.new("RGB", (8, 8), c) for c in ((250, 250, 250), (200, 60, 0))]
+    owner = ["Snowman", "Fox"]
+    texts = [f["prompt"] for f in obj["frames"]]
+    _, _, per, regions = round_refs(s, 0, tmp_path, 4, "topk:2", imgs, owner, texts,
+                                    round0_chars=True)
+    assert per[2] == [0, 1]
+    assert regions == [[None], [None], [(0.0, 0.0, 0.5, 1.0), (0.5, 0.2, 1.0, 1.0)],
+                       [None, None]]
+    for i in range(4):
+        p = frame_path(tmp_path, 0, i)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p)
+    refs, _, per, regions = round_refs(s, 1, tmp_path, 4, "all", imgs, owner, texts)
+    assert len(refs) == 6 and per[2] == list(range(6))
+    assert regions[2] == [None] * 4 + [(0.0, 0.0, 0.5, 1.0), (0.5, 0.2, 1.0, 1.0)]
 
 
 def test_flux_backbone_small_run(story_file, tmp_path):

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pipelines.lora_files import load_lora_files
-from storyattn import GroupSharedAttention, ReferenceKVCache
+from storyattn import GroupSharedAttention, ReferenceKVCache, region_masks
 
 __all__ = ["FluxBackbone"]
 
@@ -78,9 +78,15 @@ class FluxBackbone:
     def cache_bytes(self) -> int:
         return int(self.cache.nbytes)
 
-    def _image_tokens(self) -> int:
+    def _token_grid(self):
+        """(rows, cols) of the image tokens: the VAE's factor, then 2x2 latent patches (FLUX.1
+        and FLUX.2 alike)."""
         s = self.pipe.vae_scale_factor * 2
-        return (self.height // s) * (self.width // s)
+        return self.height // s, self.width // s
+
+    def _image_tokens(self) -> int:
+        gh, gw = self._token_grid()
+        return gh * gw
 
     def begin_round(self, ref_images: List, scale: float,
                     ref_prompts: Optional[List[str]] = None) -> dict:
@@ -129,8 +135,11 @@ class FluxBackbone:
 
     @torch.no_grad()
     def draw(self, prompts: List[str], generators: List[torch.Generator],
-             ref_index: Optional[List[List[int]]] = None) -> List:
-        """Draw one batch; ``ref_index[i]``: reference numbers frame i reads (None = all)."""
+             ref_index: Optional[List[List[int]]] = None,
+             regions: Optional[List[List]] = None) -> List:
+        """Draw one batch; ``ref_index[i]``: reference numbers frame i reads (None = all);
+        ``regions[i]``: one box (or None) per entry of ``ref_index[i]``, where frame i's
+        image tokens read that reference (:func:`storyattn.region_masks`)."""
         if not self._open:
             raise RuntimeError("draw() outside a round")
         kw = self._pipe_kwargs(prompts, generators)
@@ -150,5 +159,10 @@ class FluxBackbone:
                     idx[row, c] = entry[ref]
         elif len(self._cached) != len(self._refs):
             idx = torch.tensor([[entry[j] for j in wanted]] * len(prompts), dtype=torch.long)
-        with self.gsa.replay(self.cache, ref_index=idx):
+        masks = None
+        if regions is not None and any(b is not None for row in regions for b in row):
+            if ref_index is None:
+                raise ValueError("draw: regions need ref_index (one box per entry it names)")
+            masks = region_masks(regions, self._token_grid(), num_slots=idx.shape[1])
+        with self.gsa.replay(self.cache, ref_index=idx, ref_regions=masks):
             return self.pipe(**kw).images

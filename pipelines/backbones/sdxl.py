@@ -157,8 +157,11 @@ class SDXLBackbone:
     # -- drawing ----------------------------------------------------------------------------
     @torch.no_grad()
     def draw(self, prompts: List[str], generators: List[torch.Generator],
-             ref_index: Optional[List[List[int]]] = None) -> List:
-        """Draw one batch; ``ref_index[i]``: pool entries frame i reads (None = all)."""
+             ref_index: Optional[List[List[int]]] = None,
+             regions: Optional[List[List]] = None) -> List:
+        """Draw one batch; ``ref_index[i]``: pool entries frame i reads (None = all).
+        ``regions`` (a story's layout) is not used: the IP-Adapter's image tokens are a few
+        global embeddings per reference, not a spatial map a box could select from."""
         if self._round is None:
             raise RuntimeError("draw() outside a round")
         sel = (self.handle.select(ref_index) if ref_index is not None and self._state.num_refs

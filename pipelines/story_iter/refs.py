@@ -51,7 +51,26 @@ def round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
     Round 0 has none, or with ``round0_chars`` (--round0-refs characters) the character
     images: each frame reads those of the characters it names (a frame naming none reads them
     all): a frame reading every character would show a lone character the others' looks too,
-    which GSA blends, while stage gsa trains each target on references of its own character."""
+    which GSA blends, while stage gsa trains each target on references of its own character.
+
+    Returns (images, prompts, per_frame, regions): ``regions`` is None when no frame of the
+    story has a layout, else per frame one box (or None) per entry of its ``per_frame`` row:
+    a character image gets the box where its character stands in that frame (a previous
+    round's frame, which shows the whole scene, gets None)."""
+    refs, prompts, per_frame = _round_refs(story, r, out, n, spec, char_images, char_owner,
+                                           texts, round0_chars)
+    if not refs or not any(f.regions for f in story.frames[:n]):
+        return refs, prompts, per_frame, None
+    if per_frame is None:
+        per_frame = [list(range(len(refs)))] * n
+    first_char = len(refs) - len(char_owner)       # character images come last
+    regions = [[story.frames[t].region(char_owner[j - first_char]) if j >= first_char else None
+                for j in row] for t, row in enumerate(per_frame)]
+    return refs, prompts, per_frame, regions
+
+
+def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
+                char_owner: List[str], texts: List[str], round0_chars: bool):
     from PIL import Image
 
     if r == 0:

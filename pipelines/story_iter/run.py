@@ -206,7 +206,7 @@ def _draw_round(r, todo, backbone, plan, ctx, drawn, progress, rank) -> Dict[str
     t_round = time.perf_counter()
     enc_before = backbone.encoder_images
     with PeakMemory(plan["device"]) as peak:
-        refs, ref_prompts, per_frame = round_refs(
+        refs, ref_prompts, per_frame, regions = round_refs(
             story, r, out, n, cfg["refs"], char_images, char_owner, texts,
             plan["sampling"]["round0_refs"] == "characters")
         info = backbone.begin_round(refs, scales[r], ref_prompts=ref_prompts)
@@ -219,7 +219,8 @@ def _draw_round(r, todo, backbone, plan, ctx, drawn, progress, rank) -> Dict[str
                 # a partly written batch is drawn whole (same batch -> same numbers) but
                 # only its missing frames are written
                 imgs = backbone.draw([texts[i] for i in b], gens,
-                                     None if per_frame is None else [per_frame[i] for i in b])
+                                     None if per_frame is None else [per_frame[i] for i in b],
+                                     regions=None if regions is None else [regions[i] for i in b])
                 for i, img in zip(b, imgs):
                     if i in missing:
                         save_png_atomic(img, frame_path(out, r, i))
