@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -345,3 +346,97 @@ def test_tiny_preset_runs_say_synthetic(tmp_path):
     assert (out / "stage1" / "pytorch_lora_weights.safetensors").is_file()
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2))
+
+
+def _layout_data(root, with_regions=True):
+    """Two characters (red / blue squares) and their reference images; frames of one or both,
+    each naming its characters' references, with their boxes when ``with_regions``."""
+    from PIL import Image
+
+    def img(name, spots):
+        a = np.full((32, 32, 3), 200, np.uint8)
+        for x0, colour in spots:
+            a[8:28, x0:x0 + 12] = colour
+        Image.fromarray(a).save(root / name)
+
+    red, blue = (220, 30, 30), (30, 60, 230)
+    root.mkdir(parents=True, exist_ok=True)
+    img("ref_r.png", [(10, red)])
+    img("ref_b.png", [(10, blue)])
+    img("duo.png", [(2, red), (18, blue)])
+    img("solo.png", [(18, blue)])
+    left, right = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
+    lines = [{"file_name": "ref_r.png", "text": "Rex", "group": "g"},
+             {"file_name": "ref_b.png", "text": "Bo", "group": "g"},
+             {"file_name": "duo.png", "text": "Rex left and Bo right", "group": "g",
+              "references": ["ref_r.png", "ref_b.png"], "regions": [left, right]},
+             {"file_name": "solo.png", "text": "Bo right", "group": "g",
+              "references": ["ref_b.png"], "regions": [right]}]
+    for l in lines:
+        if not with_regions:
+            l.pop("regions", None)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return root
+
+
+def test_gsa_training_with_regions(tiny_flux, tmp_path):
+    """Lines with ``regions`` train through regional in-batch GSA: a line naming one
+    reference under --num-refs 2 reads just it (the second slot is absent: no token reads it),
+    a two-character line reads each reference inside its box, and the regions change the
+    loss (they reach the forward)."""
+    from pipelines.train.steps import ABSENT
+
+    def train(data, out):
+        return run_trainer(["--stage", "gsa", "--model", tiny_flux, "--data", str(data),
+                            "--output-dir", str(out), "--num-refs", "2", "--batch-size", "4",
+                            "--max-steps", "2", "--checkpoint-every", "0", "--resolution", "32",
+                            "--caption-dropout", "0"])
+
+    tr = train(_layout_data(tmp_path / "layout"), tmp_path / "out")
+    losses = [r["loss"] for r in metrics(tmp_path / "out")]
+    assert len(losses) == 2 and all(math.isfinite(l) for l in losses)
+    ds = tr.ds
+    names = {p.name: i for i, p in enumerate(ds.paths)}
+    rows, _, layouts = tr._gsa_batch(0)
+    seen = set()
+    for t in range(len(layouts)):
+        target, refs, lay = rows[3 * t], rows[3 * t + 1:3 * t + 3], layouts[t]
+        if ds.paths[target].name == "solo.png":
+            assert refs == [names["ref_b.png"]] * 2 and lay == [(0.5, 0.0, 1.0, 1.0), ABSENT]
+        elif ds.paths[target].name == "duo.png":
+            assert refs == [names["ref_r.png"], names["ref_b.png"]]
+            assert lay == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+        else:
+            assert lay is None
+        seen.add(ds.paths[target].name)
+    masks = tr._ref_regions(layouts, 16)                       # a 4 x 4 token grid
+    for t, lay in enumerate(layouts):
+        if lay is not None and lay[1] is ABSENT:
+            assert not masks[t, 1].any() and masks[t, 0].all()
+        elif lay is not None:
+            assert masks[t, 0].view(4, 4)[:, :2].all() and not masks[t, 0].view(4, 4)[:, 2:].any()
+        else:
+            assert masks[t].all()
+    tr2 = train(_layout_data(tmp_path / "plain", with_regions=False), tmp_path / "out2")
+    assert tr2._gsa_batch(0)[2] is None
+    assert abs(metrics(tmp_path / "out2")[0]["loss"] - losses[0]) > 1e-7
+
+
+def test_regions_in_training_data_are_checked(tmp_path):
+    from pipelines.train import data as D
+
+    root = _layout_data(tmp_path / "d")
+    lines = [json.loads(l) for l in (root / "metadata.jsonl").read_text().splitlines()]
+    lines[2]["regions"] = [[0.0, 0.0, 0.5, 1.0]]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    with pytest.raises(D.DataError, match="'regions' must be a list of 2 entries"):
+        D.load_story_groups(root)
+    lines[2]["regions"] = [[0.0, 0.0, 0.5, 1.0], [0.7, 0.0, 0.5, 1.0]]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    with pytest.raises(D.DataError, match=r"region \[0.7, 0.0, 0.5, 1.0\] is not"):
+        D.load_story_groups(root)
+    lines[0]["regions"] = [None]
+    lines[2].pop("regions")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    with pytest.raises(D.DataError, match="'regions' needs 'references'"):
+        D.load_story_groups(root)

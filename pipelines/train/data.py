@@ -10,7 +10,12 @@ the folder of the metadata file that names it).  A line may name its own referen
 ``"references": ["fox/ref.png", "owl/ref.png"]`` (file names of other lines of the same
 metadata file): that target then reads those (``--num-refs`` of them, drawn each step)
 instead of random members of its group, e.g. each character's reference sheet for a frame
-showing two characters, so the model learns which reference belongs to whom.  ``group`` defaults to the folder
+showing two characters, so the model learns which reference belongs to whom.  Such a
+line may add ``"regions"``: one box ``[x0, y0, x1, y1]`` (fractions of the frame) or null per
+reference, where that character stands: the target's image tokens then read each
+reference only inside its box (``storyattn.region_masks``), as at inference with a
+layout, and a target that names fewer references than ``--num-refs`` reads exactly those
+(the other slots are left empty, not filled by repeats).  ``group`` defaults to the folder
 that holds the image.  Groups with fewer than 2 images are skipped with a warning;
 images that exist but do not decode are skipped and reported by path; a metadata
 line that names a missing file is an error.
@@ -103,6 +108,9 @@ class StoryGroupDataset:
     skipped: Dict[str, str] = field(default_factory=dict)   # path -> reason
     # item -> the items it reads as references (its line's "references"), None = its group
     refs_of: List[Optional[List[int]]] = field(default_factory=list)
+    # item -> one box (or None) per named reference (its line's "regions"), None = no layout
+    regions_of: List[Optional[List[Optional[Tuple[float, float, float, float]]]]] = \
+        field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -139,6 +147,7 @@ def load_story_groups(data_dir, min_group_size: int = 2) -> StoryGroupDataset:
                         f'{{"file_name": "group/img.png", "text": "caption", "group": "group"}}')
     entries: List[Tuple[Path, str, str]] = []
     named_refs: Dict[Path, Tuple[List[Path], str]] = {}     # target -> (refs, where)
+    named_regions: Dict[Path, list] = {}                   # target -> boxes
     missing: List[str] = []
     for meta in metas:
         for lineno, obj in _read_jsonl(meta):
@@ -164,6 +173,11 @@ def load_story_groups(data_dir, min_group_size: int = 2) -> StoryGroupDataset:
                     raise DataError(f"{meta}:{lineno}: 'references' must be a non-empty list of "
                                     f"file names of other lines")
                 named_refs[path] = ([(meta.parent / r).resolve() for r in refs], f"{meta}:{lineno}")
+            if "regions" in obj:
+                if refs is None:
+                    raise DataError(f"{meta}:{lineno}: 'regions' needs 'references' (one box per "
+                                    f"reference)")
+                named_regions[path] = _read_regions(obj["regions"], len(refs), f"{meta}:{lineno}")
             entries.append((path, text, group))
     if missing:
         shown = "\n  ".join(missing[:20])
@@ -212,7 +226,28 @@ def load_story_groups(data_dir, min_group_size: int = 2) -> StoryGroupDataset:
             raise DataError(f"{where}: reference {bad[0]} is not another usable line of the "
                             f"data (name a file_name that has its own metadata line)")
         refs_of[index[target]] = [index[r] for r in refs]
-    return StoryGroupDataset(paths, captions, group_of, groups, names, skipped, refs_of)
+    regions_of = [named_regions.get(p) for p in paths]
+    return StoryGroupDataset(paths, captions, group_of, groups, names, skipped, refs_of,
+                             regions_of)
+
+
+def _read_regions(regions, n_refs: int, where: str):
+    """A line's ``"regions"``: ``n_refs`` entries, each null or [x0, y0, x1, y1] in [0, 1]."""
+    if not isinstance(regions, list) or len(regions) != n_refs:
+        raise DataError(f"{where}: 'regions' must be a list of {n_refs} entries (one box or null "
+                        f"per reference)")
+    out = []
+    for box in regions:
+        if box is None:
+            out.append(None)
+            continue
+        ok = (isinstance(box, list) and len(box) == 4
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box))
+        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise DataError(f"{where}: region {box!r} is not [x0, y0, x1, y1] with 0 <= x0 < x1 "
+                            f"<= 1 and 0 <= y0 < y1 <= 1 (fractions of the frame)")
+        out.append(tuple(float(v) for v in box))
+    return out
 
 
 # ----------------------------------------------------------------------------------------

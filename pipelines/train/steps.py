@@ -6,13 +6,19 @@ Every draw is a function of ``(seed, step, process index)``, so a resumed run re
 the steps of an uninterrupted one exactly."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
+
+from storyattn import region_masks
 
 from .. import flow_matching as L
 from . import data as D
 from . import model as M
+
+
+# a padding slot of a target that names fewer references than --num-refs: read by nobody
+ABSENT = "absent"
 
 
 class StepMixin:
@@ -55,13 +61,42 @@ class StepMixin:
         rank = self.acc.process_index
         rng = D.step_rng(a.seed, step, rank, 1)
         rows: List[int] = []
+        layouts: List[Optional[list]] = []    # per target: a box/None per slot, "absent" pads
         for t in self.sampler.indices(step, rank):
             named = ds.refs_of[t] if ds.refs_of else None
+            boxes = ds.regions_of[t] if ds.regions_of else None
+            if boxes is not None:
+                # a layout binds each reference to its box, so they keep their pairs; a
+                # target naming fewer than --num-refs reads just those (empty slots)
+                pick = sorted(D.choose(rng, range(len(named)), min(a.num_refs, len(named))))
+                refs = [named[j] for j in pick]
+                layouts.append([boxes[j] for j in pick] + [ABSENT] * (a.num_refs - len(pick)))
+                rows += [t] + refs + [refs[0]] * (a.num_refs - len(refs))
+                continue
             others = named or [j for j in ds.groups[ds.group_of[t]] if j != t]
             rows += [t] + D.choose(rng, others, a.num_refs)
+            layouts.append(None)
         drop = rng.random(len(rows)) < a.caption_dropout
         prompts = ["" if d else ds.captions[i] for i, d in zip(rows, drop)]
-        return rows, prompts
+        return rows, prompts, (layouts if any(l is not None for l in layouts) else None)
+
+    def _ref_regions(self, layouts: Optional[list], n_tokens: int) -> Optional[torch.Tensor]:
+        """The in-batch ``ref_regions`` of a batch's layouts (None when no target has one)."""
+        if layouts is None:
+            return None
+        side = int(round(n_tokens ** 0.5))
+        if side * side != n_tokens:
+            raise D.DataError(f"'regions' need a square token grid, the model sees {n_tokens} "
+                              f"image tokens")
+        k = self.args.num_refs
+        boxes = [[None] * k if l is None else [None if b is ABSENT else b for b in l]
+                 for l in layouts]
+        masks = region_masks(boxes, (side, side), num_slots=k)
+        for i, l in enumerate(layouts):
+            for j, b in enumerate(l or ()):
+                if b is ABSENT:
+                    masks[i, j] = False
+        return masks.to(self.acc.device)
 
     def _dpo_batch(self, step: int):
         a, ds = self.args, self.ds
@@ -86,7 +121,7 @@ class StepMixin:
     def _gsa_step(self, step: int):
         a = self.args
         G = a.num_refs + 1
-        rows, prompts = self._gsa_batch(step)
+        rows, prompts, layouts = self._gsa_batch(step)
         x0 = self._latents(rows)                       # [B*G, L, 64]
         tgt = torch.arange(0, x0.shape[0], G, device=x0.device)
         sigma_t, noise = self._noise(step, len(tgt), x0.shape[1:])
@@ -97,7 +132,8 @@ class StepMixin:
         text, pooled = self._text(prompts)
         # backward stays inside the GSA context: gradient checkpointing re-runs the
         # blocks during backward, and they must share the references again.
-        with self.gsa.in_batch(group_size=G, num_targets=1):
+        regions = self._ref_regions(layouts, x0.shape[1])
+        with self.gsa.in_batch(group_size=G, num_targets=1, ref_regions=regions):
             pred = self._forward(self.model, packed.to(self.weight_dtype), text, pooled, sigma)
             err = L.flow_matching_errors(pred[tgt], x0[tgt], noise)
             loss = err.mean()
