@@ -48,30 +48,35 @@ def test_default_gsa_run_is_the_world_model_on_world_groups(tmp_path):
     log = _train(["--stage", "gsa", "--max-steps", "2", "--output-dir", str(out)], tmp_path)
     assert f"no --model given: the committed story-world FLUX ({W.flux_path()})" in log
     assert f"no --data given: world story groups ({WORLD_GROUPS} training identities" in log
-    assert "batch 8 x 1 process(es), 1 reference(s) per sample, lr 0.003" in log
+    assert "batch 8 x 1 process(es), 2 reference(s) per sample, lr 0.003" in log
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["model"] == W.flux_path() and summary["world_model"] is True
     assert Path(summary["data"]) == out / "world_data" and summary["world_data"] is True
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    # the data are world frames of the training identities, one character per group
+    # the data are world frames of the training identities: groups of two characters, two
+    # reference images each, frames naming their characters' references and boxes
     meta = [json.loads(l) for l in (out / "world_data" / "metadata.jsonl").read_text().splitlines()]
-    assert len(meta) == WORLD_GROUPS * WORLD_PER_GROUP
+    assert len(meta) == WORLD_GROUPS * (WORLD_PER_GROUP + 4)
     assert len({m["group"] for m in meta}) == WORLD_GROUPS
     from PIL import Image
 
     import numpy as np
 
     from pipelines.world.reader import read_image
+    from pipelines.world import render as WR
 
     train, held = WD.split_identities(0)
     held_keys = {(h.colour, h.accessory, h.shape, h.pattern) for h in held}
-    for m in meta[:: len(meta) // 8][:8]:
+    frames = [m for m in meta if "ref_" not in m["file_name"]]
+    assert {len(m["references"]) for m in frames} == {1, 2}
+    for m in frames[:: len(frames) // 8][:8]:
         scene, cast = WD.parse_prompt(m["text"])
         chars = read_image(np.asarray(Image.open(out / "world_data" / m["file_name"]))).characters
-        assert len(cast) == 1 and len(chars) == 1, (m, chars)
-        c = chars[0]
-        assert (c["colour"], c["accessory"], c["shape"], c["pattern"]) not in held_keys
+        assert len(cast) == len(chars) == len(m["references"]), (m, chars)
+        assert m["regions"] == [list(WR.character_box(p, s)) for _, s, p in cast]
+        for c in chars:
+            assert (c["colour"], c["accessory"], c["shape"], c["pattern"]) not in held_keys
 
 
 @needs_world

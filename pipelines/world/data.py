@@ -104,9 +104,13 @@ def _save(img: np.ndarray, path: Path) -> None:
 
 
 def make_story(out, seed: int = 0, frames: int = 100, n_chars: int = 2, duo_share: float = 0.3,
-               pool: Optional[Sequence[R.Identity]] = None, title: Optional[str] = None) -> Path:
+               pool: Optional[Sequence[R.Identity]] = None, title: Optional[str] = None,
+               layout: bool = True) -> Path:
     """Write ``out/story.json``, ``out/refs/<name>.png`` and ``out/world.json``; return the
-    story file.  Each character's reference is a lone big frame of it in the centre."""
+    story file.  Each character's reference is a lone big frame of it in the centre.  With
+    ``layout`` every frame carries its ``regions`` (where each character stands, as its prompt
+    says: :func:`pipelines.world.render.character_box`); the rest of the file, and so every
+    frame's prompt, truth and seed, is the same either way."""
     out = Path(out)
     rng = np.random.default_rng([seed, 11])
     idents = random_identities(rng, n_chars, pool)
@@ -127,8 +131,10 @@ def make_story(out, seed: int = 0, frames: int = 100, n_chars: int = 2, duo_shar
         scene, places = random_frame(rng, k)
         order = list(rng.permutation(who))        # who stands where is random
         cast = [(names[c], s, p) for c, (s, p) in zip(order, places)]
-        story_frames.append({"prompt": frame_prompt(scene, cast),
-                             "characters": [n for n, _, _ in cast]})
+        frame = {"prompt": frame_prompt(scene, cast), "characters": [n for n, _, _ in cast]}
+        if layout:
+            frame["regions"] = {n: list(R.character_box(p, s)) for n, s, p in cast}
+        story_frames.append(frame)
         truth_frames.append({"scene": scene, "cast": [list(c) for c in cast]})
     story = {"title": title or f"World story {seed}", "style": "", "characters": chars,
              "frames": story_frames}
@@ -205,7 +211,8 @@ def make_gsa_groups(out, n_groups: int = 160, per_group: int = 6, seed: int = 0,
 
 
 def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0,
-                     pool: Optional[Sequence[R.Identity]] = None, duo_share: float = 0.4) -> Path:
+                     pool: Optional[Sequence[R.Identity]] = None, duo_share: float = 0.4,
+                     layout: bool = False) -> Path:
     """Stage gsa data in which every frame names its references (the trainer's
     ``"references"`` field): a group follows two characters, each with a reference frame
     (lone, big, in the centre, on a random scene: what a story's reference image is); each of
@@ -220,8 +227,13 @@ def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0
     100 frames, 10 steps): lone groups, 1500 steps: identity-cross 0.77 alone, 0.19 in duos;
     these cast groups, 600 steps: 0.23 / 0.20 (nothing learned); lone and cast groups mixed,
     2 references each, 900 steps: 0.24 / 0.24.  Binding by name is not learned in a few
-    hundred steps, and the references stop being read at all; the build keeps lone groups
-    (``recipe.WORLD_GSA_KIND``)."""
+    hundred steps, and the references stop being read at all.
+
+    ``layout=True`` gives each frame a layout instead (the trainer's ``"regions"``): a frame
+    reads the references of the characters it shows, each with the box where that character
+    stands (:func:`pipelines.world.render.character_box`), so binding is by place, as at
+    inference with a layout (a story frame's ``regions``); a lone frame reads its one
+    reference.  Train with ``--num-refs 2``."""
     out = Path(out)
     rng = np.random.default_rng([seed, 19])
     pool = list(pool) if pool is not None else R.all_identities()
@@ -237,15 +249,31 @@ def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0
             lines.append({"file_name": rel, "group": f"g{g:04d}",
                           "text": frame_prompt(scene, [(names[c], "big", "centre")])})
             refs.append(rel)
+            if layout:
+                # a reference is a training target too: it reads a second reference image
+                # of its own character (never the other one, which would teach it to
+                # distrust references), and that one reads it back
+                scene2 = list(R.SCENES)[rng.integers(len(R.SCENES))]
+                rel2 = f"g{g:04d}/ref_{c}b.png"
+                _save(R.render_frame(scene2, [R.Placement(idents[c], "centre", "big")]),
+                      out / rel2)
+                lines[-1].update(references=[rel2], regions=[None])
+                lines.append({"file_name": rel2, "group": f"g{g:04d}", "references": [rel],
+                              "regions": [None],
+                              "text": frame_prompt(scene2, [(names[c], "big", "centre")])})
         for j in range(per_group):
             who = list(rng.permutation(2)) if rng.random() < duo_share else [j % 2]
             scene, places = random_frame(rng, len(who))
             rel = f"g{g:04d}/{j:02d}.png"
             _save(R.render_frame(scene, [R.Placement(idents[c], pos, size)
                                          for c, (size, pos) in zip(who, places)]), out / rel)
-            lines.append({"file_name": rel, "group": f"g{g:04d}", "references": refs,
-                          "text": frame_prompt(scene, [(names[c], size, pos)
-                                                       for c, (size, pos) in zip(who, places)])})
+            line = {"file_name": rel, "group": f"g{g:04d}", "references": refs,
+                    "text": frame_prompt(scene, [(names[c], size, pos)
+                                                 for c, (size, pos) in zip(who, places)])}
+            if layout:
+                line["references"] = [refs[c] for c in who]
+                line["regions"] = [list(R.character_box(pos, size)) for size, pos in places]
+            lines.append(line)
     (out / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     return out
 

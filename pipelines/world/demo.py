@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 from . import weights as W
 
 DEMO_SEED = 0
-DEMO_VERSION = "v2"            # v2: the world of big characters (two stand left and right)
+DEMO_VERSION = "v3"            # v3: every frame carries its layout (regions); v2: big characters
 # 64x64 frames, 10 flow-matching steps (what the build and bench_quality draw with; 20 took
 # twice the time for the same reader figures), rounds 0..3
 SETTINGS = dict(rounds=3, steps=10, height=64, width=64, batch_size=25)

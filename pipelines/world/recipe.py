@@ -23,15 +23,21 @@ _COMMON: Dict[str, Any] = dict(resolution=64, max_sequence_length=32, num_refs=1
 WORLD_RECIPE: Dict[str, Dict[str, Any]] = {
     # identity is undecided only at high noise: there the references are the only source of
     # it, so stage gsa trains mostly there (timestep shift 3)
-    "gsa": dict(_COMMON, max_steps=300, batch_size=8, learning_rate=3e-3, lr_warmup_steps=20,
-                timestep_shift=3.0, checkpoint_every=50),
+    # two reference slots: a two-character frame reads both characters' references, each
+    # inside its box (the data's "regions"); a lone frame reads one, the other slot empty
+    "gsa": dict(_COMMON, num_refs=2, max_steps=300, batch_size=8, learning_rate=3e-3,
+                lr_warmup_steps=20, timestep_shift=3.0, checkpoint_every=50),
     "dpo": dict(_COMMON, max_steps=60, batch_size=2, learning_rate=1e-4, beta=1000.0,
                 checkpoint_every=20),
 }
 
-# stage gsa data: one group per training identity, this many lone frames each
+# stage gsa data: 240 groups of two training identities, each with its reference images and 6
+# frames of one or both, every frame naming its characters' references and where they stand
+# ("layout", data.make_cast_groups(layout=True)).  Measured against the earlier "lone" groups
+# (one character per group, references drawn from the group) in docs/world.md: two-character
+# frames go from a blend of both looks to each character's own.
 WORLD_GROUPS, WORLD_PER_GROUP = 240, 6
-WORLD_GSA_KIND = "lone"
+WORLD_GSA_KIND = "layout"
 _RECORD = "world_data.json"
 
 
@@ -57,8 +63,8 @@ def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
     leaves a half-made folder behind."""
     from . import data as WD
 
-    if kind not in ("lone", "cast"):
-        raise ValueError(f"kind {kind!r} is not 'lone' or 'cast'")
+    if kind not in ("lone", "cast", "layout"):
+        raise ValueError(f"kind {kind!r} is not 'lone', 'cast' or 'layout'")
     dst = Path(dst)
     record = {"seed": seed, "n_groups": n_groups, "per_group": per_group, "kind": kind}
     rec = dst / _RECORD
@@ -68,8 +74,11 @@ def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
     train, _ = WD.split_identities(seed)
     tmp = dst.parent / (dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    make = WD.make_cast_groups if kind == "cast" else WD.make_gsa_groups
-    make(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train)
+    if kind == "lone":
+        WD.make_gsa_groups(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train)
+    else:
+        WD.make_cast_groups(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train,
+                            layout=kind == "layout")
     (tmp / _RECORD).write_text(json.dumps(record) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)

@@ -39,7 +39,7 @@ __all__ = [
     "SIZE", "SHAPES", "COLOURS", "PATTERNS", "ACCESSORIES", "SCENES", "POSITIONS", "SIZES",
     "BLACK", "SKY_ROWS", "GROUND_ROW", "FOOT_ROW", "GROUND_READ_ROW", "SLOT_X", "BODY_PX",
     "ATTRIBUTES", "TOKEN_PX", "Identity", "Placement", "all_identities", "render_frame",
-    "shape_mask", "body_box", "character_mask", "character_tokens", "DUO_POSITIONS",
+    "shape_mask", "body_box", "character_box", "character_mask", "character_tokens", "DUO_POSITIONS",
 ]
 
 SIZE = 64
@@ -120,6 +120,14 @@ def body_box(position: str, size: str, bottom: int = FOOT_ROW) -> Tuple[int, int
     h, w = BODY_PX[size]
     c0 = SLOT_X[position] - w // 2
     return bottom - h, bottom, c0, c0 + w
+
+
+def character_box(position: str, size: str) -> Tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in fractions of the frame: the columns of the body box and the rows
+    any accessory may reach (hat above, boots below), the region a character's reference
+    is read in (:func:`storyattn.region_masks`)."""
+    _, _, c0, c1 = body_box(position, size)
+    return c0 / SIZE, SKY_ROWS / SIZE, c1 / SIZE, GROUND_READ_ROW / SIZE
 
 
 def _uv(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:

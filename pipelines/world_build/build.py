@@ -23,7 +23,9 @@ sdxl_*    the SDXL family (:mod:`.train_sdxl`): ``sdxl_base`` (text-to-image UNe
 
 ``--from-weights DIR`` starts a build from committed weights instead of training them:
 ``vae``, ``base`` and ``gsa`` are taken from DIR (copied, with DIR's figures for them in
-``build.json``, marked ``from_weights``), so ``--only dpo_data dpo export`` reruns stage 2 alone.
+``build.json``, marked ``from_weights``), so ``--only dpo_data dpo export`` reruns stage 2 alone;
+when ``--only`` names ``gsa_data`` or ``gsa`` only ``vae`` and ``base`` are taken (``--only
+gsa_data gsa dpo_data dpo export`` retrains both LoRAs on the committed base).
 ``--profile`` picks a column of ``SETTINGS`` (default ``auto``: ``full`` on a GPU, ``cpu``
 on a CPU); ``--set KEY=N`` changes one of its settings (e.g. ``dpo_scenarios=96``); the
 settings used are written to the exported ``build.json``.
@@ -41,12 +43,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..world.recipe import WORLD_GROUPS, WORLD_PER_GROUP, WORLD_RECIPE, recipe_argv, \
-    world_gsa_data
+from ..world.recipe import WORLD_GROUPS, WORLD_GSA_KIND, WORLD_PER_GROUP, WORLD_RECIPE, \
+    recipe_argv, world_gsa_data
 
 __all__ = ["Stage", "STAGES", "register_stage", "SETTINGS", "run_build", "Context"]
 
@@ -165,7 +167,8 @@ def _stage_base(ctx: Context) -> Dict[str, Any]:
 
 def _stage_gsa_data(ctx: Context) -> Dict[str, Any]:
     world_gsa_data(ctx.out / "gsa_data", seed=ctx.seed, n_groups=ctx.settings["gsa_groups"])
-    return {"groups": ctx.settings["gsa_groups"], "per_group": WORLD_PER_GROUP}
+    return {"groups": ctx.settings["gsa_groups"], "per_group": WORLD_PER_GROUP,
+            "kind": WORLD_GSA_KIND}
 
 
 def _train(ctx: Context, argv: List[str]) -> Dict[str, Any]:
@@ -312,9 +315,11 @@ _sdxl_stages()
 FROM_WEIGHTS_STAGES = ("vae", "base", "gsa_data", "gsa")
 
 
-def seed_from_weights(out: Path, src: Path, state: Dict[str, Any]) -> List[str]:
+def seed_from_weights(out: Path, src: Path, state: Dict[str, Any],
+                      stages: Sequence[str] = FROM_WEIGHTS_STAGES) -> List[str]:
     """Make ``out`` a build whose vae, base and stage 1 are the weights in ``src`` (copies),
-    their figures taken from ``src``'s build.json; return the stages so provided."""
+    their figures taken from ``src``'s build.json; return the stages so provided.  ``stages``
+    without ``gsa``: only the vae and the base (the build retrains stage 1)."""
     from ..lora_files import LORA_WEIGHT_NAME
     from ..world import weights as W
 
@@ -330,12 +335,13 @@ def seed_from_weights(out: Path, src: Path, state: Dict[str, Any]) -> List[str]:
         (out / "base.tmp").rename(out / "base")
     if not (out / "vae" / "config.json").is_file():
         shutil.copytree(out / "base" / "vae", out / "vae", dirs_exist_ok=True)
-    (out / "gsa").mkdir(exist_ok=True)
-    shutil.copyfile(src / W.GSA_LORA, out / "gsa" / LORA_WEIGHT_NAME)
+    if "gsa" in stages:
+        (out / "gsa").mkdir(exist_ok=True)
+        shutil.copyfile(src / W.GSA_LORA, out / "gsa" / LORA_WEIGHT_NAME)
     for name, fig in info.get("stages", {}).items():
-        if name in FROM_WEIGHTS_STAGES or name.startswith("sdxl"):
+        if name in stages or name.startswith("sdxl"):
             state["stages"][name] = {**fig, "from_weights": str(src)}
-    return [n for n in FROM_WEIGHTS_STAGES if n in state["stages"]]
+    return [n for n in stages if n in state["stages"]]
 
 
 def resolve_profile(profile: str, device: str) -> str:
@@ -365,7 +371,10 @@ def run_build(out, weights, seed: int = 0, device: Optional[str] = None, mode: s
     state.update(seed=seed, mode=mode)
     state.setdefault("stages", {})
     if from_weights is not None:
-        got = seed_from_weights(out, Path(from_weights), state)
+        # asked to (re)run stage 1: take only the vae and the base
+        retrain = bool(only) and bool({"gsa_data", "gsa"} & set(only))
+        got = seed_from_weights(out, Path(from_weights), state,
+                                ("vae", "base") if retrain else FROM_WEIGHTS_STAGES)
         state_path.write_text(json.dumps(state, indent=1) + "\n")
         print(f"[world] stages {', '.join(got)} taken from {from_weights}", flush=True)
     settings = dict(SETTINGS[mode])

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "written to build.json with the others")
     b.add_argument("--from-weights", default=None, metavar="DIR",
                    help="take vae, base and stage 1 from a weights folder (e.g. the package's) "
-                        "instead of training them; with --only dpo_data dpo export: stage 2 alone")
+                        "instead of training them; with --only dpo_data dpo export: stage 2 alone; "
+                        "with --only naming gsa_data or gsa: only vae and base (stage 1 retrained)")
     lab = sub.add_parser("label", help="label a candidate set with the reader, through a running "
                                        "studio's HTTP API, then export pairs.jsonl")
     lab.add_argument("set", help="the set's id or its folder relative to the studio's ROOT")

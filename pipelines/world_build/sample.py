@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from storyattn import region_masks
+
 from .. import flux_inputs as TM
 from ..world import data as D
 from ..model_presets import WORLD_MAX_SEQUENCE_LENGTH as MAX_SEQUENCE_LENGTH
@@ -66,12 +68,15 @@ def _sigmas(pipe, steps: int, seq_len: int, device):
 @torch.no_grad()
 def draw(pipe, prompts: List[str], seeds: Sequence[int], steps: int = 20,
          refs: Optional[List[List]] = None, ref_prompts: Optional[List[List[str]]] = None,
-         gsa=None, batch: int = 16, ref_sigma: float = 0.0) -> List[np.ndarray]:
+         gsa=None, batch: int = 16, ref_sigma: float = 0.0,
+         regions: Optional[List[List]] = None) -> List[np.ndarray]:
     """Draw one 64x64 frame per prompt; ``refs[i]``: reference images of frame i (needs
     ``gsa``, a ``GroupSharedAttention`` on ``pipe.transformer``).  Frame i's noise comes from
     ``seeds[i]`` alone (the same noise ``FluxPipeline`` draws from a generator with that seed),
     so a frame does not depend on its batch.  ``ref_sigma`` > 0 feeds the
-    references noised to that level (a check that clean references matter)."""
+    references noised to that level (a check that clean references matter).  ``regions[i]``:
+    one box (or None) per reference of frame i, where that reference is read
+    (:func:`storyattn.region_masks`); None = every token reads every reference."""
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
     n = len(prompts)
@@ -119,7 +124,9 @@ def draw(pipe, prompts: List[str], seeds: Sequence[int], steps: int = 20,
                     ts = torch.zeros(len(chunk), k + 1, device=device, dtype=dtype)
                     ts[:, 0] = st
                     ts[:, 1:] = ref_sigma
-                    with gsa.in_batch(group_size=k + 1, num_targets=1):
+                    masks = None if regions is None else region_masks(
+                        [regions[i] for i in chunk], (hw // 2, hw // 2), num_slots=k)
+                    with gsa.in_batch(group_size=k + 1, num_targets=1, ref_regions=masks):
                         v = TM.flux_forward(pipe.transformer, rows, emb, pooled, ts.flatten(),
                                             img_ids, None)
                     v = v.view(len(chunk), k + 1, *v.shape[1:])[:, 0]
