@@ -5,7 +5,11 @@ Rows (every one on the same story of held-out identities, same prompts, same see
 
   base, no refs                the world base model, text only
   stage 1 GSA, in-batch        base + stage-1 LoRA; each frame's characters' reference images in
-                               the batch at timestep 0 (``GroupSharedAttention.in_batch``)
+                               the batch at timestep 0 (``GroupSharedAttention.in_batch``), each
+                               read only inside its character's box (the story's layout,
+                               ``regions``; every row below uses it where it has references)
+  stage 1 GSA, no layout       the same, every image token reading every reference (what a
+                               story without ``regions`` gets: two characters blend)
   stage 1 GSA, replay          the same references recorded once into a ``ReferenceKVCache`` and
                                replayed (Story-Iter's FLUX backbone, stock ``FluxPipeline``)
   stage 1 + DPO, in-batch      base + stage 1 + stage-2 DPO LoRA
@@ -54,16 +58,17 @@ def _load_refs(story):
 
     from pipelines.world_build.sample import reference_prompt
 
-    refs, rprompts = [], []
+    refs, rprompts, boxes = [], [], []
     for f in story.frames:
         ims = [Image.open(story.character(n).reference_images[0]).convert("RGB")
                for n in f.characters]
         refs.append(ims)
         rprompts.append([reference_prompt(im, n) for im, n in zip(ims, f.characters)])
-    return refs, rprompts
+        boxes.append([f.region(n) for n in f.characters])
+    return refs, rprompts, boxes
 
 
-def row_in_batch(story, loras, refs, rprompts, args, seed):
+def row_in_batch(story, loras, refs, rprompts, args, seed, regions=None):
     from storyattn import GroupSharedAttention
     from pipelines.world_build.sample import draw, load_world
 
@@ -71,10 +76,10 @@ def row_in_batch(story, loras, refs, rprompts, args, seed):
     gsa = GroupSharedAttention(pipe.transformer)
     seeds = [seed + i for i in range(len(story.frames))]
     return draw(pipe, [f.prompt for f in story.frames], seeds, steps=args.steps, refs=refs,
-                ref_prompts=rprompts, gsa=gsa, batch=32)
+                ref_prompts=rprompts, gsa=gsa, batch=32, regions=regions)
 
 
-def row_replay(story, loras, refs, rprompts, args, seed):
+def row_replay(story, loras, refs, rprompts, args, seed, regions=None):
     """Stage 1 through Story-Iter's FLUX backbone: the characters' references recorded once
     into the cache (entry j = character j), each frame replaying its characters' entries."""
     import torch
@@ -98,7 +103,9 @@ def row_replay(story, loras, refs, rprompts, args, seed):
         chunk = list(range(s, min(s + 16, len(frames))))
         gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
         idx = [[names.index(n) for n in frames[i].characters] for i in chunk]
-        out += [np.asarray(im) for im in bb.draw([frames[i].prompt for i in chunk], gens, idx)]
+        boxes = None if regions is None else [regions[i] for i in chunk]
+        out += [np.asarray(im) for im in bb.draw([frames[i].prompt for i in chunk], gens, idx,
+                                                 regions=boxes)]
     bb.end_round()
     return out
 
@@ -138,9 +145,11 @@ ROW_KEYS = ("identity_cross", "identity_cross_all", "identity_self", "prompt_adh
             "copy_paste")
 BASE, STAGE1, REPLAY, DPO = ("base, no refs", "stage 1 GSA, in-batch",
                              "stage 1 GSA, replay from cache", "stage 1 + stage 2 DPO")
+NO_LAYOUT = "stage 1 GSA, no layout"
 EXPECTED = {BASE: "identity-cross near chance; adherence >= 0.9",
             STAGE1: "identity-cross >= 0.85 and all four right >= 0.6, alone and in duos; "
                     "copy-paste low",
+            NO_LAYOUT: "(no target: what the layout changes)",
             REPLAY: "equal to in-batch within sampling noise",
             DPO: "accessory rate +10 points over stage 1 (half the gap to 1.0 above 0.8), "
                  "identity kept"}
@@ -165,6 +174,8 @@ def judge(rows: List[Dict[str, Any]], chance: float) -> None:
             casts = [c for c in r["by_cast"].values() if c["appearances"]]
             ok = (bool(casts) and all(c["identity_cross"] >= 0.85 and c["identity_cross_all"]
                                       >= 0.6 for c in casts) and (r["copy_paste"] or 0) < 0.1)
+        elif name == NO_LAYOUT:
+            ok = None                          # a comparison row, not a target
         elif name == REPLAY:
             ok = s1 is not None and abs(r["identity_cross"] - s1["identity_cross"]) <= 0.03
         elif name == DPO:
@@ -178,7 +189,7 @@ def judge(rows: List[Dict[str, Any]], chance: float) -> None:
             ok = prev is None or ((r["identity_self"] or 0) > (prev["identity_self"] or 0)
                                   and r["prompt_adherence"]
                                   >= r0["prompt_adherence"] - ADHERENCE_SLACK)
-        r["met"] = bool(ok)
+        r["met"] = None if ok is None else bool(ok)
 
 
 def _mean(xs):
@@ -227,7 +238,7 @@ def story_rows(args, seed: int, work: Path):
     story_file = D.make_story(work / "story", seed=seed, frames=args.frames, pool=held)
     norefs_file = D.strip_references(story_file)
     story = load_story(story_file)
-    refs, rprompts = _load_refs(story)
+    refs, rprompts, boxes = _load_refs(story)
     rows: List[Dict[str, Any]] = []
     strips: List[np.ndarray] = []
 
@@ -264,10 +275,13 @@ def story_rows(args, seed: int, work: Path):
     t = time.perf_counter()
     add(BASE, row_in_batch(story, [], None, None, args, seed), time.perf_counter() - t)
     t = time.perf_counter()
-    ib = row_in_batch(story, [gsa], refs, rprompts, args, seed)
+    ib = row_in_batch(story, [gsa], refs, rprompts, args, seed, boxes)
     add(STAGE1, ib, time.perf_counter() - t)
     t = time.perf_counter()
-    rp = row_replay(story, [gsa], refs, rprompts, args, seed)
+    add(NO_LAYOUT, row_in_batch(story, [gsa], refs, rprompts, args, seed),
+        time.perf_counter() - t)
+    t = time.perf_counter()
+    rp = row_replay(story, [gsa], refs, rprompts, args, seed, boxes)
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ib, rp))
     add(REPLAY, rp, time.perf_counter() - t, max_pixel_diff=diff)
     if not args.skip_story_iter:
@@ -279,10 +293,10 @@ def story_rows(args, seed: int, work: Path):
     # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
     t = time.perf_counter()
     dp = row_in_batch(story, [gsa, args.dpo_lora or W.dpo_lora_path(args.weights)], refs,
-                      rprompts, args, seed)
+                      rprompts, args, seed, boxes)
     add(DPO, dp, time.perf_counter() - t)
-    rows.insert(3, rows.pop())
-    strips.insert(3, strips.pop())
+    rows.insert(4, rows.pop())
+    strips.insert(4, strips.pop())
     return rows, strips
 
 
@@ -357,7 +371,7 @@ def _write(args, rows, strips, chance, seeds, name) -> int:
                 f"{_fmt(bc['duo']['identity_cross_all'])}",
                 _fmt(r["identity_self"]), _fmt(r["prompt_adherence"]), _fmt(r["copy_paste"]),
                 _fmt(r["attribute_rate"]["accessory"]), expected,
-                "yes" if r["met"] else "NO", r["time_s"]]
+                {True: "yes", False: "NO", None: "-"}[r["met"]], r["time_s"]]
         if len(seeds) > 1:
             line.insert(9, " / ".join(_fmt(p["identity_cross"], 2) for p in r["per_story"]))
             line.insert(10, " / ".join(_fmt(p["accessory"], 2) for p in r["per_story"]))

@@ -31,23 +31,24 @@ def test_judge_applies_each_rows_expectation():
     si = "Story-Iter FLUX+GSA with character refs"
     rows = [row(BQ.BASE, idc=0.30, adh=0.9),
             row(BQ.STAGE1, idc=0.9, adh=0.95, cp=0.05, acc=0.4, solo=(0.9, 0.7), duo=(0.85, 0.6)),
-            row(BQ.REPLAY, idc=0.88), row(BQ.DPO, idc=0.89, acc=0.51),
+            row(BQ.NO_LAYOUT, idc=0.5), row(BQ.REPLAY, idc=0.88), row(BQ.DPO, idc=0.89, acc=0.51),
             row(f"{si}, round 0", ids=0.4, adh=0.8), row(f"{si}, round 1", ids=0.41, adh=0.79),
             row(f"{si}, round 2", ids=0.42, adh=0.77), row(f"{si}, round 3", ids=0.42, adh=0.8)]
-    assert met(rows) == {BQ.BASE: True, BQ.STAGE1: True, BQ.REPLAY: True, BQ.DPO: True,
+    assert met(rows) == {BQ.BASE: True, BQ.STAGE1: True, BQ.NO_LAYOUT: None,   # no target
+                         BQ.REPLAY: True, BQ.DPO: True,
                          f"{si}, round 0": True, f"{si}, round 1": True,
                          f"{si}, round 2": False,      # adherence 0.03 below round 0
                          f"{si}, round 3": False}      # identity-self not above round 2
     # each rule just failing
     rows[0]["identity_cross"] = 0.37          # 0.11 from chance
     rows[1]["copy_paste"] = 0.1
-    rows[2]["identity_cross"] = 0.86          # 0.04 from stage 1
-    rows[3]["attribute_rate"]["accessory"] = 0.49   # +9 points
+    rows[3]["identity_cross"] = 0.86          # 0.04 from stage 1
+    rows[4]["attribute_rate"]["accessory"] = 0.49   # +9 points
     got = met(rows)
     assert not any(got[n] for n in (BQ.BASE, BQ.STAGE1, BQ.REPLAY, BQ.DPO))
     rows[1]["copy_paste"] = 0.0
-    rows[3]["attribute_rate"]["accessory"] = 0.51
-    rows[3]["identity_cross"] = 0.87          # identity lost by 0.03
+    rows[4]["attribute_rate"]["accessory"] = 0.51
+    rows[4]["identity_cross"] = 0.87          # identity lost by 0.03
     got = met(rows)
     assert got[BQ.STAGE1] and not got[BQ.DPO]
     for cast, fig in (("duo", (0.84, 0.6)), ("solo", (0.9, 0.59))):   # one cast just short
@@ -57,10 +58,10 @@ def test_judge_applies_each_rows_expectation():
     assert met(rows)[BQ.STAGE1]
     # above 0.8, DPO needs half the remaining gap: 0.9 -> 0.95
     rows[1]["attribute_rate"]["accessory"] = 0.9
-    rows[3].update(identity_cross=0.9)
-    rows[3]["attribute_rate"]["accessory"] = 0.949
+    rows[4].update(identity_cross=0.9)
+    rows[4]["attribute_rate"]["accessory"] = 0.949
     assert not met(rows)[BQ.DPO]
-    rows[3]["attribute_rate"]["accessory"] = 0.95
+    rows[4]["attribute_rate"]["accessory"] = 0.95
     assert met(rows)[BQ.DPO]
 
 
