@@ -151,6 +151,14 @@ def _is_str(x) -> bool:
     return isinstance(x, str)
 
 
+def is_box(box) -> bool:
+    """``[x0, y0, x1, y1]`` of numbers with ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``
+    (a region of a story frame or of a training line)."""
+    ok = (isinstance(box, list) and len(box) == 4
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box))
+    return ok and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+
+
 def _parse_regions(raw, present: List[str], where: str, errors: List[str]) -> tuple:
     """A frame's ``regions``: {name: [x0, y0, x1, y1]} for characters the frame names."""
     if not isinstance(raw, dict):
@@ -164,9 +172,7 @@ def _parse_regions(raw, present: List[str], where: str, errors: List[str]) -> tu
             errors.append(f"{rw}: {name!r} is not one of the frame's characters "
                           f"({', '.join(present) or 'none'})")
             continue
-        ok = (isinstance(box, list) and len(box) == 4
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box))
-        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        if not is_box(box):
             errors.append(f"{rw}: expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
                           f"0 <= y0 < y1 <= 1 (fractions of the frame), got {box!r}")
             continue

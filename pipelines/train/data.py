@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..cli_common import UsageError
+from ..story import is_box
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -241,9 +242,7 @@ def _read_regions(regions, n_refs: int, where: str):
         if box is None:
             out.append(None)
             continue
-        ok = (isinstance(box, list) and len(box) == 4
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box))
-        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        if not is_box(box):
             raise DataError(f"{where}: region {box!r} is not [x0, y0, x1, y1] with 0 <= x0 < x1 "
                             f"<= 1 and 0 <= y0 < y1 <= 1 (fractions of the frame)")
         out.append(tuple(float(v) for v in box))
