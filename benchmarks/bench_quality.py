@@ -267,9 +267,10 @@ def story_rows(args, seed: int, work: Path):
     # so there they join the pool from round 1
     sdxl_runs = (("refs", story_file, "with character refs"),
                  ("norefs", norefs_file, "without character refs"))
-    if args.only_sdxl:
+    if args.only_sdxl or args.only_flux:
         for tag, sf, label in sdxl_runs:
-            story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
+            story_iter_curve(tag, sf, label, "sdxl" if args.only_sdxl else "flux",
+                             "SDXL+IP-Adapter" if args.only_sdxl else "FLUX+GSA")
         return rows, strips
 
     t = time.perf_counter()
@@ -312,12 +313,14 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None,
                     help="a world weights folder (default: the committed one), e.g. the "
                          "--weights of a `python -m pipelines.world_build build`")
-    ap.add_argument("--refs", default="topk:3", help="Story-Iter FLUX --refs")
+    ap.add_argument("--refs", default="solo:1",
+                    help="Story-Iter FLUX --refs (solo:1, the demo's: docs/world.md)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=None, help="keep generated stories and runs here")
     ap.add_argument("--skip-story-iter", action="store_true")
     ap.add_argument("--skip-sdxl", action="store_true", help="no Story-Iter SDXL rows")
     ap.add_argument("--only-sdxl", action="store_true", help="only the Story-Iter SDXL rows")
+    ap.add_argument("--only-flux", action="store_true", help="only the Story-Iter FLUX rows")
     ap.add_argument("--sdxl-scales", default="0.3:0.5",
                     help="Story-Iter SDXL reference weights A:B (published 0.3:0.5)")
     ap.add_argument("--sdxl-guidance", type=float, default=3.0, help="Story-Iter SDXL CFG scale")
@@ -348,8 +351,9 @@ def main(argv=None) -> int:
         strips = strips or st                   # the picture: the first story's frames
     rows = per_story[0] if len(seeds) == 1 else mean_rows(per_story, seeds)
     judge(rows, M.CHANCE_IDENTITY_CROSS)
-    return _write(args, rows, strips, M.CHANCE_IDENTITY_CROSS, seeds,
-                  "bench_quality_sdxl" if args.only_sdxl else "bench_quality")
+    name = ("bench_quality_sdxl" if args.only_sdxl else
+            "bench_quality_flux_iter" if args.only_flux else "bench_quality")
+    return _write(args, rows, strips, M.CHANCE_IDENTITY_CROSS, seeds, name)
 
 
 def _write(args, rows, strips, chance, seeds, name) -> int:

@@ -236,6 +236,81 @@ def test_round_refs_carry_each_characters_box(tmp_path):
     assert regions[2] == [None] * 4 + [(0.0, 0.0, 0.5, 1.0), (0.5, 0.2, 1.0, 1.0)]
 
 
+def _solo_story():
+    """Six frames with a layout: Snowman alone in 0, 2, 4, Fox alone in 1, 3, both in 5."""
+    box_l, box_r = [0.0, 0.25, 0.5, 1.0], [0.5, 0.25, 1.0, 1.0]
+    frames = []
+    for i, who in enumerate([["Snowman"], ["Fox"], ["Snowman"], ["Fox"], ["Snowman"],
+                             ["Snowman", "Fox"]]):
+        regions = {n: (box_l if j == 0 else box_r) for j, n in enumerate(who)}
+        frames.append({"prompt": f"frame {i}", "characters": who, "regions": regions})
+    return parse_story(dict(STORY, frames=frames))
+
+
+def _write_round(tmp_path, r, colours):
+    """Round r's frames: frame i has colours[i] in its left half, grey elsewhere."""
+    from PIL import Image
+
+    from pipelines.run_folder import frame_path
+
+    for i, c in enumerate(colours):
+        im = Image.new("RGB", (16, 16), (128, 128, 128))
+        im.paste(Image.new("RGB", (8, 12), c), (0, 4))
+        p = frame_path(tmp_path, r, i)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        im.save(p)
+
+
+def test_solo_refs_pick_the_consensus_frame_of_each_character(tmp_path):
+    """--refs solo:K: per character, the K previous-round frames showing it alone nearest the
+    median crop of its box; each frame reads its characters' picks and images, each inside
+    that character's box in the frame."""
+    from PIL import Image
+
+    from pipelines.story_iter.refs import round_refs, solo_choice
+
+    s = _solo_story()
+    white, red, blue = (250, 250, 250), (220, 30, 30), (30, 30, 220)
+    # Snowman drawn white, red (off-model), white; Fox blue twice (a tie: the earlier wins)
+    _write_round(tmp_path, 0, [white, blue, red, blue, white, white])
+    prev = [Image.open(tmp_path / "round_00" / f) for f in sorted(
+        os.listdir(tmp_path / "round_00"))]
+    assert solo_choice(s, [im.convert("RGB") for im in prev], 6, 1) == {"Snowman": [0],
+                                                                        "Fox": [1]}
+    assert solo_choice(s, [im.convert("RGB") for im in prev], 6, 2)["Snowman"] == [0, 4]
+    imgs = [Image.new("RGB", (16, 16), c) for c in (white, blue)]
+    owner = ["Snowman", "Fox"]
+    refs, prompts, per, regions = round_refs(s, 1, tmp_path, 6, "solo:1", imgs, owner,
+                                             [f.prompt for f in s.frames])
+    # only the picked frames are read back (0 and 1), then the character images
+    assert len(refs) == 4 and prompts[:2] == ["frame 0", "frame 1"]
+    assert per == [[0, 2], [1, 3], [0, 2], [1, 3], [0, 2], [0, 2, 1, 3]]
+    left, right = (0.0, 0.25, 0.5, 1.0), (0.5, 0.25, 1.0, 1.0)
+    assert regions[1] == [left, left] and regions[5] == [left, left, right, right]
+    # a character never alone gets no pick: it reads its image only
+    _write_round(tmp_path, 1, [white] * 6)
+    s2 = parse_story(dict(STORY, frames=[{"prompt": "a", "characters": ["Snowman"],
+                                          "regions": {"Snowman": [0, 0, 0.5, 1]}},
+                                         {"prompt": "b", "characters": ["Snowman", "Fox"]}]))
+    refs, _, per, regions = round_refs(s2, 2, tmp_path, 2, "solo:1", imgs, owner, ["a", "b"])
+    assert len(refs) == 3 and per == [[0, 1], [0, 1, 2]]
+    assert regions[1] == [None, None, None]          # frame b has no layout
+
+
+def test_solo_refs_need_a_layout(story_file, tmp_path, capsys):
+    assert main(_args(story_file, tmp_path / "o", "--backbone", "flux", "--refs", "solo:1")) == 2
+    err = capsys.readouterr().err
+    assert "--refs solo:1" in err and "regions" in err and "Traceback" not in err
+
+
+def test_solo_refs_memory_plan_counts_picks_per_character():
+    from pipelines.story_iter.memory import refs_per_target
+
+    assert refs_per_target("solo:2", 100, characters=3) == 6
+    assert refs_per_target("solo:2", 4, characters=3) == 4
+    assert refs_per_target("topk:2", 100, characters=3) == 2
+
+
 def test_flux_backbone_small_run(story_file, tmp_path):
     out = tmp_path / "flux"
     assert main(_args(story_file, out, "--backbone", "flux", "--refs", "topk:2")) == 0

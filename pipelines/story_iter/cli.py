@@ -6,7 +6,7 @@
         [--ip-adapter PATH] [--image-encoder PATH] [--lora PATH ...] [--frames N]
         [--rounds R] [--steps S] [--guidance G] [--scales A:B] [--seed S]
         [--batch-size B] [--height H --width W] [--out DIR] [--device D] [--dtype T]
-        [--refs all|topk:K|window:W]
+        [--refs all|topk:K|window:W|solo:K]
 
 Round 0 draws every frame from its prompt alone; round r = 1..R draws every frame again
 while it attends to the frames of round r-1:
@@ -101,7 +101,10 @@ Rerun the same command to resume an interrupted run.""")
     ap.add_argument("--width", type=int)
     ap.add_argument("--refs", default="all",
                     help="references per frame: all | topk:K (frames sharing most characters, "
-                         "ties by distance) | window:W (the W nearest frames)")
+                         "ties by distance) | window:W (the W nearest frames) | solo:K (per "
+                         "character of the frame, the K previous-round frames showing it alone "
+                         "that look most like its consensus, each read inside the character's "
+                         "box: needs a story with regions)")
     ap.add_argument("--out", help="output folder (default: story_iter_out/<title>-<backbone>)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],

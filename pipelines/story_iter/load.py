@@ -41,13 +41,15 @@ def _make_backbone(plan, step_progress: bool, cache_budget: Optional[int] = None
 def _memory_plan(plan, char_images: int):
     from pipelines.story_iter.memory import MemoryPlan
 
-    cfg = plan["config"]
+    cfg, story = plan["config"], plan["story"]
     extra = [p for p in (plan["ip_adapter"], plan["image_encoder"]) if p] + list(cfg["loras"])
     return MemoryPlan(backbone=cfg["backbone"], model=plan["model"],
                       extra_weight_paths=tuple(extra), dtype=plan["dtype"],
                       device=plan["device"], frames=cfg["frames"], batch_size=cfg["batch_size"],
                       height=cfg["height"], width=cfg["width"], guidance=cfg["guidance"],
-                      refs=cfg["refs"], extra_refs=char_images, ip_adapter=plan["ip_adapter"])
+                      refs=cfg["refs"], extra_refs=char_images, ip_adapter=plan["ip_adapter"],
+                      characters=max([len(f.characters) for f in story.frames] + [1]),
+                      story_characters=max(1, len(story.characters)))
 
 
 def preflight_estimate(plan, args, char_images: int):

@@ -51,8 +51,10 @@ class MemoryPlan:
     height: int = 1024
     width: int = 1024
     guidance: float = 5.0
-    refs: str = "all"             # "all" | "topk:K" | "window:W"
+    refs: str = "all"             # "all" | "topk:K" | "window:W" | "solo:K"
     extra_refs: int = 0           # character reference images
+    characters: int = 1           # the most characters one frame names (solo:K reads K each)
+    story_characters: int = 1     # characters in the story (solo:K caches K each)
     ip_adapter: Optional[str] = None
 
 
@@ -142,10 +144,12 @@ def _vae_c0(model: Path) -> int:
     return int((cfg.get("block_out_channels") or [128])[0])
 
 
-def refs_per_target(refs: str, frames: int) -> int:
+def refs_per_target(refs: str, frames: int, characters: int = 1) -> int:
     if refs == "all":
         return frames
     kind, _, k = refs.partition(":")
+    if kind == "solo":
+        return min(frames, int(k) * max(1, characters))
     return min(frames, int(k))
 
 
@@ -178,6 +182,8 @@ def flux_cache_entries(plan: MemoryPlan) -> int:
     k = refs_per_target(plan.refs, plan.frames)
     if plan.refs == "all":
         return plan.frames + plan.extra_refs
+    if plan.refs.startswith("solo:"):       # one choice per character for the whole round
+        return min(plan.frames, k * max(1, plan.story_characters)) + plan.extra_refs
     return min(plan.frames, plan.batch_size * k) + plan.extra_refs
 
 
@@ -204,7 +210,7 @@ def _activations(plan: MemoryPlan, bytes_per: int) -> int:
     cfg = _read_config(model / "transformer" / "config.json")
     hd = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
     tokens = _flux_image_tokens(plan) + 512
-    k = refs_per_target(plan.refs, plan.frames)
+    k = refs_per_target(plan.refs, plan.frames, plan.characters)
     ref_tokens = k * _flux_image_tokens(plan)
     attn = plan.batch_size * (tokens + ref_tokens) * hd * bytes_per * 2  # gathered K/V reads
     return plan.batch_size * tokens * hd * bytes_per * 16 + attn + vae

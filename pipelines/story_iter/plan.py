@@ -35,13 +35,13 @@ DEMO = dict(rounds=2, steps=3, batch_size=10)
 
 
 def parse_refs(spec: str) -> Tuple[str, int]:
-    """``all`` -> ("all", 0); ``topk:K`` / ``window:W`` -> (kind, K)."""
+    """``all`` -> ("all", 0); ``topk:K`` / ``window:W`` / ``solo:K`` -> (kind, K)."""
     if spec == "all":
         return "all", 0
     kind, sep, k = spec.partition(":")
-    if kind in ("topk", "window") and sep and k.isdigit() and int(k) >= 1:
+    if kind in ("topk", "window", "solo") and sep and k.isdigit() and int(k) >= 1:
         return kind, int(k)
-    raise ValueError(f"--refs {spec!r}: expected all, topk:K or window:W with K, W >= 1 "
+    raise ValueError(f"--refs {spec!r}: expected all, topk:K, window:W or solo:K with K, W >= 1 "
                      "(e.g. --refs topk:3)")
 
 
@@ -94,6 +94,10 @@ def resolve(args, dist) -> Dict[str, Any]:
         raise UsageError(f"--frames {args.frames}: the story has {len(story.frames)} frames "
                          f"(give 1 .. {len(story.frames)})")
     story = story.truncated(args.frames)
+    if args.refs.startswith("solo:") and not any(f.regions for f in story.frames):
+        raise UsageError(f"--refs {args.refs}: a solo reference is read where its character stands, "
+                         "and no frame of this story has 'regions' (add a layout to the story "
+                         "file, docs/story-format.md, or use --refs topk:K)")
 
     demo = args.model is None
     ip_adapter, image_encoder = args.ip_adapter, args.image_encoder

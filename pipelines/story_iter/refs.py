@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional
 from ..run_folder import frame_path
 from .plan import parse_refs
 
-__all__ = ["select_refs", "round_scales", "frame_seed", "round_refs", "load_char_images"]
+__all__ = ["select_refs", "solo_choice", "round_scales", "frame_seed", "round_refs",
+           "load_char_images"]
 
 
 def select_refs(story, target: int, spec: str, n_frames: Optional[int] = None) -> List[int]:
@@ -53,19 +54,21 @@ def round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
     all): a frame reading every character would show a lone character the others' looks too,
     which GSA blends, while stage gsa trains each target on references of its own character.
 
+    ``--refs solo:K`` reads, instead of whole scenes, K previous-round frames per character
+    that show it alone (:func:`solo_choice`).
+
     Returns (images, prompts, per_frame, regions): ``regions`` is None when no frame of the
     story has a layout, else per frame one box (or None) per entry of its ``per_frame`` row:
-    a character image gets the box where its character stands in that frame (a previous
-    round's frame, which shows the whole scene, gets None)."""
-    refs, prompts, per_frame = _round_refs(story, r, out, n, spec, char_images, char_owner,
-                                           texts, round0_chars)
+    an entry that shows one character (its image, or a solo frame) gets the box where that
+    character stands in the frame (a previous round's whole scene gets None)."""
+    refs, prompts, per_frame, owners = _round_refs(story, r, out, n, spec, char_images,
+                                                   char_owner, texts, round0_chars)
     if not refs or not any(f.regions for f in story.frames[:n]):
         return refs, prompts, per_frame, None
     if per_frame is None:
         per_frame = [list(range(len(refs)))] * n
-    first_char = len(refs) - len(char_owner)       # character images come last
-    regions = [[story.frames[t].region(char_owner[j - first_char]) if j >= first_char else None
-                for j in row] for t, row in enumerate(per_frame)]
+    regions = [[story.frames[t].region(owners[j]) if owners[j] else None for j in row]
+               for t, row in enumerate(per_frame)]
     return refs, prompts, per_frame, regions
 
 
@@ -75,13 +78,16 @@ def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
 
     if r == 0:
         if not (round0_chars and char_images):
-            return [], [], None
+            return [], [], None, []
         per_frame = []
         for t in range(n):
             present = set(story.frames[t].characters)
             own = [j for j, name in enumerate(char_owner) if name in present]
             per_frame.append(own or list(range(len(char_owner))))
-        return list(char_images), _char_prompts(story, char_owner), per_frame
+        return list(char_images), _char_prompts(story, char_owner), per_frame, list(char_owner)
+    kind, k = parse_refs(spec)
+    if kind == "solo":
+        return _solo_refs(story, r, out, n, k, char_images, char_owner, texts)
     refs, prompts = [], []
     for i in range(n):
         with Image.open(frame_path(out, r - 1, i)) as im:
@@ -89,15 +95,75 @@ def _round_refs(story, r: int, out: Path, n: int, spec: str, char_images: List,
         prompts.append(texts[i])
     refs += list(char_images)
     prompts += _char_prompts(story, char_owner)
+    # a previous round's frame shows the whole scene: it has no owner and so no box
+    owners = [None] * n + list(char_owner)
     if spec == "all":
-        return refs, prompts, None
+        return refs, prompts, None, owners
     per_frame = []
     for t in range(n):
         sel = select_refs(story, t, spec, n)
         present = set(story.frames[t].characters)
         sel += [n + j for j, name in enumerate(char_owner) if name in present]
         per_frame.append(sel)
-    return refs, prompts, per_frame
+    return refs, prompts, per_frame, owners
+
+
+def solo_choice(story, frames: List, n: int, k: int) -> Dict[str, List[int]]:
+    """``--refs solo:K``: per character, the K frames (of ``frames``, the previous round's
+    images) that show it alone and whose crop of its box is nearest the pixel-wise median of
+    all those crops; ties go to the earlier frame.  The median is the round's consensus look
+    of the character: a frame that drew it off-model is far from it and is not read, so the
+    next round copies the majority rather than one frame's accident (which is how identity
+    can keep converging over the rounds instead of locking onto round 0's first draw).
+    A character never alone in a frame with a box gets no entry."""
+    import numpy as np
+
+    crops: Dict[str, List] = {}
+    for t in range(n):
+        f = story.frames[t]
+        if len(f.characters) != 1 or f.region(f.characters[0]) is None:
+            continue
+        name = f.characters[0]
+        w, h = frames[t].size
+        x0, y0, x1, y1 = f.region(name)
+        box = (int(x0 * w), int(y0 * h), max(int(x0 * w) + 1, round(x1 * w)),
+               max(int(y0 * h) + 1, round(y1 * h)))
+        crop = frames[t].crop(box).resize((16, 32))
+        crops.setdefault(name, []).append((t, np.asarray(crop, np.float32)))
+    chosen = {}
+    for name, items in crops.items():
+        median = np.median(np.stack([c for _, c in items]), axis=0)
+        dist = [(float(((c - median) ** 2).mean()), t) for t, c in items]
+        chosen[name] = sorted(t for _, t in sorted(dist)[:k])
+    return chosen
+
+
+def _solo_refs(story, r: int, out: Path, n: int, k: int, char_images: List,
+               char_owner: List[str], texts: List[str]):
+    """Round r >= 1 under ``--refs solo:K``: the previous round's frames that
+    :func:`solo_choice` picks (only those are loaded, so the cache holds K per character),
+    then the character images; a frame reads the entries of the characters it names."""
+    from PIL import Image
+
+    prev = []
+    for i in range(n):
+        with Image.open(frame_path(out, r - 1, i)) as im:
+            prev.append(im.convert("RGB"))
+    chosen = solo_choice(story, prev, n, k)
+    used = sorted({t for ts in chosen.values() for t in ts})
+    slot = {t: j for j, t in enumerate(used)}
+    refs = [prev[t] for t in used] + list(char_images)
+    prompts = [texts[t] for t in used] + _char_prompts(story, char_owner)
+    per_frame = []
+    for t in range(n):
+        sel = []
+        for name in story.frames[t].characters:
+            sel += [slot[u] for u in chosen.get(name, [])]
+            sel += [len(used) + j for j, owner in enumerate(char_owner) if owner == name]
+        # a frame naming no character (or none with a reference) reads every entry
+        per_frame.append(sel or list(range(len(refs))))
+    owners = [story.frames[t].characters[0] for t in used] + list(char_owner)
+    return refs, prompts, per_frame, owners
 
 
 def _char_prompts(story, char_owner: List[str]) -> List[str]:
