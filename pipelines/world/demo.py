@@ -17,7 +17,7 @@ DEMO_VERSION = "v3"            # v3: every frame carries its layout (regions); v
 # 64x64 frames, 10 flow-matching steps (what the build and bench_quality draw with; 20 took
 # twice the time for the same reader figures), rounds 0..3
 SETTINGS = dict(rounds=3, steps=10, height=64, width=64, batch_size=25)
-DEMO_REFS = "topk:1"
+DEMO_REFS = "solo:1"
 DEMO_ROUND0_REFS = "characters"
 
 
@@ -61,10 +61,11 @@ def world_default(args, argv) -> Optional[Dict[str, Any]]:
         return None
     args.backbone = "flux"
     args.story, args.model, args.lora = world["story"], world["model"], list(world["loras"])
-    # The stage-1 LoRA learned to read one clean reference of the frame's character: round 0
-    # reads the characters' images (without them it draws identity at random, 0.11), and a
-    # later round reads one frame of the previous round beside them -- each extra frame of
-    # the previous round pulled identity further down (docs/world.md, "Story-Iter's rounds").
+    # The stage-1 LoRA learned to read one reference per character, inside its box: round 0
+    # reads the characters' images (without them it draws no legible character), and a later
+    # round reads beside each image one frame of the previous round that shows that character
+    # alone (solo:1) -- whole scenes (topk:K) or more frames per character (solo:3) pulled
+    # identity down (docs/world.md, "Story-Iter's rounds").
     if not any(a == "--refs" or a.startswith("--refs=") for a in argv):
         args.refs = DEMO_REFS
     if not any(a == "--round0-refs" or a.startswith("--round0-refs=") for a in argv):
