@@ -294,3 +294,31 @@ def test_metrics_pasted_references_are_copy_paste(story):
     refs = {c.name: c.reference_images[0] for c in st.characters}
     s = M.score_frames(st, [refs[st.frames[i].characters[0]] for i in range(40)])
     assert s["copy_paste"] > 0.6 and s["prompt_adherence"] < 0.6
+
+
+def test_posed_cast_groups_give_each_character_its_clean_or_posed_reference(tmp_path):
+    """``posed=True``: each character of a frame reads its clean reference, its posed one
+    (the character alone elsewhere, like a previous round's solo frame) or both, every one
+    inside the character's box; the pixels of each reference show that character."""
+    from pipelines.train.data import load_story_groups
+
+    train, _ = D.split_identities()
+    root = D.make_cast_groups(tmp_path / "p", n_groups=5, per_group=6, pool=train,
+                              layout=True, posed=True)
+    lines = [json.loads(l) for l in (root / "metadata.jsonl").read_text().splitlines()]
+    kinds = set()
+    for line in lines:
+        if not line["file_name"].split("/")[1][0].isdigit():
+            continue                                  # a reference (clean or posed) itself
+        cast = D.parse_prompt(line["text"])[1]
+        assert len(line["references"]) == len(line["regions"]) <= 2 * len(cast)
+        frame = read_image(root / line["file_name"])
+        for ref, box in zip(line["references"], line["regions"]):
+            kinds.add(ref.split("/")[1][:4])
+            ref_cast = D.parse_prompt(next(l["text"] for l in lines if l["file_name"] == ref))[1]
+            name, size, pos = next(c for c in cast if c[0] == ref_cast[0][0])
+            assert box == list(R.character_box(pos, size))
+            want = read_image(root / ref).characters[0]
+            assert all(frame.at(pos)[a] == want[a] for a in R.ATTRIBUTES)
+    assert kinds == {"ref_", "pose"}
+    assert len(load_story_groups(root).groups) == 5

@@ -212,7 +212,7 @@ def make_gsa_groups(out, n_groups: int = 160, per_group: int = 6, seed: int = 0,
 
 def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0,
                      pool: Optional[Sequence[R.Identity]] = None, duo_share: float = 0.4,
-                     layout: bool = False) -> Path:
+                     layout: bool = False, posed: bool = False) -> Path:
     """Stage gsa data in which every frame names its references (the trainer's
     ``"references"`` field): a group follows two characters, each with a reference frame
     (lone, big, in the centre, on a random scene: what a story's reference image is); each of
@@ -233,7 +233,14 @@ def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0
     reads the references of the characters it shows, each with the box where that character
     stands (:func:`pipelines.world.render.character_box`), so binding is by place, as at
     inference with a layout (a story frame's ``regions``); a lone frame reads its one
-    reference.  Train with ``--num-refs 2``."""
+    reference.  Train with ``--num-refs 2``.
+
+    ``posed=True`` (with ``layout``) adds what Story-Iter's later rounds give a frame: per
+    character a "posed" reference, the character alone at a random slot and size on a random
+    scene (what a previous round's solo frame looks like), and each character of a frame
+    reads its clean reference, its posed one, or both (a third each), inside its box.  A
+    model trained on clean centred references only copies a posed reference's size and
+    slot.  Train with ``--num-refs 4``."""
     out = Path(out)
     rng = np.random.default_rng([seed, 19])
     pool = list(pool) if pool is not None else R.all_identities()
@@ -261,6 +268,17 @@ def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0
                 lines.append({"file_name": rel2, "group": f"g{g:04d}", "references": [rel],
                               "regions": [None],
                               "text": frame_prompt(scene2, [(names[c], "big", "centre")])})
+        posed_refs = []
+        if layout and posed:
+            for c in range(2):
+                scene3, [(size3, pos3)] = random_frame(rng, 1)
+                rel3 = f"g{g:04d}/pose_{c}.png"
+                _save(R.render_frame(scene3, [R.Placement(idents[c], pos3, size3)]), out / rel3)
+                # a posed reference is a lone target too, reading its clean reference
+                lines.append({"file_name": rel3, "group": f"g{g:04d}", "references": [refs[c]],
+                              "regions": [list(R.character_box(pos3, size3))],
+                              "text": frame_prompt(scene3, [(names[c], size3, pos3)])})
+                posed_refs.append(rel3)
         for j in range(per_group):
             who = list(rng.permutation(2)) if rng.random() < duo_share else [j % 2]
             scene, places = random_frame(rng, len(who))
@@ -271,8 +289,14 @@ def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0
                     "text": frame_prompt(scene, [(names[c], size, pos)
                                                  for c, (size, pos) in zip(who, places)])}
             if layout:
-                line["references"] = [refs[c] for c in who]
-                line["regions"] = [list(R.character_box(pos, size)) for size, pos in places]
+                line["references"], line["regions"] = [], []
+                for c, (size, pos) in zip(who, places):
+                    mine = [refs[c]]
+                    if posed_refs:
+                        mine = [[refs[c]], [posed_refs[c]],
+                                [refs[c], posed_refs[c]]][rng.integers(3)]
+                    line["references"] += mine
+                    line["regions"] += [list(R.character_box(pos, size))] * len(mine)
             lines.append(line)
     (out / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     return out

@@ -63,8 +63,8 @@ def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
     leaves a half-made folder behind."""
     from . import data as WD
 
-    if kind not in ("lone", "cast", "layout"):
-        raise ValueError(f"kind {kind!r} is not 'lone', 'cast' or 'layout'")
+    if kind not in ("lone", "cast", "layout", "posed"):
+        raise ValueError(f"kind {kind!r} is not 'lone', 'cast', 'layout' or 'posed'")
     dst = Path(dst)
     record = {"seed": seed, "n_groups": n_groups, "per_group": per_group, "kind": kind}
     rec = dst / _RECORD
@@ -78,7 +78,7 @@ def world_gsa_data(dst, seed: int, n_groups: int = WORLD_GROUPS,
         WD.make_gsa_groups(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train)
     else:
         WD.make_cast_groups(tmp, n_groups=n_groups, per_group=per_group, seed=seed, pool=train,
-                            layout=kind == "layout")
+                            layout=kind in ("layout", "posed"), posed=kind == "posed")
     (tmp / _RECORD).write_text(json.dumps(record) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
