@@ -38,6 +38,10 @@ def write_scenarios(folder, scenarios):
     ([{"prompt": "a", "references": ["red.png"], "reference_prompts": ["x", "y"]}],
      "one per reference"),
     ([], "at least one scenario"),
+    ([{"prompt": "a", "references": ["red.png"], "regions": [[0, 0, 0.5, 1], None]}],
+     "'regions' must be a list of 1 entries"),
+    ([{"prompt": "a", "references": ["red.png"], "regions": [[0.6, 0, 0.5, 1]]}],
+     "'regions' must be a list of 1 entries"),
 ])
 def test_bad_scenarios_one_line(tmp_path, capsys, scen, msg):
     p = write_scenarios(tmp_path, scen)
@@ -62,6 +66,7 @@ def test_docs_scenarios_example_loads(tmp_path):
     got = load_scenarios(tmp_path / "s.json")
     assert [s.id for s in got] == ["meet", "s001"]
     assert got[0].characters == ["snowman", "fox"] and got[1].references == [tmp_path / "refs/fox.png"]
+    assert got[0].regions == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]] and got[1].regions == []
 
 
 def test_draw_resume_and_refuse(tiny_flux, tmp_path, capsys, monkeypatch):
@@ -106,3 +111,35 @@ def test_draw_resume_and_refuse(tiny_flux, tmp_path, capsys, monkeypatch):
     assert replays[2:] == [(2, None)]                                      # 'one' not redrawn
     assert main(argv[:-1] + ["--seed", "6", "--no-step-progress"]) == 2
     assert "made with other settings" in capsys.readouterr().err
+
+
+def test_regions_reach_the_draw(tiny_flux, tmp_path, monkeypatch):
+    """A scenario with ``regions``: every candidate batch (a short last one too) reads each
+    reference only inside its box, and the set's manifest keeps the boxes for the export."""
+    from storyattn import GroupSharedAttention
+
+    left, right = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
+    scen = [{"id": "duo", "prompt": "a fox and a snowman", "references": ["red.png", "blue.png"],
+             "regions": [left, right]}]
+    p = write_scenarios(tmp_path / "in", scen)
+    seen = []
+    real_replay = GroupSharedAttention.replay
+
+    def spy(self, cache, ref_index=None, **kw):
+        seen.append((ref_index, kw.get("ref_regions")))
+        return real_replay(self, cache, ref_index, **kw)
+
+    monkeypatch.setattr(GroupSharedAttention, "replay", spy)
+    assert main(["--scenarios", str(p), "--out", str(tmp_path / "set"), "-k", "3",
+                 "--model", tiny_flux, "--steps", "1", "--batch-size", "2",
+                 "--no-step-progress"]) == 0
+    assert [tuple(idx.shape) for idx, _ in seen] == [(2, 2), (1, 2)]
+    for idx, masks in seen:
+        assert idx.tolist() == [[0, 1]] * len(idx)
+        side = int(masks.shape[-1] ** 0.5)                   # the token grid is square
+        h = side // 2
+        grid = masks.view(len(idx), 2, side, side)
+        assert grid[:, 0, :, :h].all() and not grid[:, 0, :, h:].any()
+        assert grid[:, 1, :, h:].all() and not grid[:, 1, :, :h].any()
+    m = json.loads((tmp_path / "set" / MANIFEST).read_text())
+    assert m["scenarios"][0]["regions"] == [left, right]

@@ -440,3 +440,52 @@ def test_regions_in_training_data_are_checked(tmp_path):
     (root / "metadata.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     with pytest.raises(D.DataError, match="'regions' needs 'references'"):
         D.load_story_groups(root)
+
+
+def test_dpo_training_with_regions(tiny_flux, stage1, tmp_path):
+    """Pools with ``regions`` (the layout candidates were drawn with): winner and loser read
+    each reference inside its box, a one-reference pool under --num-refs 2 reads just it (the
+    second slot absent), and the boxes reach the forward (the first loss differs from the same
+    pools without them)."""
+    from pipelines.train.steps import ABSENT
+
+    root = _layout_data(tmp_path / "d")
+    left, right = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
+    pools = [{"scenario": "duo", "prompt": "Rex left and Bo right",
+              "references": ["ref_r.png", "ref_b.png"], "regions": [left, right],
+              "winners": ["duo.png"], "losers": ["solo.png"]},
+             {"scenario": "solo", "prompt": "Bo right", "references": ["ref_b.png"],
+              "regions": [right], "winners": ["solo.png"], "losers": ["duo.png"]}]
+
+    def train(lines, out):
+        (root / "pairs.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        return run_trainer(["--stage", "dpo", "--model", tiny_flux, "--data", str(root),
+                            "--stage1-lora", str(stage1[0]), "--output-dir", str(out),
+                            "--num-refs", "2", "--batch-size", "2", "--max-steps", "2",
+                            "--checkpoint-every", "0", "--resolution", "32"])
+
+    tr = train(pools, tmp_path / "out")
+    rows, _, layouts = tr._dpo_batch(0)
+    names = {p: p.name for p in tr.path_index}
+    by_name = {v: k for k, v in names.items()}
+    assert len(layouts) == 4                                # 2 pairs x (winner, loser)
+    for g in range(2):
+        w, l, *refs = rows[4 * g:4 * g + 4]
+        assert layouts[2 * g] == layouts[2 * g + 1]
+        if tr.path_index[by_name["duo.png"]] == w:
+            assert refs == [tr.path_index[by_name["ref_r.png"]], tr.path_index[by_name["ref_b.png"]]]
+            assert layouts[2 * g] == [tuple(left), tuple(right)]
+        else:
+            assert refs == [tr.path_index[by_name["ref_b.png"]]] * 2
+            assert layouts[2 * g] == [tuple(right), ABSENT]
+    masks = tr._ref_regions(layouts, 4)                      # a 2 x 2 token grid
+    assert masks.shape == (4, 2, 4)
+    first = [r["loss"] for r in metrics(tmp_path / "out")]
+    assert all(math.isfinite(x) for x in first)
+    plain = [{k: v for k, v in p.items() if k != "regions"} for p in pools]
+    tr2 = train(plain, tmp_path / "out2")
+    assert tr2._dpo_batch(0)[2] is None
+    assert metrics(tmp_path / "out2")[0]["implicit_acc"] is not None
+    # same pairs, noise and weights: only the boxes differ, so the reference model's errors do
+    a, b = metrics(tmp_path / "out")[0], metrics(tmp_path / "out2")[0]
+    assert abs(a["err_w_ref"] - b["err_w_ref"]) > 1e-9

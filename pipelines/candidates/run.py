@@ -181,6 +181,7 @@ def run(args) -> int:
             refs = _copy_references(out, s)
             # one cache per scenario: its references recorded once, read by every candidate
             bb.begin_round(refs, 0.0, ref_prompts=s.ref_prompts())
+            every = list(range(len(refs)))
             try:
                 cands = entry["candidates"]
                 for b in range(0, len(cands), args.batch_size):
@@ -191,7 +192,10 @@ def run(args) -> int:
                     # a partly written batch is drawn whole (same batch, same numbers), so a
                     # resumed set is bit-identical to an uninterrupted one
                     gens = [torch.Generator("cpu").manual_seed(c["seed"]) for c in chunk]
-                    for c, img in zip(chunk, bb.draw([s.prompt] * len(chunk), gens)):
+                    # with regions, each candidate reads each reference inside its box
+                    where = ([[every] * len(chunk), [s.regions] * len(chunk)] if s.regions
+                             else [])
+                    for c, img in zip(chunk, bb.draw([s.prompt] * len(chunk), gens, *where)):
                         if c in missing:
                             save_png_atomic(img, out / c["file"])
                     done += len(missing)

@@ -7,8 +7,14 @@
        "prompt": "a red fox meets a snowman in the snowy forest",
        "references": ["refs/fox.png", "refs/snowman.png"],   # relative to the JSON file
        "characters": ["fox", "snowman"],          # optional names, one per reference
-       "reference_prompts": ["a red fox", "a snowman"]}   # optional, one per reference
+       "reference_prompts": ["a red fox", "a snowman"],   # optional, one per reference
+       "regions": [[0.0, 0.2, 0.5, 1.0], null]}   # optional: where each reference is read
     ]}
+
+``regions`` binds a reference to a place: one ``[x0, y0, x1, y1]`` (fractions of the frame)
+or null per reference; the candidates' image tokens inside a box read that reference, as a
+story frame's regions do in Story-Iter (a model trained with a layout, the story world's stage
+1, draws a two-character frame right only with them).
 
 A bare list of scenario objects is accepted too.  Every problem is reported with the
 scenario's place in the file, before any model is loaded.
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..cli_common import UsageError
+from ..story import is_box
 
 __all__ = ["Scenario", "ScenarioError", "load_scenarios"]
 
@@ -43,6 +50,8 @@ class Scenario:
     # trained on groups of captioned frames (the story world's) reads a reference best with
     # its own caption
     reference_prompts: List[str] = field(default_factory=list)
+    # one box (or None) per reference: where the candidates read it; empty = everywhere
+    regions: List[Optional[List[float]]] = field(default_factory=list)
 
     def ref_prompts(self) -> List[str]:
         return list(self.reference_prompts) or [self.prompt] * len(self.references)
@@ -52,6 +61,8 @@ class Scenario:
              "source_references": [str(p) for p in self.references]}
         if self.reference_prompts:
             d["reference_prompts"] = list(self.reference_prompts)
+        if self.regions:
+            d["regions"] = [None if b is None else list(b) for b in self.regions]
         return d
 
 
@@ -118,9 +129,17 @@ def load_scenarios(path) -> List[Scenario]:
                 or (rprompts and len(rprompts) != len(refs))):
             raise ScenarioError(f"{where} ({sid}): 'reference_prompts' must be a list of "
                                 f"{len(refs)} strings, one per reference (or left out)")
-        unknown = set(obj) - {"id", "prompt", "references", "characters", "reference_prompts"}
+        regions = obj.get("regions", [])
+        if (not isinstance(regions, list) or (regions and len(regions) != len(refs))
+                or not all(b is None or is_box(b) for b in regions)):
+            raise ScenarioError(f"{where} ({sid}): 'regions' must be a list of {len(refs)} "
+                                "entries, one per reference, each [x0, y0, x1, y1] with "
+                                "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, or null (or left out)")
+        unknown = set(obj) - {"id", "prompt", "references", "characters", "reference_prompts",
+                              "regions"}
         if unknown:
             raise ScenarioError(f"{where} ({sid}): unknown key(s) {sorted(unknown)}; allowed: id, "
-                                "prompt, references, characters, reference_prompts")
-        out.append(Scenario(sid, prompt.strip(), ref_paths, list(chars), list(rprompts)))
+                                "prompt, references, characters, reference_prompts, regions")
+        out.append(Scenario(sid, prompt.strip(), ref_paths, list(chars), list(rprompts),
+                            [None if b is None else [float(v) for v in b] for b in regions]))
     return out

@@ -7,7 +7,8 @@ One line per scenario that has at least one winner and one loser::
 
 Paths are relative to the file (it is written into the set's folder), which is how
 ``pipelines.train.data.load_preference_pairs`` reads them: every winner is paired with
-every loser of its scenario.
+every loser of its scenario.  A scenario drawn with ``regions`` (one box or null per
+reference) passes them on, so stage dpo reads each reference where the candidates did.
 """
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def export_pairs(set_dir, out=None) -> Dict:
         n_pairs += len(winners) * len(losers)
         lines.append({"scenario": s["id"], "prompt": s["prompt"],
                       "references": [rel(r) for r in s["references"]],
-                      "winners": [rel(w) for w in winners], "losers": [rel(l) for l in losers]})
+                      "winners": [rel(w) for w in winners], "losers": [rel(l) for l in losers],
+                      # where each reference was read while drawing: the trainer reads it there
+                      **({"regions": s["regions"]} if s.get("regions") else {})})
     if not lines:
         raise ExportError(f"no scenario in {set_dir} has both a winner and a loser yet; label "
                           "some first")

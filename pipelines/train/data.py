@@ -29,6 +29,10 @@ or a pool per scenario, expanded into every (winner, loser) combination::
 
     {"scenario": "s1", "prompt": "...", "references": [...], "winners": [...], "losers": [...]}
 
+A line may add ``"regions"`` as in stage gsa (one box or null per reference, where the
+candidates read it): winner and loser then read each reference inside its box, every
+reference of the line is read (up to ``--num-refs``), and unused slots stay empty.
+
 Every file named must exist and decode, else training does not start.
 
 Sampling (both stages) is a pure function of ``(seed, step, process index)``: no
@@ -260,6 +264,9 @@ class PreferencePairs:
     winners: List[Path]
     losers: List[Path]
     scenario: List[str]
+    # per pair: one box (or None) per reference, or None for a line without "regions"
+    regions: List[Optional[List[Optional[Tuple[float, float, float, float]]]]] = field(
+        default_factory=list)
 
     def __len__(self) -> int:
         return len(self.winners)
@@ -284,7 +291,7 @@ def load_preference_pairs(data) -> PreferencePairs:
             raise DataError(f"no pairs.jsonl in {Path(data)}: stage dpo needs lines like "
                             f'{{"prompt": ..., "references": [...], "winner": ..., "loser": ...}}')
     base = path.parent
-    prompts, refs, winners, losers, scen = [], [], [], [], []
+    prompts, refs, winners, losers, scen, boxes = [], [], [], [], [], []
     problems: List[str] = []
 
     def resolve(rel, where) -> Path:
@@ -305,6 +312,8 @@ def load_preference_pairs(data) -> PreferencePairs:
             raise DataError(f"{where}: 'references' must be a non-empty list of image paths "
                             f"(the targets read their image tokens)")
         ref_paths = [resolve(r, where) for r in ref_list]
+        line_boxes = (_read_regions(obj["regions"], len(ref_list), where)
+                      if obj.get("regions") is not None else None)
         if "winner" in obj or "loser" in obj:
             if "winner" not in obj or "loser" not in obj:
                 raise DataError(f"{where}: a pair needs both 'winner' and 'loser'")
@@ -322,6 +331,7 @@ def load_preference_pairs(data) -> PreferencePairs:
             winners.append(resolve(w, where))
             losers.append(resolve(l, where))
             scen.append(str(obj.get("scenario", lineno)))
+            boxes.append(line_boxes)
     if not winners:
         raise DataError(f"{path} holds no pairs")
     checked = set()
@@ -337,7 +347,7 @@ def load_preference_pairs(data) -> PreferencePairs:
         shown = "\n  ".join(uniq[:20])
         more = f"\n  ... and {len(uniq) - 20} more" if len(uniq) > 20 else ""
         raise DataError(f"{len(uniq)} problem(s) with the images named in {path}:\n  {shown}{more}")
-    return PreferencePairs(prompts, refs, winners, losers, scen)
+    return PreferencePairs(prompts, refs, winners, losers, scen, boxes)
 
 
 # ----------------------------------------------------------------------------------------

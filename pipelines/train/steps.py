@@ -104,12 +104,23 @@ class StepMixin:
         rng = D.step_rng(a.seed, step, rank, 1)
         rows: List[int] = []
         prompts: List[str] = []
+        layouts: List[Optional[list]] = []    # per target (winner, loser): as in _gsa_batch
         for k in self.sampler.indices(step, rank):
-            refs = D.choose(rng, range(len(ds.references[k])), a.num_refs)
-            paths = [ds.winners[k], ds.losers[k]] + [ds.references[k][j] for j in refs]
+            named = ds.references[k]
+            boxes = ds.regions[k] if ds.regions else None
+            if boxes is not None:
+                # the candidates read every reference inside its box: so do winner and loser
+                refs = sorted(D.choose(rng, range(len(named)), min(a.num_refs, len(named))))
+                lay = [boxes[j] for j in refs] + [ABSENT] * (a.num_refs - len(refs))
+                refs += [refs[0]] * (a.num_refs - len(refs))
+            else:
+                refs = D.choose(rng, range(len(named)), a.num_refs)
+                lay = None
+            paths = [ds.winners[k], ds.losers[k]] + [named[j] for j in refs]
             rows += [self.path_index[p] for p in paths]
             prompts += [ds.prompts[k]] * len(paths)
-        return rows, prompts
+            layouts += [lay, lay]
+        return rows, prompts, (layouts if any(l is not None for l in layouts) else None)
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -143,7 +154,7 @@ class StepMixin:
     def _dpo_step(self, step: int):
         a = self.args
         G = a.num_refs + 2
-        rows, prompts = self._dpo_batch(step)
+        rows, prompts, layouts = self._dpo_batch(step)
         x0 = self._latents(rows)                       # [B*G, L, 64]
         n_pairs = x0.shape[0] // G
         w_idx = torch.arange(0, x0.shape[0], G, device=x0.device)
@@ -158,7 +169,8 @@ class StepMixin:
         text, pooled = self._text(prompts)
         packed = packed.to(self.weight_dtype)
         tr = self.acc.unwrap_model(self.model)
-        with self.gsa.in_batch(group_size=G, num_targets=2):
+        regions = self._ref_regions(layouts, x0.shape[1])
+        with self.gsa.in_batch(group_size=G, num_targets=2, ref_regions=regions):
             with torch.no_grad():
                 M.activate_adapters(tr, [M.STAGE1_ADAPTER], trainable=M.DPO_ADAPTER)
                 try:

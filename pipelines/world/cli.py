@@ -1,7 +1,7 @@
 """Command line of the story world itself (its build is ``python -m pipelines.world_build``).
 
     python -m pipelines.world story --out DIR [--seed S] [--frames N] [--no-refs]
-    python -m pipelines.world scenarios OUT [--n N] [--seed S]
+    python -m pipelines.world scenarios OUT [--n N] [--seed S] [--duo-share F] [--layout]
 """
 from __future__ import annotations
 
@@ -20,13 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=100)
     s.add_argument("--no-refs", action="store_true",
                    help="characters without reference images (identity from nowhere)")
-    c = sub.add_parser("scenarios", help="one-character scenarios (training identities) for "
+    c = sub.add_parser("scenarios", help="scenarios (training identities) for "
                                          "python -m pipelines.candidates, with their truth")
     c.add_argument("out", help="folder: scenarios.json, refs/, truth.json")
     c.add_argument("--n", type=int, default=24, help="number of scenarios")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--split-seed", type=int, default=0,
                    help="seed of the train/held-out identity split (the build's --seed)")
+    c.add_argument("--duo-share", type=float, default=0.0,
+                   help="share of scenarios with two characters (default 0: one each)")
+    c.add_argument("--layout", action="store_true",
+                   help="give each reference the box of its character (scenario 'regions')")
     return ap
 
 
@@ -49,7 +53,10 @@ def main(argv=None) -> int:
         if args.n < 1:
             print(f"error: --n must be >= 1, got {args.n}", file=sys.stderr)
             return 2
-        print(f"wrote {make_scenarios(args.out, n=args.n, seed=args.seed, split_seed=args.split_seed)}")
+        if not 0.0 <= args.duo_share <= 1.0:
+            print(f"error: --duo-share must be in [0, 1], got {args.duo_share}", file=sys.stderr)
+            return 2
+        print(f"wrote {make_scenarios(args.out, n=args.n, seed=args.seed, split_seed=args.split_seed, duo_share=args.duo_share, layout=args.layout)}")
         return 0
     from .data import make_story, strip_references
 

@@ -13,7 +13,11 @@ Writes a scenarios file in the format ``python -m pipelines.candidates`` reads
                          {"s000": {"identities": {"Kit": {shape, colour, pattern, accessory}},
                                    "scene": "snow", "cast": [["Kit", "small", "left"]]}}}
 
-One character per scenario (the preferred attribute is read off a lone character).
+One character per scenario by default.  ``duo_share`` makes that share of them show two
+characters (two training identities, one reference each, the prompt naming both at the left
+and the right), and ``layout`` gives every scenario ``regions``: each reference is read
+inside its character's box (:func:`pipelines.world.render.character_box`), as the evaluation
+stories' frames are.  The labeller reads each character at its slot (``world_build.label``).
 Identities come from the training split (``data.split_identities``): the evaluation stories
 of ``bench_quality.py`` use the held-out ones, so a preference pool never shows them.  A
 reference is recorded with its own world caption (``reference_prompts``), as stage gsa
@@ -37,11 +41,15 @@ TRUTH_NAME = "truth.json"
 TRUTH_FORMAT = "storyattn.world_scenarios/1"
 
 
-def make_scenarios(out, n: int = 24, seed: int = 0, split_seed: int = 0) -> Path:
-    """Write ``n`` one-character scenarios under ``out``; return the scenarios file.
-    ``split_seed`` picks the train/held-out split (the build's seed)."""
+def make_scenarios(out, n: int = 24, seed: int = 0, split_seed: int = 0,
+                   duo_share: float = 0.0, layout: bool = False) -> Path:
+    """Write ``n`` scenarios under ``out``; return the scenarios file.  ``split_seed`` picks
+    the train/held-out split (the build's seed); ``duo_share`` and ``layout``: the module
+    docstring (the defaults write what they always did: lone characters, no regions)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= duo_share <= 1.0:
+        raise ValueError(f"duo_share must be in [0, 1], got {duo_share}")
     out = Path(out)
     (out / "refs").mkdir(parents=True, exist_ok=True)
     train, _ = D.split_identities(split_seed)
@@ -49,18 +57,29 @@ def make_scenarios(out, n: int = 24, seed: int = 0, split_seed: int = 0) -> Path
     scen, truth = [], {}
     for k in range(n):
         sid = f"s{k:03d}"
-        ident = train[rng.integers(len(train))]
-        name = D.NAMES[rng.integers(len(D.NAMES))]
-        ref_scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
-        ref = f"refs/{sid}_{name.lower()}.png"
-        R.to_pil(R.render_frame(ref_scene, [R.Placement(ident, "centre", "big")])).save(out / ref)
-        scene, places = D.random_frame(rng, 1)
-        cast = [(name, *places[0])]
-        scen.append({"id": sid, "prompt": D.frame_prompt(scene, cast), "references": [ref],
-                     "characters": [name],
-                     "reference_prompts": [D.frame_prompt(ref_scene, [(name, "big", "centre")])]})
-        truth[sid] = {"identities": {name: ident.as_dict()}, "scene": scene,
-                      "cast": [list(c) for c in cast]}
+        # a lone scenario draws exactly what it always did (same seed, same files)
+        if duo_share > 0 and rng.random() < duo_share:
+            idents = [train[i] for i in rng.choice(len(train), size=2, replace=False)]
+            names = [D.NAMES[i] for i in rng.choice(len(D.NAMES), size=2, replace=False)]
+        else:
+            idents, names = [train[rng.integers(len(train))]], [D.NAMES[rng.integers(len(D.NAMES))]]
+        refs, ref_prompts = [], []
+        for ident, name in zip(idents, names):
+            ref_scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
+            ref = f"refs/{sid}_{name.lower()}.png"
+            R.to_pil(R.render_frame(ref_scene, [R.Placement(ident, "centre", "big")])).save(out / ref)
+            refs.append(ref)
+            ref_prompts.append(D.frame_prompt(ref_scene, [(name, "big", "centre")]))
+        scene, places = D.random_frame(rng, len(names))
+        # places run left to right; who stands where follows the names' (random) order
+        cast = [(name, *place) for name, place in zip(names, places)]
+        entry = {"id": sid, "prompt": D.frame_prompt(scene, cast), "references": refs,
+                 "characters": names, "reference_prompts": ref_prompts}
+        if layout:
+            entry["regions"] = [list(R.character_box(pos, size)) for _, size, pos in cast]
+        scen.append(entry)
+        truth[sid] = {"identities": {nm: i.as_dict() for nm, i in zip(names, idents)},
+                      "scene": scene, "cast": [list(c) for c in cast]}
     (out / TRUTH_NAME).write_text(json.dumps({"format": TRUTH_FORMAT, "seed": seed,
                                               "split_seed": split_seed, "scenarios": truth},
                                              indent=1) + "\n")

@@ -60,6 +60,7 @@ SDXL_BASE_STEPS, SDXL_IP_STEPS = 2000, 1000   # ~13 min of an idle 2-core CPU
 _FULL: Dict[str, int] = dict(
     vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=WORLD_GROUPS,
     gsa_steps=1500, gsa_batch=WORLD_RECIPE["gsa"]["batch_size"], dpo_scenarios=96,
+    dpo_duo_percent=0, dpo_layout=0,
     dpo_candidates=4, dpo_steps=WORLD_RECIPE["dpo"]["max_steps"],
     dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10,
     sdxl_base_steps=SDXL_BASE_STEPS, sdxl_base_batch=32, sdxl_ip_steps=SDXL_IP_STEPS,
@@ -77,7 +78,8 @@ SETTINGS: Dict[str, Dict[str, int]] = {
                 sdxl_ip_steps=SDXL_IP_STEPS // 2),
     "quick": dict(vae_steps=4, vae_batch=4, base_steps=4, base_batch=4, gsa_groups=4,
                   gsa_steps=2, gsa_batch=2, dpo_scenarios=3, dpo_candidates=3, dpo_steps=2,
-                  dpo_batch=1, sample_steps=4, sdxl_base_steps=4, sdxl_base_batch=4,
+                  dpo_duo_percent=0, dpo_layout=0, dpo_batch=1, sample_steps=4,
+                  sdxl_base_steps=4, sdxl_base_batch=4,
                   sdxl_ip_steps=4, sdxl_ip_batch=4),
 }
 
@@ -212,7 +214,8 @@ def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
     root = ctx.out / "dpo_data"
     # same seed, same files: a rerun finds the candidate set's scenarios unchanged and resumes
     scen = make_scenarios(root / "scenarios", n=s["dpo_scenarios"], seed=ctx.seed,
-                          split_seed=ctx.seed)
+                          split_seed=ctx.seed, duo_share=s.get("dpo_duo_percent", 0) / 100,
+                          layout=bool(s.get("dpo_layout", 0)))
     cmd = [sys.executable, "-m", "pipelines.candidates", "--scenarios", str(scen),
            "--out", str(ctx.out / DPO_SET), "-k", str(s["dpo_candidates"]),
            "--model", str(ctx.out / "base"), "--lora", str(ctx.out / "gsa" / "pytorch_lora_weights.safetensors"),
@@ -236,8 +239,10 @@ def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
     return {"scenarios": s["dpo_scenarios"], "candidates": n, "sample_steps": s["sample_steps"],
             "candidates_time_s": round(t_cand, 1), "winners": res["winners"],
             "losers": res["losers"], "unmarked": res["unmarked"],
-            "winner_rate": res["winners"] / n, "accessory_rate": res["right_accessory"] / n,
-            "colour_rate": res["right_colour"] / n, "pools_kept": res["export"]["scenarios"],
+            "winner_rate": res["winners"] / n,
+            # per character shown (a duo scenario's candidate shows two)
+            "accessory_rate": res["right_accessory"] / res["appearances"],
+            "colour_rate": res["right_colour"] / res["appearances"], "pools_kept": res["export"]["scenarios"],
             "losers_only_left_out": res["losers_only"], "winners_only": res["winners_only"],
             "pairs": res["export"]["pairs"], "label_time_s": round(time.perf_counter() - t0 - t_cand, 1),
             "pairs_file": str(ctx.out / DPO_SET / "pairs.jsonl"), "candidates_command": " ".join(cmd),
@@ -251,7 +256,9 @@ def _stage_dpo(ctx: Context) -> Dict[str, Any]:
                         "--data", str(ctx.out / DPO_SET / "pairs.jsonl"),
                         "--output-dir", str(ctx.out / "dpo"),
                         *recipe_argv("dpo", max_steps=s["dpo_steps"], batch_size=s["dpo_batch"],
-                                     checkpoint_every=0, seed=ctx.seed)])
+                                     checkpoint_every=0, seed=ctx.seed,
+                                     # a duo scenario's pairs read both references
+                                     **({"num_refs": 2} if s.get("dpo_duo_percent") else {}))])
 
 
 def _stage_export(ctx: Context) -> Dict[str, Any]:

@@ -8,13 +8,14 @@ scenarios, every reference and candidate fetched from ``/file/<path>`` and read 
 :func:`pipelines.world.reader.read_image`, each decision posted to
 ``POST /api/sets/<id>/marks`` (journalled by the studio), then ``POST /api/sets/<id>/export``.
 
-The rule, per candidate of a one-character scenario (the preferred attribute is the
-reference's accessory)::
+The rule, per candidate, for scenarios of one or two characters (each with one reference;
+the preferred attribute is each reference's accessory)::
 
-    winner   exactly one character, at the prompt's slot, with the reference's accessory
-             AND colour
-    loser    no character, more than one, or one with another accessory
-    (none)   anything else (right accessory at the wrong slot or in the wrong colour)
+    winner   exactly the scenario's characters, each at its prompt's slot with its
+             reference's accessory AND colour
+    loser    a wrong number of characters, or one at a character's slot with another
+             character's (or no) accessory: a missing, extra or swapped accessory
+    (none)   anything else (a right accessory at the wrong slot, a wrong colour)
 
 The reference's identity is what the reader reads off the reference image, as a person
 would look at it; ``--truth`` (the ``truth.json`` of ``python -m pipelines.world
@@ -46,17 +47,24 @@ class LabelError(RuntimeError):
     """A problem a user fixes (no studio at the URL, an unknown set, a wrong truth file)."""
 
 
-def decide(reading, position: str, accessory: str, colour: str) -> Optional[str]:
-    """The rule of the module docstring: "winner", "loser" or None."""
+def decide(reading, expected) -> Optional[str]:
+    """The rule of the module docstring: "winner", "loser" or None.  ``expected``: per
+    character of the scenario, ``(position, accessory, colour)``."""
     chars = reading.characters
-    if len(chars) != 1:
+    if len(chars) != len(expected):
         return "loser"
-    ch = chars[0]
-    if ch["accessory"] != accessory:
-        return "loser"
-    if ch["position"] == position and ch["colour"] == colour:
-        return "winner"
-    return None
+    at = {c["position"]: c for c in chars}
+    right = 0
+    for position, accessory, colour in expected:
+        ch = at.get(position)
+        if ch is None:
+            if len(expected) == 1 and chars[0]["accessory"] != accessory:
+                return "loser"          # a lone character elsewhere with another accessory
+            continue
+        if ch["accessory"] != accessory:
+            return "loser"
+        right += ch["colour"] == colour
+    return "winner" if right == len(expected) else None
 
 
 class _Client:
@@ -120,39 +128,50 @@ def label_set(url: str, set_ref: str, truth: Optional[Dict[str, dict]] = None,
     labels: Dict[str, Dict[int, Optional[str]]] = {}
     n = dict(candidates=0, winners=0, losers=0, unmarked=0, missing=0, posted=0,
              losers_only=0, winners_only=0, pools=0, right_accessory=0, right_colour=0,
-             skipped_scenarios=0)
+             appearances=0, skipped_scenarios=0)
     for s in detail["scenarios"]:
         sid = s["id"]
         try:
             _, cast = D.parse_prompt(s["prompt"])
         except D.PromptError:
             cast = []
-        if len(cast) != 1 or len(s["references"]) != 1:
-            n["skipped_scenarios"] += 1      # the rule reads one character against one reference
+        if not 1 <= len(cast) <= 2 or len(s["references"]) != len(cast):
+            n["skipped_scenarios"] += 1      # the rule reads one reference per character
             continue
-        ref = read_image(client.image(s["references"][0]))
-        if len(ref.characters) != 1:
-            raise LabelError(f"scenario {sid}: its reference does not show one character "
-                             f"(the reader sees {len(ref.characters)})")
-        acc, col = ref.characters[0]["accessory"], ref.characters[0]["colour"]
-        if truth is not None:
-            ident = truth[sid]["identities"][cast[0][0]]
-            if (ident.accessory, ident.colour) != (acc, col):
-                raise LabelError(f"scenario {sid}: the reference reads {acc}/{col} but the truth "
-                                 f"file says {ident.accessory}/{ident.colour}: is it the truth of "
-                                 "these scenarios?")
+        names = s.get("characters") or [c[0] for c in cast]
+        looks = {}
+        for name, ref_file in zip(names, s["references"]):
+            ref = read_image(client.image(ref_file))
+            if len(ref.characters) != 1:
+                raise LabelError(f"scenario {sid}: its reference {ref_file} does not show one "
+                                 f"character (the reader sees {len(ref.characters)})")
+            looks[name] = (ref.characters[0]["accessory"], ref.characters[0]["colour"])
+            if truth is not None:
+                ident = truth[sid]["identities"][name]
+                if (ident.accessory, ident.colour) != looks[name]:
+                    raise LabelError(f"scenario {sid}: the reference of {name} reads "
+                                     f"{'/'.join(looks[name])} but the truth file says "
+                                     f"{ident.accessory}/{ident.colour}: is it the truth of "
+                                     "these scenarios?")
+        if set(looks) != {c[0] for c in cast}:
+            raise LabelError(f"scenario {sid}: its characters {sorted(looks)} are not the ones "
+                             f"its prompt names {sorted(c[0] for c in cast)}")
+        expected = [(pos, *looks[name]) for name, _, pos in cast]
         mine: Dict[int, Optional[str]] = {}
         for c in s["candidates"]:
             if not c["exists"]:
                 n["missing"] += 1
                 continue
             reading = read_image(client.image(c["file"]))
-            label = decide(reading, cast[0][2], acc, col)
+            label = decide(reading, expected)
             mine[c["k"]] = label
             n["candidates"] += 1
-            if len(reading.characters) == 1:
-                n["right_accessory"] += reading.characters[0]["accessory"] == acc
-                n["right_colour"] += reading.characters[0]["colour"] == col
+            # per character: its reference's accessory / colour at its slot
+            at = {ch["position"]: ch for ch in reading.characters}
+            for pos, acc, col in expected:
+                n["right_accessory"] += at.get(pos, {}).get("accessory") == acc
+                n["right_colour"] += at.get(pos, {}).get("colour") == col
+            n["appearances"] += len(expected)
             if label is None:
                 n["unmarked"] += 1
                 continue
