@@ -356,11 +356,18 @@ def main(argv=None) -> int:
     return _write(args, rows, strips, M.CHANCE_IDENTITY_CROSS, seeds, name)
 
 
+def _by_cast(bc, key) -> str:
+    """``key`` in one- and two-character frames, as " (solo / duo)", where both casts have
+    it (rows of older results may not)."""
+    got = [bc.get(c, {}).get(key) for c in ("solo", "duo")]
+    return "" if None in got else f" ({_fmt(got[0])} / {_fmt(got[1])})"
+
+
 def _write(args, rows, strips, chance, seeds, name) -> int:
     from PIL import Image
 
     headers = ["row", "id-cross", "id-cross all-4", "solo / duo id-cross", "solo / duo all-4",
-               "id-self", "adherence", "copy-paste", "accessory", "expected", "met", "s"]
+               "id-self", "adherence", "copy-paste", "accessory (solo / duo)", "expected", "met", "s"]
     if len(seeds) > 1:
         headers.insert(9, "id-cross by story")
         headers.insert(10, "accessory by story")
@@ -374,7 +381,7 @@ def _write(args, rows, strips, chance, seeds, name) -> int:
                 f"{_fmt(bc['solo']['identity_cross_all'])} / "
                 f"{_fmt(bc['duo']['identity_cross_all'])}",
                 _fmt(r["identity_self"]), _fmt(r["prompt_adherence"]), _fmt(r["copy_paste"]),
-                _fmt(r["attribute_rate"]["accessory"]), expected,
+                _fmt(r["attribute_rate"]["accessory"]) + _by_cast(bc, "accessory"), expected,
                 {True: "yes", False: "NO", None: "-"}[r["met"]], r["time_s"]]
         if len(seeds) > 1:
             line.insert(9, " / ".join(_fmt(p["identity_cross"], 2) for p in r["per_story"]))

@@ -8,8 +8,8 @@ reference image per character) and one image per frame:
                         accessory) that equal those read from the character's reference image;
                         a character missing from its prompted slot scores 0.  Mean over
                         appearances.  ``identity_cross_all``: share with all 4 equal.
-                        ``by_cast["solo" | "duo"]``: both, over the appearances in one- and in
-                        two-character frames.  ``attribute_rate[a]``: the same per
+                        ``by_cast["solo" | "duo"]``: both (and the accessory's rate), over
+                        the appearances in one- and in two-character frames.  ``attribute_rate[a]``: the same per
                         attribute.  Chance (random identities): ``CHANCE_IDENTITY_CROSS``
                         = 0.26.
 ``identity_self``       per character, over the frames it was found in, the share of the most
@@ -133,6 +133,7 @@ def score_frames(story, images: Sequence, refs: Optional[Dict[str, Dict[str, Any
         "identity_cross_all": _mean(float(all(m.values())) for m in appearances),
         "by_cast": {k: {"identity_cross": _mean(_mean(m.values()) for m in v),
                         "identity_cross_all": _mean(float(all(m.values())) for m in v),
+                        "accessory": _mean(float(m["accessory"]) for m in v),
                         "appearances": len(v)} for k, v in (("solo", solo), ("duo", duo))},
         "attribute_rate": {a: _mean(float(m[a]) for m in appearances) for a in R.ATTRIBUTES},
         "identity_self": _mean(selfs),
