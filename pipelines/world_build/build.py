@@ -56,10 +56,12 @@ SDXL_BASE_STEPS, SDXL_IP_STEPS = 2000, 1000   # ~13 min of an idle 2-core CPU
 # the gsa / dpo batch and the dpo steps are the world recipe's (pipelines.train's defaults for
 # the world model); stage gsa trains longer here than a user's CPU run does.  96 scenarios for
 # stage 2: a stage 1 that draws the reference's accessory 0.97 of the time on training
-# identities left 24 scenarios with 3 losers (2 pools, 5 pairs)
+# identities left 24 scenarios with 3 losers (2 pools, 5 pairs).  Stage gsa runs 3000 steps:
+# at 1500 the two-character binding depended on the base (duo identity-cross 0.867 on one
+# base, 0.753 on a second build's); 3000 gave 0.864 on the second (docs/world.md)
 _FULL: Dict[str, int] = dict(
     vae_steps=1500, vae_batch=32, base_steps=6000, base_batch=64, gsa_groups=WORLD_GROUPS,
-    gsa_steps=1500, gsa_batch=WORLD_RECIPE["gsa"]["batch_size"], dpo_scenarios=96,
+    gsa_steps=3000, gsa_batch=WORLD_RECIPE["gsa"]["batch_size"], dpo_scenarios=96,
     dpo_duo_percent=0, dpo_layout=0,
     dpo_candidates=4, dpo_steps=WORLD_RECIPE["dpo"]["max_steps"],
     dpo_batch=WORLD_RECIPE["dpo"]["batch_size"], sample_steps=10,
