@@ -2,8 +2,6 @@
 the world's scenarios with duos and boxes, the labeller's rule per character on rendered
 candidates whose right label is known by construction, through a real studio, and the
 export's boxes read back by the DPO data reader."""
-import json
-from pathlib import Path
 
 import pytest
 
@@ -51,18 +49,12 @@ def _swap(a, b):
 def test_labeller_reads_each_character_at_its_slot(tmp_path):
     pytest.importorskip("uvicorn")
     from _studio_data import thread_server
-    from pipelines.candidate_sets import MANIFEST, new_manifest
-    from pipelines.candidates.scenarios import load_scenarios
+    from _world_sets import draw_candidates, finish_set, start_set
     from pipelines.train.data import load_preference_pairs
     from pipelines.world_build.label import label_set
 
-    scen = make_scenarios(tmp_path / "root" / "scen", n=6, seed=2, duo_share=1.0, layout=True)
-    truth = load_truth(scen.parent)
-    scenarios = load_scenarios(scen)
-    out = tmp_path / "root" / "set"
-    m = new_manifest({"model": "rendered", "loras": [], "candidates": 4, "seed": 0, "steps": 0,
-                      "height": 64, "width": 64, "guidance": 1.0}, scenarios)
-    m["status"] = "complete"
+    scenarios, truth, m, out = start_set(tmp_path / "root", n=6, seed=2, duo_share=1.0,
+                                         layout=True)
     want = {}
     checked = 0
     for s, e in zip(scenarios, m["scenarios"]):
@@ -78,17 +70,10 @@ def test_labeller_reads_each_character_at_its_slot(tmp_path):
                   ([R.Placement(s1, p1, z1), R.Placement(s2, p2, z2)], "loser"),   # swapped
                   ([R.Placement(i1, p1, z1)], "loser"),                              # one missing
                   ([R.Placement(i1, p1, z1), R.Placement(recol, p2, z2)], None)]     # colour
-        want[s.id] = {}
-        for k, (places, label) in enumerate(frames):
-            p = out / e["candidates"][k]["file"]
-            p.parent.mkdir(parents=True, exist_ok=True)
-            R.to_pil(R.render_frame(t["scene"], places)).save(p)
-            want[s.id][k] = label
-        for r, src in zip(e["references"], s.references):
-            (out / r).write_bytes(Path(src).read_bytes())
+        want[s.id] = draw_candidates(out, e, s, t["scene"], frames)
     assert checked >= 2
     m["scenarios"] = [e for e in m["scenarios"] if e["id"] in want]
-    (out / MANIFEST).write_text(json.dumps(m))
+    finish_set(out, m)
     with thread_server(tmp_path / "root") as url:
         res = label_set(url, "set", truth=truth)
     assert res["labels"] == want

@@ -25,17 +25,9 @@ def other_colour(ident):
 def rendered_set(tmp_path: Path):
     """Scenarios s000..s002 with four rendered candidates each (labels known), s002 with
     losers only; returns (studio root, truth, expected labels)."""
-    from pipelines.candidate_sets import MANIFEST
-    from pipelines.candidate_sets import new_manifest as _manifest
-    from pipelines.candidates.scenarios import load_scenarios
+    from _world_sets import draw_candidates, finish_set, start_set
 
-    scen = make_scenarios(tmp_path / "root" / "scen", n=3, seed=9)
-    truth = load_truth(scen.parent)
-    scenarios = load_scenarios(scen)
-    out = tmp_path / "root" / "set"
-    m = _manifest({"model": "rendered", "loras": [], "candidates": 4, "seed": 0, "steps": 0,
-                   "height": 64, "width": 64, "guidance": 1.0}, scenarios)
-    m["status"] = "complete"
+    scenarios, truth, m, out = start_set(tmp_path / "root", n=3, seed=9)
     want = {}
     for s, e in zip(scenarios, m["scenarios"]):
         t = truth[s.id]
@@ -50,15 +42,8 @@ def rendered_set(tmp_path: Path):
             frames = [([], "loser"), ([R.Placement(other_accessory(ident), pos, size)], "loser"),
                       ([R.Placement(ident, wrong_slot, size)], None),
                       ([R.Placement(other_colour(ident), pos, size)], None)]
-        want[s.id] = {}
-        for k, (places, label) in enumerate(frames):
-            p = out / e["candidates"][k]["file"]
-            p.parent.mkdir(parents=True, exist_ok=True)
-            R.to_pil(R.render_frame(t["scene"], places)).save(p)
-            want[s.id][k] = label
-        for r in e["references"]:
-            (out / r).write_bytes(Path(s.references[0]).read_bytes())
-    (out / MANIFEST).write_text(json.dumps(m))
+        want[s.id] = draw_candidates(out, e, s, t["scene"], frames)
+    finish_set(out, m)
     return tmp_path / "root", truth, want
 
 

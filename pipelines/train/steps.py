@@ -66,12 +66,9 @@ class StepMixin:
             named = ds.refs_of[t] if ds.refs_of else None
             boxes = ds.regions_of[t] if ds.regions_of else None
             if boxes is not None:
-                # a layout binds each reference to its box, so they keep their pairs; a
-                # target naming fewer than --num-refs reads just those (empty slots)
-                pick = sorted(D.choose(rng, range(len(named)), min(a.num_refs, len(named))))
-                refs = [named[j] for j in pick]
-                layouts.append([boxes[j] for j in pick] + [ABSENT] * (a.num_refs - len(pick)))
-                rows += [t] + refs + [refs[0]] * (a.num_refs - len(refs))
+                pick, lay = self._layout_pick(rng, boxes)
+                layouts.append(lay)
+                rows += [t] + [named[j] for j in pick]
                 continue
             others = named or [j for j in ds.groups[ds.group_of[t]] if j != t]
             rows += [t] + D.choose(rng, others, a.num_refs)
@@ -79,6 +76,16 @@ class StepMixin:
         drop = rng.random(len(rows)) < a.caption_dropout
         prompts = ["" if d else ds.captions[i] for i, d in zip(rows, drop)]
         return rows, prompts, (layouts if any(l is not None for l in layouts) else None)
+
+    def _layout_pick(self, rng, boxes: list):
+        """Which of a line's references fill the ``--num-refs`` slots, and each slot's box.
+        A layout binds each reference to its box, so they keep their pairs; a line naming
+        fewer than --num-refs reads just those: the other slots repeat the first reference
+        only to keep the batch's shape, and are ABSENT (read by no token)."""
+        k = self.args.num_refs
+        pick = sorted(D.choose(rng, range(len(boxes)), min(k, len(boxes))))
+        lay = [boxes[j] for j in pick] + [ABSENT] * (k - len(pick))
+        return pick + [pick[0]] * (k - len(pick)), lay
 
     def _ref_regions(self, layouts: Optional[list], n_tokens: int) -> Optional[torch.Tensor]:
         """The in-batch ``ref_regions`` of a batch's layouts (None when no target has one)."""
@@ -110,9 +117,7 @@ class StepMixin:
             boxes = ds.regions[k] if ds.regions else None
             if boxes is not None:
                 # the candidates read every reference inside its box: so do winner and loser
-                refs = sorted(D.choose(rng, range(len(named)), min(a.num_refs, len(named))))
-                lay = [boxes[j] for j in refs] + [ABSENT] * (a.num_refs - len(refs))
-                refs += [refs[0]] * (a.num_refs - len(refs))
+                refs, lay = self._layout_pick(rng, boxes)
             else:
                 refs = D.choose(rng, range(len(named)), a.num_refs)
                 lay = None

@@ -216,8 +216,8 @@ def _stage_dpo_data(ctx: Context) -> Dict[str, Any]:
     root = ctx.out / "dpo_data"
     # same seed, same files: a rerun finds the candidate set's scenarios unchanged and resumes
     scen = make_scenarios(root / "scenarios", n=s["dpo_scenarios"], seed=ctx.seed,
-                          split_seed=ctx.seed, duo_share=s.get("dpo_duo_percent", 0) / 100,
-                          layout=bool(s.get("dpo_layout", 0)))
+                          split_seed=ctx.seed, duo_share=s["dpo_duo_percent"] / 100,
+                          layout=bool(s["dpo_layout"]))
     cmd = [sys.executable, "-m", "pipelines.candidates", "--scenarios", str(scen),
            "--out", str(ctx.out / DPO_SET), "-k", str(s["dpo_candidates"]),
            "--model", str(ctx.out / "base"), "--lora", str(ctx.out / "gsa" / "pytorch_lora_weights.safetensors"),
@@ -260,7 +260,7 @@ def _stage_dpo(ctx: Context) -> Dict[str, Any]:
                         *recipe_argv("dpo", max_steps=s["dpo_steps"], batch_size=s["dpo_batch"],
                                      checkpoint_every=0, seed=ctx.seed,
                                      # a duo scenario's pairs read both references
-                                     **({"num_refs": 2} if s.get("dpo_duo_percent") else {}))])
+                                     **({"num_refs": 2} if s["dpo_duo_percent"] else {}))])
 
 
 def _stage_export(ctx: Context) -> Dict[str, Any]:

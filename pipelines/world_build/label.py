@@ -53,10 +53,9 @@ def decide(reading, expected) -> Optional[str]:
     chars = reading.characters
     if len(chars) != len(expected):
         return "loser"
-    at = {c["position"]: c for c in chars}
     right = 0
     for position, accessory, colour in expected:
-        ch = at.get(position)
+        ch = reading.at(position)
         if ch is None:
             if len(expected) == 1 and chars[0]["accessory"] != accessory:
                 return "loser"          # a lone character elsewhere with another accessory
@@ -167,10 +166,10 @@ def label_set(url: str, set_ref: str, truth: Optional[Dict[str, dict]] = None,
             mine[c["k"]] = label
             n["candidates"] += 1
             # per character: its reference's accessory / colour at its slot
-            at = {ch["position"]: ch for ch in reading.characters}
             for pos, acc, col in expected:
-                n["right_accessory"] += at.get(pos, {}).get("accessory") == acc
-                n["right_colour"] += at.get(pos, {}).get("colour") == col
+                ch = reading.at(pos) or {}
+                n["right_accessory"] += ch.get("accessory") == acc
+                n["right_colour"] += ch.get("colour") == col
             n["appearances"] += len(expected)
             if label is None:
                 n["unmarked"] += 1
