@@ -471,6 +471,9 @@ def sdxl_ip_adapter_kwargs(path) -> dict:
 WORLD_MAX_SEQUENCE_LENGTH = 32
 WORLD_WORDS = list(dict.fromkeys(WORDS + ["centre"] + [n.lower() for n in world_data.NAMES]
                                  + list(world_data.NAMES)))
+# the world SDXL base also learns from captions that say a look (world_data.describe); its
+# tokenizer reads those words whole (appended: the words before keep their ids and splits)
+WORLD_SDXL_WORDS = list(dict.fromkeys(WORLD_WORDS + world_data.DESCRIPTION_WORDS))
 
 
 def world_transformer_config() -> dict:
@@ -529,7 +532,8 @@ def build_world_sdxl_pipeline(path, vae, seed: int = 0, unet=None) -> str:
                                    beta_schedule="scaled_linear", prediction_type="v_prediction",
                                    timestep_spacing="trailing", rescale_betas_zero_snr=True)
     build_sdxl_pipeline(path, world_sdxl_unet_config(), sched, seed=seed, first=201,
-                        max_len=WORLD_MAX_SEQUENCE_LENGTH, words=WORLD_WORDS, unet=unet, vae=vae)
+                        max_len=WORLD_MAX_SEQUENCE_LENGTH, words=WORLD_SDXL_WORDS, unet=unet,
+                        vae=vae)
     return str(path)
 
 

@@ -17,11 +17,12 @@ It imports diffusers (the processor subclasses diffusers' IP-Adapter processor),
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .processors.grca import GlobalReferenceAttnProcessor, GRCALayerKV, GRCAState
+from .regions import Box
 
 __all__ = ["GRCAHandle", "install_global_reference_attention"]
 
@@ -171,12 +172,21 @@ class GRCAHandle:
             st.num_refs = 0
 
     @contextlib.contextmanager
-    def select(self, ref_index: Optional[Sequence[Sequence[int]]]) -> Iterator[None]:
+    def select(self, ref_index: Optional[Sequence[Sequence[int]]],
+               regions: Optional[Sequence[Sequence[Optional[Box]]]] = None,
+               size: Optional[Tuple[int, int]] = None) -> Iterator[None]:
         """Inside a round: conditional row i reads only pool entries ``ref_index[i]``
-        (-1 = padding).  None = every row reads all entries."""
+        (-1 = padding).  None = every row reads all entries.
+
+        ``regions`` (a layout): per row, one box ``(x0, y0, x1, y1)`` in fractions of the
+        frame (or None) per entry of its ``ref_index`` row; an image token inside boxes
+        reads only those entries, one in no box reads all of the row's entries, an entry
+        without a box is read by every token (the policy of :func:`storyattn.region_masks`).
+        ``size``: the frame's ``(height, width)`` (any unit), which places each layer's
+        tokens on the frame; required with ``regions``."""
         if not self.state.active:
             raise RuntimeError("select() needs an open round (handle.references(...))")
-        prev = self.state.ref_index
+        prev = (self.state.ref_index, self.state.regions, self.state.aspect)
         if ref_index is not None and not isinstance(ref_index, torch.Tensor):
             width = max((len(r) for r in ref_index), default=0)
             ref_index = torch.tensor([list(r) + [-1] * (width - len(r)) for r in ref_index],
@@ -184,11 +194,26 @@ class GRCAHandle:
         if ref_index is not None and ref_index.numel() and int(ref_index.max()) >= self.state.num_refs:
             raise ValueError(f"ref_index names entry {int(ref_index.max())} but the round has "
                              f"{self.state.num_refs} references")
-        self.state.ref_index = ref_index
+        aspect = None
+        if regions is not None:
+            if ref_index is None:
+                raise ValueError("regions go with a ref_index: one box per entry a row reads")
+            if len(regions) != ref_index.shape[0]:
+                raise ValueError(f"regions has {len(regions)} rows, ref_index "
+                                 f"{ref_index.shape[0]}: one row of boxes per frame")
+            for i, row in enumerate(regions):
+                if len(row) > ref_index.shape[1]:
+                    raise ValueError(f"regions row {i} has {len(row)} boxes for "
+                                     f"{ref_index.shape[1]} entries")
+            if size is None or len(size) != 2 or min(size) <= 0:
+                raise ValueError("regions need size=(height, width) of the frame")
+            aspect = float(size[0]) / float(size[1])
+            regions = [list(r) for r in regions]
+        self.state.ref_index, self.state.regions, self.state.aspect = ref_index, regions, aspect
         try:
             yield
         finally:
-            self.state.ref_index = prev
+            self.state.ref_index, self.state.regions, self.state.aspect = prev
 
     def remove(self) -> None:
         """Put the stock IP-Adapter processors back (idempotent).  Layers a diffusers call

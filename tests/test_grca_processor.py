@@ -357,3 +357,101 @@ def test_layer_low_precision_error_bound(dtype):
     err_ours = (ours.double() - ref64).abs().max().item()
     err_stock = (low - ref64).abs().max().item()
     assert err_ours <= 2 * err_stock + 1e-3, (err_ours, err_stock)
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_layer_regions_equal_stock_per_token_group(guidance):
+    """A layout (one box per entry a row reads): each image token's reference term is the
+    stock IPAdapterAttnProcessor2_0 fed only the entries whose box covers the token's centre
+    (every entry of the row for a token in no box; an entry without a box for all tokens).
+    The token groups are computed here from the boxes' geometry, independently of
+    storyattn.region_masks."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    from storyattn.processors.grca import GRCAState
+
+    g = torch.Generator().manual_seed(5)
+    heads, dim_head, cross, n_refs, T = 2, 16, 24, 5, 4
+    inner = heads * dim_head
+    h, w = 6, 8                                   # a 3:4 frame, 48 image tokens
+    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
+    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross, scale=0.6)
+    with torch.no_grad():
+        for p in list(attn.parameters()) + list(stock.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    attn.set_processor(stock)
+    ref_index = [[0, 3], [4, 1, 2], [2, -1]]
+    boxes = [[(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)],      # a duo: left and right
+             [(0.25, 0.5, 0.75, 1.0), None, None],               # one box, two free entries
+             [None, None]]                                        # no layout: all read all
+    n_cond = len(ref_index)
+    rows = 2 * n_cond if guidance else n_cond
+    hs = torch.randn(rows, h * w, inner, generator=g)
+    text = torch.randn(rows, 7, cross, generator=g)
+    ref_tok = torch.randn(n_refs, T, cross, generator=g)
+    null_tok = torch.randn(1, T, cross, generator=g)
+
+    def reads(row, tok):
+        cy, cx = (tok // w + 0.5) / h, (tok % w + 0.5) / w
+        sel = [j for j in ref_index[row] if j >= 0]
+        bx = boxes[row] + [None] * (len(ref_index[row]) - len(boxes[row]))
+        inside = [j for j, b in zip(ref_index[row], bx)
+                  if j >= 0 and b is not None and b[0] <= cx < b[2] and b[1] <= cy < b[3]]
+        free = [j for j, b in zip(ref_index[row], bx) if j >= 0 and b is None]
+        return sorted(set(inside + free)) if inside else sel
+
+    expected = torch.empty(rows, h * w, inner)
+    with torch.no_grad():
+        for c in range(n_cond):
+            groups = {}
+            for tok in range(h * w):
+                groups.setdefault(tuple(reads(c, tok)), []).append(tok)
+            for sel, toks in groups.items():
+                toks = torch.tensor(toks)
+                ip_c = ref_tok[list(sel)][None]
+                if guidance:
+                    r2 = torch.tensor([c, n_cond + c])
+                    ip = torch.cat([null_tok[None].expand(1, len(sel), -1, -1), ip_c])
+                    o = attn(hs[r2], encoder_hidden_states=(text[r2], [ip]))
+                    expected[c, toks] = o[0, toks]
+                    expected[n_cond + c, toks] = o[1, toks]
+                else:
+                    o = attn(hs[c:c + 1], encoder_hidden_states=(text[c:c + 1], [ip_c]))
+                    expected[c, toks] = o[0, toks]
+
+    state = GRCAState()
+    proc = GlobalReferenceAttnProcessor(stock, state, "layer.processor")
+    with torch.no_grad():
+        kv = proc.compute_kv(attn, ref_tok, null_tok if guidance else None)
+    state.kv, state.scale, state.guidance = {"layer.processor": kv}, 0.6, guidance
+    state.num_refs, state.active = n_refs, True
+    state.ref_index = torch.tensor([r + [-1] * (3 - len(r)) for r in ref_index])
+    state.regions, state.aspect = boxes, h / w
+    attn.set_processor(proc)
+    with torch.no_grad():
+        out = attn(hs, encoder_hidden_states=text)
+    assert_close(out, expected, what="regional GRCA")
+    # the layout changes what the boxed tokens read: without it the duo row differs
+    state.regions = None
+    with torch.no_grad():
+        plain = attn(hs, encoder_hidden_states=text)
+    c0 = n_cond if guidance else 0
+    assert not torch.allclose(plain[c0], out[c0], atol=1e-4)
+
+
+def test_select_regions_errors(pipe):
+    handle = install_global_reference_attention(pipe.unet)
+    try:
+        emb = _embeds(pipe, _images(2))
+        with handle.references(emb, scale=0.5, guidance=False):
+            with pytest.raises(ValueError, match="size"):
+                with handle.select([[0, 1]], regions=[[(0, 0, .5, 1), None]]):
+                    pass
+            with pytest.raises(ValueError, match="ref_index"):
+                with handle.select(None, regions=[[None]], size=(64, 64)):
+                    pass
+            with pytest.raises(ValueError, match="rows"):
+                with handle.select([[0], [1]], regions=[[None]], size=(64, 64)):
+                    pass
+    finally:
+        handle.remove()

@@ -322,3 +322,47 @@ def test_posed_cast_groups_give_each_character_its_clean_or_posed_reference(tmp_
             assert all(frame.at(pos)[a] == want[a] for a in R.ATTRIBUTES)
     assert kinds == {"ref_", "pose"}
     assert len(load_story_groups(root).groups) == 5
+
+
+def test_described_base_captions_say_the_drawn_look_and_leave_the_rest_unchanged():
+    """The SDXL base's captions: a described share names each character by its look (as the
+    reader reads the frame), and share 0 gives exactly the frames it always gave."""
+    from pipelines.model_presets import WORLD_SDXL_WORDS, clip_tokenizer
+
+    plain = D.make_base_frames(40, seed=3)
+    said = D.make_base_frames(40, seed=3, described_share=1.0)
+    assert [p for _, p in plain] == [p for _, p in D.make_base_frames(40, seed=3, described_share=0)]
+    n_said = 0
+    for (img, p0), (img1, p1) in zip(plain, said):
+        assert np.array_equal(img, img1)          # the same frames, other words
+        looks = [c for c in read_image(img).characters]
+        for c in looks:
+            look = D.describe(R.Identity(c["shape"], c["colour"], c["pattern"], c["accessory"]))
+            assert f"{look} {c['size']} on the {c['position']}" in p1, (p1, c)
+            n_said += 1
+        assert not any(n in p1.split() for n in D.NAMES), p1
+    assert n_said >= 40
+    assert D.describe(R.Identity("circle", "red", "stripe", "hat")) == "red striped circle with hat"
+    assert D.describe(R.Identity("square", "blue", "solid", "none")) == "blue square"
+    # the SDXL tokenizer reads every look word whole (one token), so a duo caption fits
+    tok = clip_tokenizer(32, WORLD_SDXL_WORDS)
+    for w in D.DESCRIPTION_WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    half = D.make_base_frames(400, seed=3, described_share=0.5)
+    share = np.mean([not any(n in p.split() for n in D.NAMES) for _, p in half])
+    assert 0.4 < share < 0.6
+
+
+def test_ip_pairs_posed_references_keep_the_look_and_vary_the_slot():
+    from pipelines.world_build.train_sdxl import make_ip_pairs
+
+    train, _ = D.split_identities(0)
+    assert all(np.array_equal(a[0], b[0]) and a[2] == b[2] for a, b in
+               zip(make_ip_pairs(30, 5, train), make_ip_pairs(30, 5, train, posed_share=0.0)))
+    slots = set()
+    for ref, img, prompt in make_ip_pairs(60, 5, train, posed_share=1.0):
+        r, f = read_image(ref).characters, read_image(img).characters
+        assert len(r) == len(f) == 1
+        assert all(r[0][a] == f[0][a] for a in ("shape", "colour", "pattern", "accessory"))
+        slots.add((r[0]["position"], r[0]["size"]))
+    assert len(slots) >= 5                        # posed: any slot and size, not centre-big only

@@ -119,5 +119,11 @@ def test_build_from_weights_takes_committed_stage1(tmp_path):
     assert (tmp_path / "gsa/pytorch_lora_weights.safetensors").read_bytes() == \
         Path(W.gsa_lora_path()).read_bytes()
     assert (tmp_path / "base/model_index.json").is_file()
+    assert state["stages"]["sdxl_base"]["from_weights"] == str(W.WEIGHTS_DIR)
+    # a stage this folder ran itself keeps its own record on a later --from-weights resume
+    own = {"steps": 7, "final_loss": 0.5}
+    state2 = {"seed": state["seed"], "stages": {"sdxl_base": dict(own)}}
+    seed_from_weights(tmp_path, Path(W.WEIGHTS_DIR), state2)
+    assert state2["stages"]["sdxl_base"] == own
     with pytest.raises(SystemExit, match="pass --seed"):
         seed_from_weights(tmp_path, Path(W.WEIGHTS_DIR), {"seed": 12345, "stages": {}})

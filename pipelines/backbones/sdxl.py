@@ -160,12 +160,14 @@ class SDXLBackbone:
              ref_index: Optional[List[List[int]]] = None,
              regions: Optional[List[List]] = None) -> List:
         """Draw one batch; ``ref_index[i]``: pool entries frame i reads (None = all).
-        ``regions`` (a story's layout) is not used: the IP-Adapter's image tokens are a few
-        global embeddings per reference, not a spatial map a box could select from."""
+        ``regions`` (a story's layout, one box or None per ``ref_index`` entry): each image
+        token of a frame reads only the references whose box covers it, so a two-character
+        frame does not give both looks to both characters (the IP-Adapter's tokens are global
+        embeddings of a reference; the box decides which tokens of the frame read them)."""
         if self._round is None:
             raise RuntimeError("draw() outside a round")
-        sel = (self.handle.select(ref_index) if ref_index is not None and self._state.num_refs
-               else contextlib.nullcontext())
+        sel = (self.handle.select(ref_index, regions=regions, size=(self.height, self.width))
+               if ref_index is not None and self._state.num_refs else contextlib.nullcontext())
         with sel:
             neg = None if self.negative_prompt is None else [self.negative_prompt] * len(prompts)
             out = self.pipe(prompt=prompts, negative_prompt=neg, generator=generators,

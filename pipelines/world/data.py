@@ -14,7 +14,7 @@ Prompt grammar (what a frame's prompt controls; identity is never in it)::
 * ``make_gsa_groups(out, ...)``: stage gsa data (``metadata.jsonl``, story groups of one or
   two characters: the same identities at varying places, sizes and scenes).
 * ``make_base_frames(n, seed)``: (image, prompt) pairs with random identities, for the
-  text-to-image base model.
+  text-to-image base model (the SDXL base also sees captions that say a character's look).
 * ``write_dpo_pairs(out, scenarios)``: stage dpo scenario pools (``pairs.jsonl``).
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from . import render as R
 
 __all__ = ["NAMES", "frame_prompt", "parse_prompt", "PromptError", "random_identities",
            "random_frame", "make_story", "load_truth", "make_gsa_groups", "make_base_frames",
-           "write_dpo_pairs", "render_truth_frame", "split_identities", "make_cast_groups"]
+           "write_dpo_pairs", "render_truth_frame", "split_identities", "make_cast_groups",
+           "describe", "DESCRIPTION_WORDS"]
 
 # names that say nothing of a look
 NAMES = ("Pip", "Moss", "Bo", "Kit", "Tam", "Fen", "Rue", "Jax", "Lu", "Nim", "Ivo", "Wren",
@@ -302,10 +303,28 @@ def make_cast_groups(out, n_groups: int = 240, per_group: int = 6, seed: int = 0
     return out
 
 
+def describe(identity: R.Identity) -> str:
+    """A character's look in words, e.g. "red striped circle with hat" (only the SDXL base's
+    described captions use it; story prompts never carry a look)."""
+    pattern = {"solid": "", "stripe": "striped ", "belt": "belted "}[identity.pattern]
+    extra = "" if identity.accessory == "none" else f" with {identity.accessory}"
+    return f"{identity.colour} {pattern}{identity.shape}{extra}"
+
+
+# the words of describe(): a tokenizer that should read looks as whole words needs them
+DESCRIPTION_WORDS = (list(R.SHAPES) + list(R.COLOURS) + ["striped", "belted", "with"]
+                     + [a for a in R.ACCESSORIES if a != "none"])
+
+
 def make_base_frames(n: int, seed: int = 0, duo_share: float = 0.3,
-                     pool: Optional[Sequence[R.Identity]] = None):
-    """n (uint8 image, prompt) pairs with random identities and random names."""
+                     pool: Optional[Sequence[R.Identity]] = None, described_share: float = 0.0):
+    """n (uint8 image, prompt) pairs with random identities and random names; in a share
+    ``described_share`` of them each character is named by its look (:func:`describe`)
+    instead, so the model also learns to draw a look it is told (what a real text-to-image
+    base knows, and what an IP-Adapter on a frozen base builds on)."""
     rng = np.random.default_rng([seed, 17])
+    # a stream of its own, so described_share=0 leaves every earlier frame as it was
+    rng_said = np.random.default_rng([seed, 19])
     pool = list(pool) if pool is not None else R.all_identities()
     out = []
     for _ in range(n):
@@ -313,6 +332,8 @@ def make_base_frames(n: int, seed: int = 0, duo_share: float = 0.3,
         scene, places = random_frame(rng, k)
         names = [NAMES[i] for i in rng.choice(len(NAMES), size=k, replace=False)]
         ids = random_identities(rng, k, pool)
+        if described_share > 0 and rng_said.random() < described_share:
+            names = [describe(i) for i in ids]
         img = R.render_frame(scene, [R.Placement(i, p, s) for i, (s, p) in zip(ids, places)])
         out.append((img, frame_prompt(scene, [(nm, s, p) for nm, (s, p) in zip(names, places)])))
     return out

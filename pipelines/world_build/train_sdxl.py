@@ -107,9 +107,11 @@ def _drop(x: torch.Tensor, p: float, g) -> torch.Tensor:
 
 def train_sdxl_base(pipe, steps: int, batch: int, seed: int, device, lr: float = 1e-3,
                     n_frames: int = 4096, caption_dropout: float = 0.1,
+                    described_share: float = 0.0,
                     log: Optional[Callable] = None) -> Dict[str, float]:
-    """Train ``pipe.unet`` (full weights) in place, text-to-image."""
-    frames = D.make_base_frames(n_frames, seed=seed + 101)
+    """Train ``pipe.unet`` (full weights) in place, text-to-image; a ``described_share`` of
+    the captions say each character's look instead of its name (see stage_sdxl_base)."""
+    frames = D.make_base_frames(n_frames, seed=seed + 101, described_share=described_share)
     pipe.text_encoder.to(device)
     pipe.text_encoder_2.to(device)
     emb, pooled = _encode_text(pipe, [f[1] for f in frames], device)
@@ -122,7 +124,8 @@ def train_sdxl_base(pipe, steps: int, batch: int, seed: int, device, lr: float =
     g = torch.Generator().manual_seed(seed + 102)
     return _loop("sdxl_base", steps, unet, opt, sched, log, lambda: _base_step(
         unet, loss_fn, lat, emb, pooled, batch, caption_dropout, g), lambda: unet.eval()
-        .requires_grad_(False), extra={"batch": batch, "frames": n_frames})
+        .requires_grad_(False), extra={"batch": batch, "frames": n_frames,
+                                       "described_share": described_share})
 
 
 def _base_step(unet, loss_fn, lat, emb, pooled, batch, p_drop, g):
@@ -213,16 +216,24 @@ def save_ip_adapter(pipe, folder) -> None:
                                                  safe_serialization=True)
 
 
-def make_ip_pairs(n: int, seed: int, pool) -> List[tuple]:
+def make_ip_pairs(n: int, seed: int, pool, posed_share: float = 0.0) -> List[tuple]:
     """n (reference image, frame image, frame prompt): the reference is a lone big centred
     character in a random scene (as a story's reference), the frame the same character alone
-    in another random scene, slot and size."""
+    in another random scene, slot and size.  In a share ``posed_share`` the reference is itself
+    such a frame (any slot and size), as Story-Iter's later rounds read the previous round's
+    frames: the adapter learns to take the look and leave the size and slot to the prompt."""
     rng = np.random.default_rng([seed, 31])
+    # a stream of its own, so posed_share=0 draws exactly the pairs it always drew
+    rng_posed = np.random.default_rng([seed, 37])
     out = []
     for _ in range(n):
         ident = pool[rng.integers(len(pool))]
-        ref = R.render_frame(list(R.SCENES)[rng.integers(len(R.SCENES))],
-                             [R.Placement(ident, "centre", "big")])
+        ref_scene = list(R.SCENES)[rng.integers(len(R.SCENES))]
+        place = R.Placement(ident, "centre", "big")
+        if posed_share > 0 and rng_posed.random() < posed_share:
+            _, ((rsize, rpos),) = D.random_frame(rng_posed, 1)
+            place = R.Placement(ident, rpos, rsize)
+        ref = R.render_frame(ref_scene, [place])
         scene, places = D.random_frame(rng, 1)
         (size, pos), = places
         name = D.NAMES[rng.integers(len(D.NAMES))]
@@ -234,9 +245,10 @@ def make_ip_pairs(n: int, seed: int, pool) -> List[tuple]:
 def train_sdxl_ip_adapter(pipe, steps: int, batch: int, seed: int, device, pool,
                           lr: float = 1e-3, enc_lr: float = 3e-4, n_pairs: int = 2048,
                           image_dropout: float = 0.1, caption_dropout: float = 0.05,
+                          posed_share: float = 0.0,
                           log: Optional[Callable] = None) -> Dict[str, float]:
     """Train the adapter loaded on ``pipe`` (and its image encoder); the base stays frozen."""
-    pairs = make_ip_pairs(n_pairs, seed + 111, pool)
+    pairs = make_ip_pairs(n_pairs, seed + 111, pool, posed_share=posed_share)
     pipe.text_encoder.to(device)
     pipe.text_encoder_2.to(device)
     emb, pooled = _encode_text(pipe, [p[2] for p in pairs], device)
@@ -269,7 +281,8 @@ def train_sdxl_ip_adapter(pipe, steps: int, batch: int, seed: int, device, pool,
 
     n_trained = sum(p.numel() for p in ip_params) + sum(p.numel() for p in enc.parameters())
     return _loop("sdxl_ip", steps, torch.nn.ModuleList([unet, enc]), opt, sched, log, step,
-                 finish, extra={"batch": batch, "pairs": n_pairs, "trained_params": n_trained,
+                 finish, extra={"batch": batch, "pairs": n_pairs, "posed_share": posed_share,
+                                "trained_params": n_trained,
                                 "image_encoder": "trained jointly"})
 
 
@@ -288,23 +301,6 @@ def _world_vae(ctx) -> Path:
     return Path(W.flux_path(root)) / "vae"
 
 
-class _threads:
-    """One intra-op thread on the CPU for the stage: on a shared CPU, OpenMP threads that wait
-    for each other at every op's barrier made a step 5-20x slower than one thread (measured:
-    0.27 s vs 5-9 s per base step, batch 32)."""
-
-    def __init__(self, device):
-        self.cpu = str(device) == "cpu"
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        if self.cpu:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
-
-
 def stage_sdxl_base(ctx) -> Dict[str, float]:
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
@@ -315,9 +311,11 @@ def stage_sdxl_base(ctx) -> Dict[str, float]:
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp), local_files_only=True)
     torch.manual_seed(ctx.seed)
     s = ctx.settings
-    with _threads(ctx.device):
-        res = train_sdxl_base(pipe, s["sdxl_base_steps"], s["sdxl_base_batch"], ctx.seed,
-                              ctx.device, log=ctx.log)
+    # all cores, as the FLUX stages: on an idle 2-core CPU a step takes 0.12 s against 0.19 s
+    # on one thread (on a shared CPU, run the build with OMP_NUM_THREADS=1: docs/world.md)
+    res = train_sdxl_base(pipe, s["sdxl_base_steps"], s["sdxl_base_batch"], ctx.seed,
+                          ctx.device, described_share=s["sdxl_described_percent"] / 100,
+                          log=ctx.log)
     pipe.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
     shutil.rmtree(ctx.out / "sdxl_base", ignore_errors=True)
     tmp.rename(ctx.out / "sdxl_base")
@@ -346,9 +344,9 @@ def stage_sdxl_ip(ctx) -> Dict[str, float]:
     train, _ = D.split_identities(ctx.seed)
     torch.manual_seed(ctx.seed)
     s = ctx.settings
-    with _threads(ctx.device):
-        res = train_sdxl_ip_adapter(pipe, s["sdxl_ip_steps"], s["sdxl_ip_batch"], ctx.seed,
-                                    ctx.device, train, log=ctx.log)
+    res = train_sdxl_ip_adapter(pipe, s["sdxl_ip_steps"], s["sdxl_ip_batch"], ctx.seed,
+                                ctx.device, train, posed_share=s["sdxl_ip_posed_percent"] / 100,
+                                log=ctx.log)
     save_ip_adapter(pipe, tmp)
     shutil.rmtree(ctx.out / "sdxl_ip", ignore_errors=True)
     tmp.rename(ctx.out / "sdxl_ip")
