@@ -108,3 +108,23 @@ def test_bad_arguments_get_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit):
         BQ.main(["--weights", str(tmp_path)])
     assert f"no world weights in {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        BQ.main(["--only-dpo", "--only-sdxl"])
+    assert "pick one set of rows" in capsys.readouterr().err
+
+
+def test_only_dpo_gives_the_stage1_and_dpo_rows_as_the_full_table_does(tmp_path):
+    from pipelines.world import weights as W
+
+    if not W.available():
+        pytest.skip("no committed world weights")
+    common = ["--frames", "2", "--steps", "2", "--seed", "302"]
+    assert BQ.main(common + ["--only-dpo", "--results-dir", str(tmp_path / "dpo")]) == 0
+    assert BQ.main(common + ["--skip-story-iter", "--results-dir", str(tmp_path / "all")]) == 0
+    dpo = json.loads((tmp_path / "dpo" / "bench_quality_dpo_cpu.json").read_text())
+    full = {r["row"]: r for r in json.loads(next((tmp_path / "all").glob("*.json"))
+                                            .read_text())["rows"]}
+    assert [r["row"] for r in dpo["rows"]] == [BQ.STAGE1, BQ.DPO]
+    for r in dpo["rows"]:
+        assert r["identity_cross"] == pytest.approx(full[r["row"]]["identity_cross"])
+        assert r["attribute_rate"] == pytest.approx(full[r["row"]]["attribute_rate"])

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from ..api import segment_attention
+from ..regions import region_masks
 
 __all__ = ["GlobalReferenceAttnProcessor", "GRCAState", "GRCALayerKV"]
 
@@ -312,8 +313,6 @@ class GlobalReferenceAttnProcessor(IPAdapterAttnProcessor2_0):
         """One conditional row ``q`` [Lq, H, D] with a layout: each image token reads only the
         entries whose box covers it (policy of :func:`storyattn.region_masks`); tokens with the
         same set of entries share one attention call."""
-        from ..regions import region_masks
-
         Lq = q.shape[0]
         rows = max(1, round((Lq * state.aspect) ** 0.5))
         cols = Lq // rows
