@@ -269,25 +269,47 @@ def test_text_only_equals_scale_zero(pipe):
     assert_close(ours, ref, what="text only")
 
 
+def _random_layer(g, heads, dim_head, cross, std=0.2, **stock_kw):
+    """A diffusers Attention layer with the stock IP-Adapter processor installed, every weight
+    drawn from ``g`` (the layer's first, then the processor's)."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    inner = heads * dim_head
+    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
+    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross, **stock_kw)
+    with torch.no_grad():
+        for p in list(attn.parameters()) + list(stock.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    attn.set_processor(stock)
+    return attn, stock
+
+
+def _open_grca(attn, stock, ref_tok, null_tok, scale, guidance, **state):
+    """GRCA installed over ``stock`` on ``attn``, its round open on ``ref_tok`` (and the null
+    tokens with guidance); ``state``: further GRCAState fields (ref_index, regions, ...)."""
+    from storyattn.processors.grca import GRCAState
+
+    st = GRCAState()
+    proc = GlobalReferenceAttnProcessor(stock, st, "layer.processor")
+    with torch.no_grad():
+        kv = proc.compute_kv(attn, ref_tok, null_tok if guidance else None)
+    st.kv, st.scale, st.guidance = {"layer.processor": kv}, scale, guidance
+    st.num_refs, st.active = ref_tok.shape[0], True
+    for k, v in state.items():
+        setattr(st, k, v)
+    attn.set_processor(proc)
+    return st
+
+
 @pytest.mark.parametrize("dim_head, heads, lq, n_refs, tokens", [
     (40, 2, 97, 5, 4), (72, 3, 1, 1, 4), (32, 4, 130, 9, 16)])
 @pytest.mark.parametrize("guidance", [False, True])
 def test_layer_odd_shapes(dim_head, heads, lq, n_refs, tokens, guidance):
     """One diffusers Attention layer with odd head dims / lengths / token counts (16 tokens:
     IP-Adapter Plus): GRCA == stock IPAdapterAttnProcessor2_0 fed the N images' tokens."""
-    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
-
-    from storyattn.processors.grca import GRCAState
-
     g = torch.Generator().manual_seed(dim_head + lq)
     inner, cross = heads * dim_head, 48
-    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
-    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross,
-                                      num_tokens=(tokens,), scale=0.7)
-    with torch.no_grad():
-        for p in list(attn.parameters()) + list(stock.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    attn.set_processor(stock)
+    attn, stock = _random_layer(g, heads, dim_head, cross, num_tokens=(tokens,), scale=0.7)
     rows = 4 if guidance else 3
     hs = torch.randn(rows, lq, inner, generator=g)
     text = torch.randn(rows, 11, cross, generator=g)
@@ -301,13 +323,7 @@ def test_layer_odd_shapes(dim_head, heads, lq, n_refs, tokens, guidance):
     with torch.no_grad():
         ref = attn(hs, encoder_hidden_states=(text, [ip]))
 
-    state = GRCAState()
-    proc = GlobalReferenceAttnProcessor(stock, state, "layer.processor")
-    with torch.no_grad():
-        kv = proc.compute_kv(attn, ref_tok, null_tok if guidance else None)
-    state.kv, state.scale, state.guidance = {"layer.processor": kv}, 0.7, guidance
-    state.num_refs, state.active = n_refs, True
-    attn.set_processor(proc)
+    _open_grca(attn, stock, ref_tok, null_tok, 0.7, guidance)
     with torch.no_grad():
         out = attn(hs, encoder_hidden_states=text)
     assert_close(out, ref, what=f"layer d={dim_head} lq={lq} N={n_refs} T={tokens}")
@@ -317,19 +333,10 @@ def test_layer_odd_shapes(dim_head, heads, lq, n_refs, tokens, guidance):
 def test_layer_low_precision_error_bound(dtype):
     """bf16/fp16: GRCA's error against a float64 run of the stock processor is within twice
     the stock processor's own error in the same dtype."""
-    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
-
-    from storyattn.processors.grca import GRCAState
-
     g = torch.Generator().manual_seed(3)
     heads, dim_head, cross, n_refs, rows = 2, 40, 48, 6, 4
     inner = heads * dim_head
-    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
-    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross, scale=0.5)
-    with torch.no_grad():
-        for p in list(attn.parameters()) + list(stock.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    attn.set_processor(stock)
+    attn, stock = _random_layer(g, heads, dim_head, cross, scale=0.5)
     hs = torch.randn(rows, 64, inner, generator=g)
     text = torch.randn(rows, 11, cross, generator=g)
     ref_tok = torch.randn(n_refs, 4, cross, generator=g)
@@ -344,13 +351,7 @@ def test_layer_low_precision_error_bound(dtype):
 
     ref64, _, _ = stock_run(torch.float64)
     low, a, st = stock_run(dtype)
-    state = GRCAState()
-    proc = GlobalReferenceAttnProcessor(st, state, "layer.processor")
-    with torch.no_grad():
-        kv = proc.compute_kv(a, ref_tok, null_tok)
-    state.kv, state.scale, state.guidance = {"layer.processor": kv}, 0.5, True
-    state.num_refs, state.active = n_refs, True
-    a.set_processor(proc)
+    _open_grca(a, st, ref_tok, null_tok, 0.5, True)
     with torch.no_grad():
         ours = a(hs.to(dtype), encoder_hidden_states=text.to(dtype))
     assert ours.dtype == dtype
@@ -366,20 +367,11 @@ def test_layer_regions_equal_stock_per_token_group(guidance):
     (every entry of the row for a token in no box; an entry without a box for all tokens).
     The token groups are computed here from the boxes' geometry, independently of
     storyattn.region_masks."""
-    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
-
-    from storyattn.processors.grca import GRCAState
-
     g = torch.Generator().manual_seed(5)
     heads, dim_head, cross, n_refs, T = 2, 16, 24, 5, 4
     inner = heads * dim_head
     h, w = 6, 8                                   # a 3:4 frame, 48 image tokens
-    attn = Attention(query_dim=inner, cross_attention_dim=cross, heads=heads, dim_head=dim_head)
-    stock = IPAdapterAttnProcessor2_0(hidden_size=inner, cross_attention_dim=cross, scale=0.6)
-    with torch.no_grad():
-        for p in list(attn.parameters()) + list(stock.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    attn.set_processor(stock)
+    attn, stock = _random_layer(g, heads, dim_head, cross, std=0.3, scale=0.6)
     ref_index = [[0, 3], [4, 1, 2], [2, -1]]
     boxes = [[(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)],      # a duo: left and right
              [(0.25, 0.5, 0.75, 1.0), None, None],               # one box, two free entries
@@ -419,15 +411,9 @@ def test_layer_regions_equal_stock_per_token_group(guidance):
                     o = attn(hs[c:c + 1], encoder_hidden_states=(text[c:c + 1], [ip_c]))
                     expected[c, toks] = o[0, toks]
 
-    state = GRCAState()
-    proc = GlobalReferenceAttnProcessor(stock, state, "layer.processor")
-    with torch.no_grad():
-        kv = proc.compute_kv(attn, ref_tok, null_tok if guidance else None)
-    state.kv, state.scale, state.guidance = {"layer.processor": kv}, 0.6, guidance
-    state.num_refs, state.active = n_refs, True
-    state.ref_index = torch.tensor([r + [-1] * (3 - len(r)) for r in ref_index])
-    state.regions, state.aspect = boxes, h / w
-    attn.set_processor(proc)
+    state = _open_grca(attn, stock, ref_tok, null_tok, 0.6, guidance,
+                       ref_index=torch.tensor([r + [-1] * (3 - len(r)) for r in ref_index]),
+                       regions=boxes, aspect=h / w)
     with torch.no_grad():
         out = attn(hs, encoder_hidden_states=text)
     assert_close(out, expected, what="regional GRCA")
