@@ -210,10 +210,12 @@ class GRCAHandle:
             aspect = float(size[0]) / float(size[1])
             regions = [list(r) for r in regions]
         self.state.ref_index, self.state.regions, self.state.aspect = ref_index, regions, aspect
+        self.state.region_groups.clear()
         try:
             yield
         finally:
             self.state.ref_index, self.state.regions, self.state.aspect = prev
+            self.state.region_groups.clear()
 
     def remove(self) -> None:
         """Put the stock IP-Adapter processors back (idempotent).  Layers a diffusers call

@@ -417,6 +417,11 @@ def test_layer_regions_equal_stock_per_token_group(guidance):
     with torch.no_grad():
         out = attn(hs, encoder_hidden_states=text)
     assert_close(out, expected, what="regional GRCA")
+    # the token groups were computed once per row with a layout (not per call) and reused
+    assert set(state.region_groups) == {(0, h * w), (1, h * w)}
+    with torch.no_grad():
+        again = attn(hs, encoder_hidden_states=text)
+    assert torch.equal(again, out)
     # the layout changes what the boxed tokens read: without it the duo row differs
     state.regions = None
     with torch.no_grad():
@@ -439,5 +444,10 @@ def test_select_regions_errors(pipe):
             with pytest.raises(ValueError, match="rows"):
                 with handle.select([[0], [1]], regions=[[None]], size=(64, 64)):
                     pass
+            # a select leaves no token groups behind for the next one
+            handle.state.region_groups[(0, 4)] = []
+            with handle.select([[0, 1]], regions=[[(0, 0, .5, 1), None]], size=(64, 64)):
+                assert not handle.state.region_groups
+            assert not handle.state.region_groups
     finally:
         handle.remove()

@@ -88,6 +88,10 @@ class GRCAState:
     ref_index: Optional[torch.Tensor] = None
     regions: Optional[List[List[Optional[Tuple[float, float, float, float]]]]] = None
     aspect: Optional[float] = None
+    # (row, image tokens) -> that row's token groups under its layout: the same for every
+    # denoising step, both CFG halves and every layer of a resolution, so computed once per
+    # select() (which empties it)
+    region_groups: Dict[Tuple[int, int], list] = field(default_factory=dict)
     kv: Dict[str, GRCALayerKV] = field(default_factory=dict)
     num_refs: int = 0
     backend: Optional[str] = None
@@ -295,7 +299,8 @@ class GlobalReferenceAttnProcessor(IPAdapterAttnProcessor2_0):
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for row, sel in enumerate(ref_index.tolist()):
             if state.regions is not None and any(b is not None for b in state.regions[row]):
-                out[row] = self._attend_regional(q[row], kv, sel, state.regions[row], state)
+                out[row] = self._attend_regional(q[row], kv, row, sel, state.regions[row],
+                                                 state)
                 continue
             groups.setdefault(tuple(j for j in sel if j >= 0), []).append(row)
         for sel, rows in groups.items():
@@ -308,29 +313,36 @@ class GlobalReferenceAttnProcessor(IPAdapterAttnProcessor2_0):
             out[r] = self._fold_attend(q.index_select(0, r), k, v, state)
         return out
 
-    def _attend_regional(self, q: torch.Tensor, kv: GRCALayerKV, sel: List[int], boxes,
-                         state: GRCAState) -> torch.Tensor:
+    def _region_groups(self, row: int, Lq: int, sel: List[int], boxes, state: GRCAState,
+                       device) -> list:
+        """``[(entries, tokens)]`` of one row: the image tokens (long tensor) that read the
+        same pool entries (long tensor) under the row's boxes; cached in the state."""
+        key = (row, Lq)
+        if key not in state.region_groups:
+            rows = max(1, round((Lq * state.aspect) ** 0.5))
+            cols = Lq // rows
+            if rows * cols != Lq:
+                raise ValueError(f"{self.layer_name}: {Lq} image tokens do not tile a frame of "
+                                 f"aspect {state.aspect:.3f} (height / width)")
+            mask = region_masks([list(boxes)], (rows, cols), num_slots=len(sel))[0]  # [K, Lq]
+            mask &= torch.tensor([j >= 0 for j in sel])[:, None]
+            codes: Dict[Tuple[int, ...], List[int]] = {}
+            for i, col in enumerate(mask.t().tolist()):
+                codes.setdefault(tuple(j for j, m in zip(sel, col) if m), []).append(i)
+            # tokens that read no entry get no group: their reference term is zero
+            state.region_groups[key] = [
+                (torch.tensor(entries, device=device), torch.tensor(toks, device=device))
+                for entries, toks in codes.items() if entries]
+        return state.region_groups[key]
+
+    def _attend_regional(self, q: torch.Tensor, kv: GRCALayerKV, row: int, sel: List[int],
+                         boxes, state: GRCAState) -> torch.Tensor:
         """One conditional row ``q`` [Lq, H, D] with a layout: each image token reads only the
         entries whose box covers it (policy of :func:`storyattn.region_masks`); tokens with the
         same set of entries share one attention call."""
-        Lq = q.shape[0]
-        rows = max(1, round((Lq * state.aspect) ** 0.5))
-        cols = Lq // rows
-        if rows * cols != Lq:
-            raise ValueError(f"{self.layer_name}: {Lq} image tokens do not tile a frame of "
-                             f"aspect {state.aspect:.3f} (height / width)")
-        mask = region_masks([list(boxes)], (rows, cols), num_slots=len(sel))[0]     # [K, Lq]
-        valid = torch.tensor([j >= 0 for j in sel], device=mask.device)
-        mask = mask.to(q.device) & valid.to(q.device)[:, None]
         out = q.new_zeros(q.shape)
-        codes = {}
-        for i, col in enumerate(mask.t().tolist()):
-            codes.setdefault(tuple(j for j, m in zip(sel, col) if m), []).append(i)
-        for entries, toks in codes.items():
-            if not entries:
-                continue  # no reference for these tokens: the term is zero
-            idx = torch.tensor(entries, device=kv.ref_k.device)
-            t = torch.tensor(toks, device=q.device)
+        for idx, t in self._region_groups(row, q.shape[0], sel, boxes, state, q.device):
+            idx = idx.to(kv.ref_k.device)
             part = self._fold_attend(q.index_select(0, t)[None], kv.ref_k.index_select(0, idx),
                                      kv.ref_v.index_select(0, idx), state)
             out[t] = part[0]
