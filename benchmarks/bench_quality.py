@@ -275,23 +275,30 @@ def story_rows(args, seed: int, work: Path):
                              "SDXL+IP-Adapter" if args.only_sdxl else "FLUX+GSA")
         return rows, strips
 
-    t = time.perf_counter()
+    def timed(name, fn):
+        t = time.perf_counter()
+        imgs = fn()
+        add(name, imgs, time.perf_counter() - t)
+        return imgs
+
+    def dpo_row():
+        timed(DPO, lambda: row_in_batch(
+            story, [gsa, args.dpo_lora or W.dpo_lora_path(args.weights)], refs, rprompts, args,
+            seed, boxes))
+
+    def stage1_row():
+        return timed(STAGE1, lambda: row_in_batch(story, [gsa], refs, rprompts, args, seed,
+                                                  boxes))
+
     if args.only_dpo:
         # stage 2 against the stage 1 it starts from, on the same frames: what a pools or
         # recipe change moves, in a third of the full table's time
-        add(STAGE1, row_in_batch(story, [gsa], refs, rprompts, args, seed, boxes),
-            time.perf_counter() - t)
-        t = time.perf_counter()
-        add(DPO, row_in_batch(story, [gsa, args.dpo_lora or W.dpo_lora_path(args.weights)],
-                              refs, rprompts, args, seed, boxes), time.perf_counter() - t)
+        stage1_row()
+        dpo_row()
         return rows, strips
-    add(BASE, row_in_batch(story, [], None, None, args, seed), time.perf_counter() - t)
-    t = time.perf_counter()
-    ib = row_in_batch(story, [gsa], refs, rprompts, args, seed, boxes)
-    add(STAGE1, ib, time.perf_counter() - t)
-    t = time.perf_counter()
-    add(NO_LAYOUT, row_in_batch(story, [gsa], refs, rprompts, args, seed),
-        time.perf_counter() - t)
+    timed(BASE, lambda: row_in_batch(story, [], None, None, args, seed))
+    ib = stage1_row()
+    timed(NO_LAYOUT, lambda: row_in_batch(story, [gsa], refs, rprompts, args, seed))
     t = time.perf_counter()
     rp = row_replay(story, [gsa], refs, rprompts, args, seed, boxes)
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ib, rp))
@@ -303,10 +310,7 @@ def story_rows(args, seed: int, work: Path):
             for tag, sf, label in sdxl_runs:
                 story_iter_curve(tag, sf, label, "sdxl", "SDXL+IP-Adapter")
     # stage 2 runs last (it needs only the weights; placed after stage 1 in the table)
-    t = time.perf_counter()
-    dp = row_in_batch(story, [gsa, args.dpo_lora or W.dpo_lora_path(args.weights)], refs,
-                      rprompts, args, seed, boxes)
-    add(DPO, dp, time.perf_counter() - t)
+    dpo_row()
     rows.insert(4, rows.pop())
     strips.insert(4, strips.pop())
     return rows, strips
